@@ -1,0 +1,122 @@
+"""Tiny Phi-3: a small Phi3ForCausalLM and a character-level tokenizer with Phi-3's chat format.
+
+Used by `lorafit demo`, `lorafit tiny-model OUT`, the tests and the benchmarks, so that everything
+runs offline. The model is the real transformers `Phi3ForCausalLM` (fused `qkv_proj` and
+`gate_up_proj`), only smaller; the tokenizer has Phi-3's special tokens and its official chat
+template, over single characters instead of a SentencePiece vocabulary:
+
+    <|system|>\\nBe brief.<|end|>\\n<|user|>\\nHi<|end|>\\n<|assistant|>\\nHello<|end|>\\n<|endoftext|>
+
+Run `lorafit tiny-model OUT` to write one to a folder that `from_pretrained` reads.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+# The official Phi-3-mini-4k-instruct template (after its mid-2024 update, with system turns).
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# Phi-3's added tokens, in Phi-3's order (ids 32000.. in the real vocabulary).
+PHI3_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
+]
+
+# Model sizes by name. "tiny" and "small" are the benchmark configurations.
+SIZES: dict[str, dict[str, int]] = {
+    "demo": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=352),
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688),
+    "small": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, intermediate_size=2048),
+    "medium": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=5504),
+}
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer with Phi-3's special tokens and chat template.
+
+    Ids: 0 `<unk>`, 1 `<s>`, 2 `</s>`, then printable ASCII and newline/tab, then Phi-3's eleven
+    added tokens. The pad token is `<unk>`, as in Microsoft's sample_finetune.py: it must never be
+    `<|end|>` or `<|endoftext|>`, or a collator that masks padding would hide the stop tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n", "\t"] + list(string.printable[:95])  # digits, letters, punctuation, space
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+        additional_special_tokens=PHI3_SPECIAL_TOKENS[1:],
+        model_max_length=4096,
+        padding_side="right",
+    )
+    tok.add_special_tokens({"eos_token": "<|endoftext|>"})
+    tok.chat_template = PHI3_CHAT_TEMPLATE
+    return tok
+
+
+def build_model(tokenizer, size: str = "demo", vocab_size: int | None = None, seed: int = 0, **overrides):
+    """A randomly initialised `Phi3ForCausalLM` of a named size (see SIZES) for `tokenizer`.
+
+    `vocab_size` defaults to the tokenizer's length rounded up to a multiple of 64 (Phi-3 pads its
+    32,011 tokens to 32,064 the same way); the benchmarks pass 32064 to get Phi-3's real head cost.
+    """
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    if size not in SIZES:
+        raise ValueError(f"unknown tiny model size {size!r}; choose one of {sorted(SIZES)}")
+    dims = {**SIZES[size], **overrides}
+    n = len(tokenizer)
+    config = Phi3Config(
+        vocab_size=vocab_size or (n + 63) // 64 * 64,
+        max_position_embeddings=4096,
+        original_max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")],
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **dims,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Phi3ForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def write_tiny_model(out_dir: str | Path, size: str = "demo", vocab_size: int | None = None, seed: int = 0) -> Path:
+    """Write a tiny Phi-3 model and its tokenizer to `out_dir` (safetensors, config, chat template)."""
+    out = Path(out_dir)
+    tok = build_tokenizer()
+    model = build_model(tok, size=size, vocab_size=vocab_size, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
