@@ -1,0 +1,576 @@
+"""Tests of lorafit.config: defaults, checking, precedence, files, warnings, save/load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafit.config import (
+    IGNORED_PEFT_KEYS,
+    IGNORED_TRAINING_KEYS,
+    SECTIONS,
+    SHIPPED_CONFIGS_DIR,
+    UNSUPPORTED_PEFT_OPTIONS,
+    ConfigWarning,
+    DataConfig,
+    ModelConfig,
+    PeftConfig,
+    RunConfig,
+    TrainingConfig,
+    load_config,
+    save_config,
+)
+from lorafit.errors import ConfigError, LorafitError
+
+# Microsoft's sample_finetune.py (Phi-3-mini-4k-instruct), verbatim.
+training_config = {
+    "bf16": True,
+    "do_eval": False,
+    "learning_rate": 5.0e-06,
+    "log_level": "info",
+    "logging_steps": 20,
+    "logging_strategy": "steps",
+    "lr_scheduler_type": "cosine",
+    "num_train_epochs": 1,
+    "max_steps": -1,
+    "output_dir": "./checkpoint_dir",
+    "overwrite_output_dir": True,
+    "per_device_eval_batch_size": 4,
+    "per_device_train_batch_size": 4,
+    "remove_unused_columns": True,
+    "save_steps": 100,
+    "save_total_limit": 1,
+    "seed": 0,
+    "gradient_checkpointing": True,
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "gradient_accumulation_steps": 1,
+    "warmup_ratio": 0.2,
+}
+peft_config = {
+    "r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "bias": "none",
+    "task_type": "CAUSAL_LM",
+    "target_modules": "all-linear",
+    "modules_to_save": None,
+}
+SAMPLE_IGNORED = ["do_eval", "log_level", "logging_strategy", "overwrite_output_dir", "remove_unused_columns"]
+
+
+def config_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, ConfigWarning)]
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+
+
+def test_defaults_are_valid_and_documented_values():
+    cfg = RunConfig()
+    assert cfg.model.name_or_path == "microsoft/Phi-3-mini-4k-instruct"
+    assert (
+        cfg.model.dtype == "auto" and cfg.model.attn_implementation == "sdpa" and cfg.model.device == "auto"
+    )
+    assert cfg.data.train is None and cfg.data.train_on == "assistant" and cfg.data.truncation is True
+    t = cfg.training_config
+    assert (t.learning_rate, t.per_device_train_batch_size, t.gradient_accumulation_steps) == (2e-4, 4, 1)
+    assert (t.num_train_epochs, t.max_steps, t.lr_scheduler_type) == (1.0, -1, "linear")
+    assert (t.eval_strategy, t.save_strategy, t.save_steps, t.seed) == ("no", "steps", 500, 42)
+    assert t.bf16 is None and t.fp16 is False and t.max_seq_length == 2048 and t.packing is True
+    p = cfg.peft_config
+    assert (p.r, p.lora_alpha, p.lora_dropout, p.bias) == (16, 32, 0.0, "none")
+    assert (p.task_type, p.target_modules, p.init_lora_weights, p.lora_dtype) == (
+        "CAUSAL_LM",
+        "all-linear",
+        True,
+        "auto",
+    )
+    assert issubclass(ConfigError, LorafitError)
+
+
+def test_construction_is_validated():
+    with pytest.raises(ConfigError, match=r"training_config\.learning_rate: expected a float > 0, got -1"):
+        TrainingConfig(learning_rate=-1)
+    with pytest.raises(ConfigError, match="peft_config.r"):
+        dataclasses.replace(PeftConfig(), r=0)
+    with pytest.raises(ConfigError, match="model.device"):
+        ModelConfig(device="gpu")
+    with pytest.raises(TypeError):
+        RunConfig(model={"name_or_path": "x"})
+
+
+# ------------------------------------------------------------------------------- Microsoft's sample dicts
+
+
+def test_sample_finetune_dicts_load_exactly_and_warn_once_per_ignored_key():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cfg = RunConfig.from_dict(
+            {"training_config": training_config, "peft_config": peft_config}, source="sample_finetune.py"
+        )
+    for key, value in training_config.items():
+        if key not in SAMPLE_IGNORED:
+            assert getattr(cfg.training_config, key) == value, key
+    for key, value in peft_config.items():
+        assert getattr(cfg.peft_config, key) == value, key
+    assert isinstance(cfg.training_config.num_train_epochs, float)
+    messages = config_warnings(record)
+    assert len(messages) == len(SAMPLE_IGNORED) == len(record)
+    for key, message in zip(SAMPLE_IGNORED, messages):
+        assert message.startswith(f"sample_finetune.py: training_config.{key} is ignored: ")
+        assert "\n" not in message
+    # the ignored keys are not part of the resolved config, so a round trip does not warn again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_sections_load_on_their_own():
+    with pytest.warns(ConfigWarning) as record:
+        t = TrainingConfig.from_dict(training_config, source="x.yaml")
+    assert len(record) == len(SAMPLE_IGNORED)
+    assert (
+        t.learning_rate == 5e-6
+        and t.warmup_ratio == 0.2
+        and t.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = PeftConfig.from_dict(peft_config)
+    assert p.lora_dropout == 0.05 and p.modules_to_save is None
+    assert DataConfig.from_dict({"train": "t.jsonl"}).train == "t.jsonl"
+    assert ModelConfig.from_dict(None) == ModelConfig()
+
+
+def test_shipped_sample_finetune_yaml_is_microsofts_dicts():
+    data = yaml.safe_load((SHIPPED_CONFIGS_DIR / "sample_finetune.yaml").read_text())
+    assert data == {"training_config": training_config, "peft_config": peft_config}
+
+
+# ---------------------------------------------------------------------------------------- error messages
+
+
+def test_unknown_key_lists_valid_keys():
+    message = error_of(RunConfig.from_dict, {"model": {"nme_or_path": "x"}}, source="cfg.yaml")
+    assert message == (
+        "invalid config: cfg.yaml: model.nme_or_path: unknown key (did you mean 'name_or_path'?); "
+        "valid keys: attn_implementation, device, dtype, name_or_path, revision, trust_remote_code"
+    )
+    message = error_of(TrainingConfig.from_dict, {"learnig_rate": 1e-4})
+    assert (
+        "training_config.learnig_rate: unknown key (did you mean 'learning_rate'?); valid keys: " in message
+    )
+    assert "adam_beta1, adam_beta2, adam_epsilon, bf16, eval_steps, eval_strategy, fp16," in message
+    message = error_of(RunConfig.from_dict, {"trainng_config": {}})
+    assert message == (
+        "invalid config: <dict>: trainng_config: unknown section (did you mean 'training_config'?); "
+        "valid sections: model, data, training_config, peft_config"
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("training_config", "learning_rate", "abc", "expected a float > 0, got 'abc' (str)"),
+        ("training_config", "per_device_train_batch_size", True, "expected an integer >= 1, got True (bool)"),
+        ("training_config", "num_train_epochs", True, "expected a float > 0, got True (bool)"),
+        ("training_config", "max_steps", 10.5, "expected -1 or an integer >= 1, got 10.5 (float)"),
+        ("training_config", "packing", "yes", "expected true or false, got 'yes' (str)"),
+        ("training_config", "bf16", 1, "expected true, false or null (auto), got 1 (int)"),
+        (
+            "training_config",
+            "lr_scheduler_type",
+            "cosine_with_restarts",
+            "expected one of 'linear', 'cosine'",
+        ),
+        ("training_config", "gradient_checkpointing_kwargs", [1], "expected a mapping"),
+        ("model", "revision", 1.0, "expected a non-empty string or null, got 1.0 (float); quote it in YAML"),
+        ("model", "device", 0, "for a GPU index write cuda:N"),
+        ("data", "eval_split", 1.5, "expected a float in [0, 1), got 1.5 (float)"),
+        ("peft_config", "lora_alpha", "big", "expected a number > 0, got 'big' (str)"),
+        ("peft_config", "target_modules", [], "expected 'all-linear', a regular expression"),
+        ("peft_config", "target_modules", "q_proj(", "'q_proj(' is not a valid regular expression"),
+        ("peft_config", "modules_to_save", "lm_head", "write [lm_head]"),
+    ],
+)
+def test_wrong_type_names_key_type_and_value(section, key, value, expected):
+    message = error_of(RunConfig.from_dict, {section: {key: value}})
+    assert f"{section}.{key}: " in message
+    assert expected in message
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    path = write(
+        tmp_path / "bad.yaml",
+        "model:\n"
+        "  dtype: int8\n"
+        "training_config:\n"
+        "  learning_rate: fast\n"
+        "  nosuchkey: 1\n"
+        "peft_config:\n"
+        "  r: 0\n"
+        "  use_dora: true\n",
+    )
+    message = error_of(load_config, path, overrides=["data.eval_split=2"])
+    assert message.startswith("invalid config (6 problems):\n")
+    assert (
+        f"  {path}:2: model.dtype: expected one of 'auto', 'bf16', 'fp16', 'fp32', got 'int8' (str)"
+        in message
+    )
+    assert f"  {path}:4: training_config.learning_rate: expected a float > 0, got 'fast' (str)" in message
+    assert f"  {path}:5: training_config.nosuchkey: unknown key" in message
+    assert f"  {path}:7: peft_config.r: expected an integer >= 1, got 0 (int)" in message
+    assert f"  {path}:8: peft_config.use_dora: DoRA is not supported" in message
+    assert "  --set data.eval_split=2: data.eval_split: expected a float in [0, 1), got 2 (int)" in message
+
+
+def test_cross_field_checks():
+    assert "fp16: and bf16 are both true" in error_of(TrainingConfig, bf16=True, fp16=True)
+    assert "data.eval_split: is only used when eval is null" in error_of(
+        DataConfig, eval="e.jsonl", eval_split=0.1
+    )
+    message = error_of(RunConfig.from_dict, {"training_config": {"eval_strategy": "steps"}})
+    assert "training_config.eval_strategy: is 'steps' but there is no eval data" in message
+    cfg = RunConfig.from_dict({"training_config": {"eval_strategy": "steps"}, "data": {"eval_split": 0.1}})
+    assert cfg.training_config.eval_every() == 10
+
+
+# ---------------------------------------------------------------------------------------- coercion, aliases
+
+
+def test_yaml_numeric_strings_and_bare_no(tmp_path):
+    assert yaml.safe_load("x: 1e-4")["x"] == "1e-4"  # the PyYAML (YAML 1.1) behaviour worked around
+    path = write(
+        tmp_path / "c.yaml",
+        "training_config:\n  learning_rate: 1e-4\n  adam_epsilon: 1E-6\n  eval_strategy: no\n  save_strategy: no\n",
+    )
+    t = load_config(path).training_config
+    assert t.learning_rate == 1e-4 and isinstance(t.learning_rate, float)
+    assert t.adam_epsilon == 1e-6
+    assert (t.eval_strategy, t.save_strategy) == ("no", "no")
+    t = load_config(
+        overrides=["training_config.learning_rate=5e-6", "training_config.max_steps=100"]
+    ).training_config
+    assert (t.learning_rate, t.max_steps) == (5e-6, 100)
+
+
+def test_aliases():
+    t = TrainingConfig.from_dict({"evaluation_strategy": "epoch", "max_length": 512})
+    assert (t.eval_strategy, t.max_seq_length) == ("epoch", 512)
+    t = TrainingConfig.from_dict({"evaluation_strategy": "steps", "eval_strategy": "steps"})
+    assert t.eval_strategy == "steps"
+    message = error_of(TrainingConfig.from_dict, {"evaluation_strategy": "steps", "eval_strategy": "no"})
+    assert "training_config.eval_strategy: given twice with different values" in message
+    # a later layer's alias overrides an earlier layer's key
+    cfg = load_config(
+        base={"training_config": {"eval_strategy": "steps"}},
+        overrides=["training_config.evaluation_strategy=no"],
+    )
+    assert cfg.training_config.eval_strategy == "no"
+    m = ModelConfig(dtype="bfloat16")
+    assert m.dtype == "bf16" and ModelConfig(dtype="Float32").dtype == "fp32"
+    assert PeftConfig(task_type="causal_lm").task_type == "CAUSAL_LM"
+
+
+def test_home_is_expanded_in_paths_and_nothing_else(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    cfg = RunConfig.from_dict(
+        {
+            "data": {"train": "~/d/train.jsonl", "eval": "$HOME/e.jsonl"},
+            "training_config": {"output_dir": "~/out"},
+        }
+    )
+    assert cfg.data.train == "/home/someone/d/train.jsonl"
+    assert cfg.data.eval == "$HOME/e.jsonl"
+    assert cfg.training_config.output_dir == "/home/someone/out"
+    assert DataConfig(train=Path("x.jsonl")).train == "x.jsonl"
+
+
+# ------------------------------------------------------------------------------ precedence and overrides
+
+
+def test_precedence_defaults_file_base_overrides(tmp_path):
+    path = write(
+        tmp_path / "c.yaml",
+        "model:\n  name_or_path: from-file\n  dtype: fp32\n"
+        "training_config:\n  learning_rate: 1.0e-3\n  seed: 1\n  logging_steps: 5\n",
+    )
+    cfg = load_config(
+        path,
+        overrides=["training_config.seed=3", "peft_config.target_modules=[qkv_proj, o_proj]"],
+        base={"model": {"name_or_path": "from-flag", "revision": None}, "training_config": {"seed": 2}},
+    )
+    assert cfg.model.name_or_path == "from-flag"  # base beats file
+    assert cfg.model.dtype == "fp32"  # file beats defaults
+    assert cfg.model.revision is None  # None in base = flag not given
+    assert cfg.training_config.learning_rate == 1e-3 and cfg.training_config.logging_steps == 5
+    assert cfg.training_config.seed == 3  # overrides beat base
+    assert cfg.training_config.max_steps == -1  # default
+    assert cfg.peft_config.target_modules == ["qkv_proj", "o_proj"]
+
+
+def test_override_values_are_yaml():
+    cfg = load_config(
+        overrides=[
+            "data.eval=",  # empty = null
+            "training_config.bf16=false",
+            "training_config.gradient_checkpointing_kwargs={use_reentrant: false}",
+            "training_config.gradient_checkpointing_kwargs.preserve_rng_state=true",
+            "peft_config.modules_to_save=[lm_head]",
+            "peft_config.target_modules=.*\\.(qkv_proj|o_proj)",
+            "model.device=cuda:1",
+        ]
+    )
+    assert cfg.data.eval is None and cfg.training_config.bf16 is False
+    assert cfg.training_config.gradient_checkpointing_kwargs == {
+        "use_reentrant": False,
+        "preserve_rng_state": True,
+    }
+    assert cfg.peft_config.modules_to_save == ["lm_head"]
+    assert cfg.peft_config.target_modules == ".*\\.(qkv_proj|o_proj)"
+    assert cfg.model.device == "cuda:1"
+
+
+def test_bad_overrides_are_named():
+    message = error_of(load_config, overrides=["foo"])
+    assert (
+        message
+        == "invalid config: --set foo: expected section.key=value, e.g. training_config.learning_rate=1e-4"
+    )
+    message = error_of(load_config, overrides=["nosuchsection.x=1"])
+    assert message.startswith("invalid config: --set nosuchsection.x=1: nosuchsection: unknown section")
+    message = error_of(load_config, overrides=["training_config.lr=1e-4", "model=x", "peft_config.r=[1"])
+    assert message.startswith("invalid config (3 problems):")
+    assert "--set training_config.lr=1e-4: training_config.lr: unknown key" in message
+    assert "--set model=x: expected section.key=value" in message
+    assert "--set peft_config.r=[1: peft_config.r: the value is not valid YAML" in message
+    message = error_of(
+        load_config, overrides=["training_config.seed.x=1"], base={"training_config": {"seed": 1}}
+    )
+    assert "--set training_config.seed.x=1: training_config.seed: is 1 (int), not a mapping" in message
+    with pytest.raises(TypeError):
+        load_config(overrides="training_config.seed=1")
+
+
+# -------------------------------------------------------------------------------------------------- files
+
+
+def test_yaml_and_json_files_load_the_same(tmp_path):
+    data = {
+        "model": {"name_or_path": "some/model", "dtype": "bf16"},
+        "data": {"train": "train.jsonl", "eval_split": 0.1},
+        "training_config": {"learning_rate": 1e-4, "eval_strategy": "epoch", "num_train_epochs": 2},
+        "peft_config": {"r": 8, "lora_alpha": 16, "target_modules": ["qkv_proj"]},
+    }
+    from_yaml = load_config(write(tmp_path / "c.yml", yaml.safe_dump(data)))
+    from_json = load_config(write(tmp_path / "c.json", json.dumps(data, indent=2)))
+    assert from_yaml == from_json == RunConfig.from_dict(data)
+    assert from_json.peft_config.r == 8 and from_json.training_config.num_train_epochs == 2.0
+
+
+def test_file_errors(tmp_path):
+    assert (
+        error_of(load_config, tmp_path / "missing.yaml")
+        == f"config file not found: {tmp_path / 'missing.yaml'}"
+    )
+    message = error_of(load_config, write(tmp_path / "bad.yaml", "model:\n  dtype: [bf16\n"))
+    assert message.startswith(f"{tmp_path / 'bad.yaml'}:3:1: invalid YAML: ")
+    message = error_of(load_config, write(tmp_path / "bad.json", '{"model": {"dtype": "bf16",}}'))
+    assert message.startswith(f"{tmp_path / 'bad.json'}:1:28: invalid JSON: ")
+    message = error_of(load_config, write(tmp_path / "list.yaml", "- model\n"))
+    assert "expected a mapping with sections model, data, training_config, peft_config" in message
+    message = error_of(load_config, write(tmp_path / "sec.yaml", "peft_config: 16\n"))
+    assert (
+        f"{tmp_path / 'sec.yaml'}:1: peft_config: expected a mapping of keys to values, got 16 (int)"
+        in message
+    )
+    dup = write(tmp_path / "dup.yaml", "peft_config:\n  r: 8\n  r: 16\n")
+    assert f"{dup}:3: peft_config.r: duplicate key (first on line 2)" in error_of(load_config, dup)
+    dup = write(tmp_path / "dup.json", '{"peft_config": {"r": 8,\n "r": 16}}')
+    assert f"{dup}:2: peft_config.r: duplicate key (first on line 1)" in error_of(load_config, dup)
+    # empty file and empty sections are the defaults
+    assert load_config(write(tmp_path / "empty.yaml", "")) == RunConfig()
+    assert load_config(write(tmp_path / "empty2.yaml", "peft_config:\n")) == RunConfig()
+
+
+def test_ignored_keys_warn_with_file_and_line(tmp_path):
+    path = write(
+        tmp_path / "c.yaml",
+        "training_config:\n  report_to: wandb\n  optim: adamw_torch_fused\n  push_to_hub: false\n"
+        "peft_config:\n  inference_mode: false\n  fan_in_fan_out: false\n",
+    )
+    with pytest.warns(ConfigWarning) as record:
+        cfg = load_config(path, overrides=["training_config.optim=paged_adamw_8bit"])
+    messages = [str(w.message) for w in record]
+    assert messages == [
+        f"{path}:2: training_config.report_to is ignored: {IGNORED_TRAINING_KEYS['report_to']}",
+        f"--set training_config.optim=paged_adamw_8bit: training_config.optim='paged_adamw_8bit' is ignored: "
+        f"{IGNORED_TRAINING_KEYS['optim']}",
+        f"{path}:4: training_config.push_to_hub is ignored: {IGNORED_TRAINING_KEYS['push_to_hub']}",
+        f"{path}:6: peft_config.inference_mode is ignored: {IGNORED_PEFT_KEYS['inference_mode']}",
+        f"{path}:7: peft_config.fan_in_fan_out is ignored: {IGNORED_PEFT_KEYS['fan_in_fan_out']}",
+    ]
+    assert record[0].filename == __file__  # attributed to the caller, not to config.py
+    assert "report_to" not in cfg.to_dict()["training_config"]
+    # optim adamw_torch / adamw_torch_fused is what lorafit does: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainingConfig.from_dict({"optim": "adamw_torch"})
+
+
+def test_ignored_and_valid_keys_do_not_overlap():
+    for section, keys in (("training_config", IGNORED_TRAINING_KEYS), ("peft_config", IGNORED_PEFT_KEYS)):
+        names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        assert not names & set(keys), section
+    assert not {f.name for f in dataclasses.fields(PeftConfig)} & set(UNSUPPORTED_PEFT_OPTIONS)
+
+
+# ---------------------------------------------------------------------------------- unsupported PEFT options
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("use_dora", True, "peft_config.use_dora: DoRA is not supported by lorafit"),
+        ("rank_pattern", {"qkv_proj": 8}, "peft_config.rank_pattern: per-module ranks are not supported yet"),
+        (
+            "alpha_pattern",
+            {"o_proj": 8},
+            "peft_config.alpha_pattern: per-module alphas are not supported yet",
+        ),
+        ("layers_to_transform", [0, 1], "peft_config.layers_to_transform: adapting only some layers"),
+        (
+            "fan_in_fan_out",
+            True,
+            "peft_config.fan_in_fan_out: fan_in_fan_out: true is for GPT-2 style Conv1D",
+        ),
+        (
+            "task_type",
+            "SEQ_CLS",
+            "peft_config.task_type: expected one of 'CAUSAL_LM', got 'SEQ_CLS' (str); lorafit",
+        ),
+        ("init_lora_weights", False, "peft_config.init_lora_weights: false (random lora_B"),
+        (
+            "init_lora_weights",
+            "pissa",
+            "peft_config.init_lora_weights: initialization 'pissa' is not supported",
+        ),
+        ("peft_type", "IA3", "peft_config.peft_type: lorafit trains LoRA adapters only"),
+    ],
+)
+def test_unsupported_peft_options_are_clear_errors(key, value, expected):
+    assert expected in error_of(PeftConfig.from_dict, {key: value})
+
+
+def test_unsupported_peft_options_accepted_when_off():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = PeftConfig.from_dict(
+            {
+                "use_dora": False,
+                "rank_pattern": {},
+                "alpha_pattern": {},
+                "layers_to_transform": None,
+                "peft_type": "LORA",
+            }
+        )
+    assert p == PeftConfig()
+    assert PeftConfig(init_lora_weights="gaussian").init_lora_weights == "gaussian"
+
+
+# --------------------------------------------------------------------------------------- derived helpers
+
+
+def test_warmup_steps_for():
+    assert TrainingConfig().warmup_steps_for(1000) == 0
+    assert TrainingConfig(warmup_ratio=0.2).warmup_steps_for(10) == 2
+    assert TrainingConfig(warmup_ratio=0.07).warmup_steps_for(100) == 7  # not 8 from float noise
+    assert TrainingConfig(warmup_ratio=0.1).warmup_steps_for(15) == 2  # ceil, like transformers
+    assert (
+        TrainingConfig(warmup_ratio=0.5, warmup_steps=3).warmup_steps_for(100) == 3
+    )  # steps take precedence
+    with pytest.raises(ValueError):
+        TrainingConfig().warmup_steps_for(-1)
+
+
+def test_eval_every_and_mixed_precision():
+    assert TrainingConfig().eval_every() is None
+    assert TrainingConfig(eval_strategy="epoch").eval_every() is None
+    assert TrainingConfig(eval_strategy="steps", logging_steps=7).eval_every() == 7
+    assert TrainingConfig(eval_strategy="steps", eval_steps=50).eval_every() == 50
+    assert TrainingConfig().mixed_precision(bf16_fast=True) == "bf16"
+    assert TrainingConfig().mixed_precision(bf16_fast=False) == "no"
+    assert TrainingConfig(bf16=False).mixed_precision(bf16_fast=True) == "no"
+    assert TrainingConfig(bf16=True).mixed_precision(bf16_fast=False) == "bf16"
+    assert TrainingConfig(fp16=True).mixed_precision(bf16_fast=True) == "fp16"
+
+
+# --------------------------------------------------------------------------------------- save and load
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"name_or_path": "some/model", "dtype": "bfloat16", "revision": "1.0"},
+            "data": {"train": "t.jsonl", "eval": "e.jsonl", "train_on": "all"},
+            "training_config": {
+                "learning_rate": 3e-5,
+                "adam_epsilon": 1e-10,
+                "eval_strategy": "no",
+                "gradient_checkpointing_kwargs": {"use_reentrant": False},
+            },
+            "peft_config": {
+                "target_modules": ["qkv_proj", "o_proj"],
+                "lora_alpha": 8.5,
+                "modules_to_save": ["lm_head"],
+            },
+        }
+    )
+    for name in ("out/run.yaml", "out/run.json"):
+        path = tmp_path / name
+        save_config(cfg, path)
+        assert load_config(path) == cfg
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    text = (tmp_path / "out/run.yaml").read_text()
+    assert text.startswith("# lorafit run config")
+    assert "eval_strategy: 'no'" in text and "revision: '1.0'" in text
+    save_config(RunConfig(), tmp_path / "out/run.yaml")  # replaces the file
+    assert load_config(tmp_path / "out/run.yaml") == RunConfig()
+    assert sorted(os.listdir(tmp_path / "out")) == ["run.json", "run.yaml"]  # no temporary files left
+
+
+def test_shipped_configs_parse():
+    paths = sorted(SHIPPED_CONFIGS_DIR.glob("*.yaml"))
+    assert {p.name for p in paths} >= {"phi3-mini-lora.yaml", "sample_finetune.yaml"}
+    for path in paths:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            cfg = load_config(path)
+        assert isinstance(cfg, RunConfig)
+        assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    phi3 = load_config(SHIPPED_CONFIGS_DIR / "phi3-mini-lora.yaml")
+    assert phi3.model.name_or_path == "microsoft/Phi-3-mini-4k-instruct" and phi3.model.dtype == "bf16"
+    assert (phi3.peft_config.r, phi3.peft_config.lora_alpha, phi3.peft_config.target_modules) == (
+        16,
+        32,
+        "all-linear",
+    )
+    assert (phi3.training_config.learning_rate, phi3.training_config.max_seq_length) == (2e-4, 2048)
+    assert phi3.training_config.packing and phi3.training_config.bf16
