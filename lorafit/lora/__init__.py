@@ -1,0 +1,45 @@
+"""lorafit's LoRA layer library: loralib's API (``loralib==0.1.2``) in plain torch, with exact merging.
+
+Code written for loralib runs with ``import lorafit as lora`` or ``from lorafit import lora``::
+
+    layer = lora.Linear(in_features, out_features, r=16)
+    lora.mark_only_lora_as_trainable(model)          # bias="none" | "all" | "lora_only"
+    torch.save(lora.lora_state_dict(model), "ckpt_lora.pt")
+
+and loralib checkpoints load into lorafit layers (and back) with the same outputs. On top of loralib:
+:func:`inject` puts LoRA into an existing model, :func:`merge`/:func:`unmerge` merge explicitly and
+exactly (``eval()`` never merges), and every layer has ``delta_weight()`` for export. See
+:mod:`lorafit.lora.layers` for what differs from loralib on purpose.
+
+This package imports only torch, never transformers or the rest of lorafit.
+"""
+
+from .inject import inject
+from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear
+from .state import (
+    LoraError,
+    LoRALayer,
+    lora_modules,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge,
+    unmerge,
+)
+
+__all__ = [
+    "LoRALayer",
+    "Linear",
+    "MergedLinear",
+    "Embedding",
+    "ConvLoRA",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "LoraError",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "lora_modules",
+    "merge",
+    "unmerge",
+    "inject",
+]
