@@ -98,7 +98,9 @@ def build_model(tokenizer, size: str = "demo", vocab_size: int | None = None, se
         max_position_embeddings=4096,
         original_max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")],
+        eos_token_id=[
+            tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")
+        ],
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         **dims,
@@ -111,7 +113,9 @@ def build_model(tokenizer, size: str = "demo", vocab_size: int | None = None, se
     return model
 
 
-def write_tiny_model(out_dir: str | Path, size: str = "demo", vocab_size: int | None = None, seed: int = 0) -> Path:
+def write_tiny_model(
+    out_dir: str | Path, size: str = "demo", vocab_size: int | None = None, seed: int = 0
+) -> Path:
     """Write a tiny Phi-3 model and its tokenizer to `out_dir` (safetensors, config, chat template)."""
     out = Path(out_dir)
     tok = build_tokenizer()

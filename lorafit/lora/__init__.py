@@ -11,9 +11,12 @@ and loralib checkpoints load into lorafit layers (and back) with the same output
 exactly (``eval()`` never merges), and every layer has ``delta_weight()`` for export. See
 :mod:`lorafit.lora.layers` for what differs from loralib on purpose.
 
-This package imports only torch, never transformers or the rest of lorafit.
+:func:`save_adapter`/:func:`load_adapter` read and write PEFT's adapter folder format.
+
+This package imports only torch and safetensors, never transformers or the rest of lorafit.
 """
 
+from .adapter import load_adapter, read_adapter, save_adapter
 from .inject import inject
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear
 from .state import (
@@ -27,6 +30,9 @@ from .state import (
 )
 
 __all__ = [
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
     "LoRALayer",
     "Linear",
     "MergedLinear",

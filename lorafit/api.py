@@ -1,0 +1,149 @@
+"""lorafit's Python API: one function per CLI subcommand.
+
+    import lorafit
+    results = lorafit.finetune(
+        model="microsoft/Phi-3-mini-4k-instruct", train_data="train.jsonl", eval_data="eval.jsonl",
+        training_config={"learning_rate": 2e-4, "num_train_epochs": 1, "output_dir": "out"},
+        peft_config={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+    )
+    model, tokenizer = lorafit.load("microsoft/Phi-3-mini-4k-instruct", adapter="out")
+    print(lorafit.generate(model, tokenizer, "Hello!"))
+
+Heavy imports (transformers) happen inside the functions, so `import lorafit as lora` stays a
+light import for users of the layer library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+
+def _section(value) -> dict | None:
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value):
+        return value.to_dict()
+    return dict(value)
+
+
+def build_config(
+    *,
+    model: Any = None,
+    train_data: Any = None,
+    eval_data: Any = None,
+    training_config: Any = None,
+    peft_config: Any = None,
+    output_dir: str | Path | None = None,
+    config: str | Path | None = None,
+    overrides: list[str] | tuple = (),
+):
+    """Resolve a RunConfig: defaults < config file < arguments < overrides ("section.key=value")."""
+    from lorafit.config import load_config
+
+    base: dict = {"model": {}, "data": {}, "training_config": _section(training_config) or {},
+                  "peft_config": _section(peft_config) or {}}  # fmt: skip
+    if isinstance(model, (str, Path)):
+        base["model"]["name_or_path"] = str(model)
+    if train_data is not None:
+        base["data"]["train"] = str(train_data)
+    if eval_data is not None:
+        base["data"]["eval"] = str(eval_data)
+    if output_dir is not None:
+        base["training_config"]["output_dir"] = str(output_dir)
+    return load_config(config, overrides=list(overrides), base=base)
+
+
+def finetune(
+    model: Any = None,
+    train_data: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    training_config: dict | None = None,
+    peft_config: dict | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    config: str | Path | None = None,
+    overrides: list[str] | tuple = (),
+    tokenizer: Any = None,
+    resume: bool | str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune `model` with LoRA on `train_data`; returns the results (also in OUT/results.json).
+
+    `model` is a hub id or local folder (or an already loaded transformers model, with `tokenizer`).
+    `training_config` / `peft_config` are the guide's two dicts (Hugging Face TrainingArguments and
+    PEFT LoraConfig names). `resume=True` continues from the newest checkpoint in the output
+    directory; `overwrite=True` replaces a previous run there.
+    """
+    from lorafit.train import prepare, run
+
+    cfg = build_config(
+        model=model, train_data=train_data, eval_data=eval_data, training_config=training_config,
+        peft_config=peft_config, output_dir=output_dir, config=config, overrides=overrides,
+    )  # fmt: skip
+    loaded = None if isinstance(model, (str, Path)) or model is None else model
+    if loaded is not None and tokenizer is None:
+        from lorafit.errors import ConfigError
+
+        raise ConfigError("finetune(model=<loaded model>) also needs tokenizer=<its tokenizer>")
+    if loaded is not None and getattr(loaded.config, "_name_or_path", None):
+        cfg.model.name_or_path = loaded.config._name_or_path
+    job = prepare(cfg, model=loaded, tokenizer=tokenizer)
+    return run(job, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def load(model: str | None = None, adapter: str | Path | None = None, **kwargs):
+    """(model, tokenizer): a base model with an adapter on it, ready to generate."""
+    from lorafit.generate import load as _load
+
+    return _load(model, adapter, **kwargs)
+
+
+def generate(model, tokenizer, prompt: str, *, system: str | None = None, max_new_tokens: int = 256,
+             temperature: float = 0.0) -> str:  # fmt: skip
+    """The model's reply to one prompt, through the chat template, stopping at end-of-turn."""
+    from lorafit.generate import generate as _generate
+
+    return _generate(
+        model, tokenizer, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature
+    )
+
+
+def evaluate(
+    model: str | None = None,
+    data: str | Path | None = None,
+    adapter: str | Path | None = None,
+    *,
+    max_seq_length: int = 2048,
+    batch_size: int = 4,
+    packing: bool = True,
+    train_on: str = "assistant",
+    dtype: str = "auto",
+    device: str = "auto",
+) -> dict:
+    """Eval loss and perplexity of base (+ adapter) on a chat data file: {eval_loss, eval_perplexity, ...}."""
+    from lorafit.data import load_conversations, tokenize
+    from lorafit.evaluate import eval_loss
+    from lorafit.generate import load as _load
+    from lorafit.model import bf16_is_fast, end_of_turn
+
+    if data is None:
+        from lorafit.errors import ConfigError
+
+        raise ConfigError("evaluate needs data=FILE (a chat JSONL/JSON/Parquet file)")
+    convs = load_conversations(data)
+    net, tok = _load(model, adapter, dtype=dtype, device=device)
+    tokens, stats = tokenize(
+        tok, convs, max_seq_length=max_seq_length, end_of_turn=end_of_turn(tok), train_on=train_on
+    )
+    device_t = next(net.parameters()).device
+    precision = "bf16" if bf16_is_fast(device_t) else "no"
+    res = eval_loss(
+        net, tokens, batch_size=batch_size, max_seq_length=max_seq_length, pad_id=tok.pad_token_id,
+        device=device_t, precision=precision, packing=packing,
+    )  # fmt: skip
+    res["conversations"] = stats.conversations
+    res["truncated"] = stats.truncated
+    return res

@@ -1,0 +1,164 @@
+"""Checkpoints: atomic folders, rotation, and finding the one to resume from.
+
+A checkpoint is complete or absent. It is written into a temporary sibling folder
+(`.checkpoint-40.tmp-<pid>`), every file flushed and fsynced, and only then renamed to
+`checkpoint-40`; a crash mid-write leaves a `.tmp` folder that nothing trusts and the next save
+removes. `save_total_limit` deletes old checkpoints only after the new one is in place.
+
+    OUT/
+      checkpoint-40/  adapter_config.json  adapter_model.safetensors  trainer_state.json  training_state.pt
+      checkpoint-80/  ...
+
+`training_state.pt` holds the optimizer, scheduler and RNG states: tensors and plain containers
+only, loaded back with `torch.load(weights_only=True)`, never unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from lorafit.errors import LorafitError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+TRAINING_STATE_FILE = "training_state.pt"
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file under a temporary name, fsync, then rename over the target."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def fsync_tree(path: Path) -> None:
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `final` in one rename, on error it is removed.
+
+    If `final` already exists (a rerun writing the same step), it is moved aside first and deleted
+    after the rename, so at every moment either the old or the new complete folder is in place.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with a trainer_state.json), oldest first."""
+    out = []
+    if not Path(output_dir).is_dir():
+        return out
+    for p in Path(output_dir).iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Delete half-written folders and files left by a killed run (names start with '.' and hold '.tmp-')."""
+    if not Path(output_dir).is_dir():
+        return
+    for p in Path(output_dir).iterdir():
+        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def rotate(output_dir: Path, limit: int | None, keep: Path | None = None) -> None:
+    """Keep the newest `limit` checkpoints (and `keep`, e.g. the best or the one just written)."""
+    if not limit:
+        return
+    ckpts = list_checkpoints(output_dir)
+    for _, p in ckpts[:-limit]:
+        if keep is None or p.resolve() != Path(keep).resolve():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_training_state(path: Path, state: dict) -> None:
+    """torch.save to a temp name and rename (tensors, numbers, strings, containers only)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt/truncated file, or one that would need unpickling
+        raise LorafitError(
+            f"{path}: cannot read the training state ({type(e).__name__}: {e}). "
+            "Fix: resume from an older checkpoint with --resume PATH, or start over with --overwrite."
+        ) from e
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((Path(ckpt) / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LorafitError(
+            f"{ckpt}: not a lorafit checkpoint ({STATE_FILE} unreadable: {e}). "
+            "Fix: pass a checkpoint-<step> folder written by `lorafit train`."
+        ) from e

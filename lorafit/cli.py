@@ -1,0 +1,187 @@
+"""The `lorafit` command line. Thin: each subcommand parses flags and calls one public function.
+
+    lorafit train --model M --data TRAIN.jsonl [--eval-data EVAL.jsonl] [--output-dir OUT]
+                  [--config run.yaml] [--set section.key=value ...] [--resume [PATH]] [--overwrite]
+    lorafit eval --model M [--adapter A] --data FILE          prints JSON
+    lorafit generate --model M [--adapter A] --prompt TEXT [--system TEXT] [--max-new-tokens N]
+    lorafit chat --model M [--adapter A] [--system TEXT]
+    lorafit tiny-model OUT [--size demo|tiny|small|medium]
+    lorafit demo [--output-dir OUT]
+
+Bad input ends with a one-paragraph message on stderr (no traceback) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+
+
+def _one_line_warnings() -> None:
+    def fmt(message, category, filename, lineno, line=None):
+        return f"warning: {message}\n"
+
+    warnings.formatwarning = fmt
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="base model: hub id or local folder")
+    p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+
+
+def cmd_train(a) -> int:
+    from lorafit.api import finetune
+
+    res = finetune(
+        model=a.model, train_data=a.data, eval_data=a.eval_data, output_dir=a.output_dir, config=a.config,
+        overrides=a.set or [], resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
+    )  # fmt: skip
+    if res.get("stopped"):
+        return 130
+    shown = {k: v for k, v in res.items() if k in ("train_loss", "eval_loss_before", "eval_loss", "eval_perplexity",
+                                                 "steps", "tokens", "runtime_sec", "tokens_per_sec", "output_dir")}  # fmt: skip
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from lorafit.api import evaluate
+
+    res = evaluate(
+        a.model, a.data, a.adapter, max_seq_length=a.max_seq_length, batch_size=a.batch_size, dtype=a.dtype,
+        device=a.device,
+    )  # fmt: skip
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from lorafit.generate import generate, load
+
+    model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device)
+    print(
+        generate(
+            model, tok, a.prompt, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature
+        )
+    )
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from lorafit.generate import chat, load
+
+    model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device)
+    chat(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature)
+    return 0
+
+
+def cmd_tiny_model(a) -> int:
+    from lorafit.tiny import write_tiny_model
+
+    out = write_tiny_model(a.out, size=a.size, vocab_size=a.vocab_size, seed=a.seed)
+    print(f"wrote a tiny Phi-3 ({a.size}) model and tokenizer to {out}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from lorafit.demo import run_demo
+
+    res = run_demo(a.output_dir, progress=not a.no_progress)
+    return 0 if res["accuracy_after"] >= 0.8 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorafit", description="LoRA fine-tuning for Phi-3 and other causal LMs."
+    )
+    p.add_argument("--version", action="version", version=f"lorafit {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a model with LoRA on chat data")
+    t.add_argument("--model", help="base model: hub id or local folder (model.name_or_path)")
+    t.add_argument("--data", help="training data: .jsonl/.json/.parquet or a datasets hub id (data.train)")
+    t.add_argument("--eval-data", help="evaluation data (data.eval)")
+    t.add_argument(
+        "--output-dir", help="where the adapter, checkpoints and metrics go (training_config.output_dir)"
+    )
+    t.add_argument("--config", help="YAML or JSON run config with model, data, training_config, peft_config")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set training_config.learning_rate=1e-4 (repeatable)")  # fmt: skip
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue from the newest checkpoint in the output directory, or from PATH")  # fmt: skip
+    t.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser(
+        "eval", help="eval loss and perplexity of base (+ adapter) on a data file; prints JSON"
+    )
+    _model_args(e, required=False)
+    e.add_argument("--data", required=True, help="chat data file to evaluate on")
+    e.add_argument("--max-seq-length", type=int, default=2048)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="reply to one prompt with base (+ adapter)")
+    _model_args(g, required=False)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--system", help="optional system message")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat with base (+ adapter)")
+    _model_args(c, required=False)
+    c.add_argument("--system", help="optional system message")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.set_defaults(func=cmd_chat)
+
+    tm = sub.add_parser(
+        "tiny-model", help="write a small random Phi-3 model + tokenizer for tests and smoke runs"
+    )
+    tm.add_argument("out", help="output folder")
+    tm.add_argument("--size", default="demo", choices=["demo", "tiny", "small", "medium"])
+    tm.add_argument("--vocab-size", type=int, default=None, help="embedding rows (default: tokenizer size)")
+    tm.add_argument("--seed", type=int, default=0)
+    tm.set_defaults(func=cmd_tiny_model)
+
+    d = sub.add_parser(
+        "demo", help="offline end-to-end demo: tiny Phi-3, shipped chat data, before/after answers"
+    )
+    d.add_argument("--output-dir", default="lorafit-demo")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _version() -> str:
+    from lorafit import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lorafit.errors import LorafitError
+    from lorafit.lora import LoraError
+
+    _one_line_warnings()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (LorafitError, LoraError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

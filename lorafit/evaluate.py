@@ -1,0 +1,78 @@
+"""Evaluation: token-weighted loss and perplexity of a model on tokenized conversations.
+
+The loss is the mean cross-entropy over every target token of the set (assistant tokens by
+default), not a mean of per-batch means, so it does not depend on the batch size or packing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from lorafit.data import TokenizedData
+from lorafit.loss import loss_sum
+from lorafit.packing import collate, pack, single_rows
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast for the forward pass, or nothing for fp32 (precision "no")."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def compute_dtype(precision: str, model) -> torch.dtype:
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    return model.get_output_embeddings().weight.dtype
+
+
+def rows_for(data: TokenizedData, max_seq_length: int, packing: bool) -> list[list[int]]:
+    return pack(data, max_seq_length) if packing else single_rows(data)
+
+
+@torch.no_grad()
+def eval_loss(
+    model,
+    data: TokenizedData,
+    *,
+    batch_size: int,
+    max_seq_length: int,
+    pad_id: int,
+    device: torch.device,
+    precision: str = "no",
+    packing: bool = True,
+) -> dict:
+    """{"eval_loss", "eval_perplexity", "eval_tokens", "eval_targets"} over all of `data`."""
+    was_training = model.training
+    model.eval()
+    rows = rows_for(data, max_seq_length, packing)
+    total = 0.0
+    targets = 0
+    tokens = 0
+    cdtype = compute_dtype(precision, model)
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = collate(data, rows[i : i + batch_size], pad_id)
+            n = batch.pop("num_targets")
+            if n == 0:
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, precision):
+                total += float(loss_sum(model, batch, cdtype))
+            targets += n
+            tokens += sum(int(data.lengths[j]) for row in rows[i : i + batch_size] for j in row)
+    finally:
+        model.train(was_training)
+    loss = total / targets if targets else float("nan")
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(loss) if loss < 50 else float("inf"),
+        "eval_tokens": tokens,
+        "eval_targets": targets,
+    }

@@ -1,0 +1,136 @@
+"""Using a trained adapter: load base + adapter, generate through the chat template, chat.
+
+Prompts are rendered with the tokenizer's own chat template and the generation prompt
+(`<|assistant|>\\n` for Phi-3); generation stops at the template's end-of-turn token (`<|end|>`),
+at EOS, or at any EOS id in the model's generation_config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lorafit import lora
+from lorafit.config import ModelConfig
+from lorafit.errors import AdapterError
+from lorafit.model import load_model, load_tokenizer, resolve_device, stop_token_ids
+
+
+def adapter_base(adapter: str | Path) -> str:
+    files = lora.read_adapter(adapter)
+    if not files.base_model:
+        raise AdapterError(f"{adapter}: adapter_config.json records no base model. Fix: pass --model BASE")
+    return files.base_model
+
+
+def load(
+    model: str | None = None,
+    adapter: str | Path | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """Load a base model (hub id or folder) and optionally an adapter onto it; returns (model, tokenizer).
+
+    With `model=None` the base recorded in the adapter's config is used.
+    """
+    if model is None:
+        if adapter is None:
+            raise AdapterError("pass a base model, an adapter, or both")
+        model = adapter_base(adapter)
+    cfg = ModelConfig(
+        name_or_path=str(model), dtype=dtype, device=device, attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code, revision=revision,
+    )  # fmt: skip
+    tokenizer = load_tokenizer(cfg.name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    net = load_model(cfg, device=resolve_device(device), training=False)
+    if adapter is not None:
+        try:
+            lora.load_adapter(net, adapter)
+        except lora.LoraError as e:
+            raise AdapterError(str(e)) from e
+    net.eval()
+    return net, tokenizer
+
+
+def build_messages(prompt: str, system: str | None = None, history: list[dict] | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + list(history or []) + [{"role": "user", "content": prompt}]
+
+
+@torch.no_grad()
+def generate_batch(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    streamer=None,
+) -> list[str]:
+    """Reply to each conversation (lists of messages ending with a user turn). Greedy when temperature=0."""
+    texts = [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+    ]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # new tokens follow every prompt directly
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    kwargs = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p)
+        if temperature > 0
+        else dict(do_sample=False)
+    )
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_token_ids(tokenizer, model),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        streamer=streamer,
+        **kwargs,
+    )
+    new = out[:, enc["input_ids"].shape[1] :]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def generate(model, tokenizer, prompt: str, *, system: str | None = None, **kwargs) -> str:
+    """One reply to one prompt (optionally with a system message)."""
+    return generate_batch(model, tokenizer, [build_messages(prompt, system)], **kwargs)[0]
+
+
+def chat(model, tokenizer, *, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.0,
+         input_fn=input, print_fn=print) -> None:  # fmt: skip
+    """An interactive loop: type a message, get the reply streamed. /reset clears history, /exit quits."""
+    from transformers import TextStreamer
+
+    history: list[dict] = []
+    print_fn("lorafit chat: /reset clears the conversation, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            text = input_fn(">>> ").strip()
+        except EOFError:
+            print_fn("")
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = []
+            continue
+        if not text:
+            continue
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        reply = generate_batch(
+            model, tokenizer, [build_messages(text, system, history)], max_new_tokens=max_new_tokens,
+            temperature=temperature, streamer=streamer,
+        )[0]  # fmt: skip
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

@@ -1,0 +1,309 @@
+"""Loading the base model and tokenizer, and putting LoRA on it. The one file that knows Phi-3.
+
+What is Phi-3-specific lives here and nowhere else:
+
+- Phi-3 fuses q, k and v into one `self_attn.qkv_proj` (rows `[Q | K | V]`, each of
+  `heads * head_dim` / `kv_heads * head_dim`) and gate and up into one `mlp.gate_up_proj`
+  (rows `[gate | up]`). `target_modules` may name the fused modules (PEFT semantics: one LoRA
+  over the whole output), or the split names `q_proj k_proj v_proj gate_proj up_proj`, which
+  adapt only those slices of the fused module (loralib `MergedLinear` semantics). PEFT cannot
+  express the latter: on Phi-3, `["q_proj", "v_proj"]` silently matches nothing in PEFT.
+- The end of an assistant turn is `<|end|>`; generation stops at `<|end|>` or `<|endoftext|>`.
+
+Everything else is any Hugging Face causal LM through the Auto classes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafit import lora
+from lorafit.config import ModelConfig, PeftConfig
+from lorafit.errors import ConfigError, LorafitError
+
+log = logging.getLogger("lorafit")
+
+# End-of-turn markers of common chat templates, most specific first. The first one the tokenizer
+# knows closes an assistant turn; it is the token the model must learn to emit to stop.
+END_OF_TURN_CANDIDATES = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|eot|>")
+
+# Split names that address a slice of a fused Phi-3 projection: name -> (fused module, slice index).
+FUSED_SLICES = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- devices and dtypes
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is cuda if available, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16).
+
+    Without them PyTorch emulates bf16 and a bf16 matmul is several times SLOWER than fp32, so
+    bf16 compute on such a CPU is never chosen automatically.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_has_fast_bf16()
+    return False
+
+
+def weight_dtype(cfg: ModelConfig, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the frozen base weights are held in.
+
+    `auto`: the checkpoint's own dtype (Phi-3 ships bf16), except that bf16/fp16 weights on a CPU
+    without fast bf16 are loaded as fp32, which is faster there than emulated half precision.
+    """
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    dtype = checkpoint_dtype or torch.float32
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16():
+        return torch.float32
+    return dtype
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def end_of_turn(tokenizer) -> str:
+    """The token that closes an assistant turn in this tokenizer's chat template."""
+    vocab = tokenizer.get_vocab()
+    for tok in END_OF_TURN_CANDIDATES:
+        if tok in vocab:
+            return tok
+    return tokenizer.eos_token
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Ids that end generation: the end-of-turn token, EOS, and the model's generation_config EOS."""
+    ids = {tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+def fix_pad_token(tokenizer) -> None:
+    """Make sure the pad token is never a stop token.
+
+    Phi-3 ships `pad_token = <|endoftext|>`. A pad that equals the end-of-turn or end-of-text token
+    is dangerous: any code that masks labels by pad id would never train the model to stop, and it
+    generates forever. lorafit builds labels by position, but `generate` and other tools still pad
+    by id, so the pad becomes `<unk>` (as Microsoft's sample_finetune.py does) or else an unused
+    placeholder token; only as a last resort a new `<|pad|>` token is added.
+    """
+    stops = {tokenizer.eos_token, end_of_turn(tokenizer)}
+    if tokenizer.pad_token is not None and tokenizer.pad_token not in stops:
+        return
+    vocab = tokenizer.get_vocab()
+    for cand in (tokenizer.unk_token, "<|placeholder6|>", "<|finetune_right_pad_id|>", "<pad>"):
+        if cand and cand in vocab and cand not in stops:
+            tokenizer.pad_token = cand
+            return
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except (OSError, ValueError) as e:
+        raise LorafitError(
+            f"cannot load a tokenizer from {name_or_path!r}: {e}\n"
+            "Fix: pass a local model directory (with tokenizer files) or a Hugging Face hub id; "
+            "`lorafit tiny-model OUT` writes a small offline one."
+        ) from e
+    if not getattr(tok, "chat_template", None):
+        raise LorafitError(
+            f"the tokenizer of {name_or_path!r} has no chat template; lorafit renders conversations with the "
+            "model's own template. Fix: use an instruct/chat model, or add a chat_template to its tokenizer_config."
+        )
+    fix_pad_token(tok)
+    tok.padding_side = "right"
+    return tok
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training: bool = True):
+    """Load a causal LM with transformers' Auto classes.
+
+    use_cache is off while training (a KV cache is useless there and, with packed rows, it would
+    switch off the block-diagonal attention mask). trust_remote_code stays off unless asked.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = device or resolve_device(cfg.device)
+    try:
+        hf_config = AutoConfig.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except (OSError, ValueError) as e:
+        raise LorafitError(
+            f"cannot load a model config from {cfg.name_or_path!r}: {e}\n"
+            "Fix: pass a local model directory or a Hugging Face hub id (model.name_or_path / --model)."
+        ) from e
+    dtype = weight_dtype(cfg, device, getattr(hf_config, "dtype", None))
+    attn = cfg.attn_implementation
+    if attn == "flash_attention_2" and device.type != "cuda":
+        raise ConfigError(
+            "model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa (the default)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path,
+        dtype=dtype,
+        attn_implementation=attn,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+    )
+    model.config.use_cache = not training
+    model.to(device)
+    return model
+
+
+# ----------------------------------------------------------------------------- LoRA targets
+
+
+@dataclass
+class LoraPlan:
+    """What to adapt: plain targets, and fused modules whose slices are adapted separately."""
+
+    target_modules: str | list[str]
+    slices: dict[str, tuple[list[int], list[bool]]]
+
+
+def fused_split_sizes(model) -> dict[str, list[int]]:
+    """Row sizes of the fused projections this model has, from its config (GQA-aware)."""
+    cfg = model.config
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    sizes: dict[str, list[int]] = {}
+    if "qkv_proj" in names and hasattr(cfg, "num_attention_heads"):
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        sizes["qkv_proj"] = [cfg.num_attention_heads * head_dim, kv * head_dim, kv * head_dim]
+    if "gate_up_proj" in names and hasattr(cfg, "intermediate_size"):
+        sizes["gate_up_proj"] = [cfg.intermediate_size, cfg.intermediate_size]
+    return sizes
+
+
+def plan_lora(model, target_modules: str | list[str]) -> LoraPlan:
+    """Translate split names (q_proj, v_proj, ...) into slices of fused modules where needed.
+
+    A model that really has a `q_proj` module keeps normal matching; only names that do not exist
+    but address a slice of an existing fused module are translated.
+    """
+    if isinstance(target_modules, str):
+        return LoraPlan(target_modules, {})
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    sizes = fused_split_sizes(model)
+    plain: list[str] = []
+    enabled: dict[str, list[bool]] = {}
+    for name in target_modules:
+        fused = FUSED_SLICES.get(name)
+        if name in leaf_names or fused is None or fused[0] not in sizes:
+            plain.append(name)
+            continue
+        fused_name, idx = fused
+        if fused_name in target_modules:
+            raise ConfigError(
+                f"peft_config.target_modules names both {fused_name!r} and its slice {name!r}; "
+                f"use {fused_name!r} for one LoRA over the whole fused module, or the slice names alone"
+            )
+        enabled.setdefault(fused_name, [False] * len(sizes[fused_name]))[idx] = True
+    slices = {fused_name: (sizes[fused_name], flags) for fused_name, flags in enabled.items()}
+    return LoraPlan(plain, slices)
+
+
+def lora_dtype(peft: PeftConfig, model) -> torch.dtype:
+    """LoRA weights default to fp32 (optimizer quality) whatever the base dtype."""
+    if peft.lora_dtype == "auto":
+        return torch.float32
+    return DTYPES[peft.lora_dtype]
+
+
+def apply_lora(model, peft: PeftConfig) -> list[str]:
+    """Put LoRA layers on the model as `peft` asks; freeze everything else. Returns adapted names."""
+    plan = plan_lora(model, peft.target_modules)
+    try:
+        names = lora.inject(
+            model,
+            plan.target_modules if (plan.target_modules or not plan.slices) else [],
+            r=peft.r,
+            lora_alpha=peft.lora_alpha,
+            lora_dropout=peft.lora_dropout,
+            exclude_modules=peft.exclude_modules,
+            slices=plan.slices or None,
+            use_rslora=peft.use_rslora,
+            init_lora_weights="gaussian" if peft.init_lora_weights == "gaussian" else "default",
+            lora_dtype=lora_dtype(peft, model),
+        )
+    except lora.LoraError as e:
+        raise ConfigError(f"peft_config.target_modules: {e}") from e
+    lora.mark_only_lora_as_trainable(model, bias=peft.bias)
+    for name in peft.modules_to_save or []:
+        module = find_module(model, name)
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return names
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """A module by full dotted name or unique suffix (as in modules_to_save: ["lm_head"])."""
+    hits = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+    if len(hits) != 1:
+        what = "no module" if not hits else f"{len(hits)} modules"
+        raise ConfigError(f"peft_config.modules_to_save: {what} named {name!r}; give a full module name")
+    return hits[0]
+
+
+def trainable_summary(model: nn.Module, adapted: list[str]) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    groups: dict[str, int] = {}
+    for name in adapted:
+        key = ".".join("*" if part.isdigit() else part for part in name.split("."))
+        groups[key] = groups.get(key, 0) + 1
+    mods = ", ".join(f"{k} (x{v})" if v > 1 else k for k, v in sorted(groups.items()))
+    return (
+        f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)\n"
+        f"adapted modules ({len(adapted)}): {mods}"
+    )

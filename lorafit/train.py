@@ -1,0 +1,518 @@
+"""The training loop: LoRA fine-tuning of a causal LM on chat data, with lorafit's own loop.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches. The loss of a step is the mean
+cross-entropy over ALL target tokens of its micro-batches (token-weighted): each micro-batch adds
+`loss_sum / targets_in_step` to the gradient, so the result is the same however the step is split
+into micro-batches (tested). Step s always reads the same micro-batches (epoch s // steps_per_epoch,
+its slot within the epoch), which is what makes resume exact.
+
+    prepare():  config -> tokenizer -> data (validated, tokenized) -> model + LoRA
+                (all checks happen here, before anything is written)
+    run():      [eval before] -> steps (log, eval, checkpoint) -> adapter, results.json, loss.png
+
+Output directory:
+
+    OUT/adapter_config.json, adapter_model.safetensors   the final adapter (PEFT format)
+    OUT/config.yaml       the resolved run config        OUT/metrics.jsonl   every log line
+    OUT/results.json      summary                        OUT/loss.png        train/eval loss plot
+    OUT/checkpoint-<step>/                               adapter + optimizer/scheduler/RNG/data position
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafit import lora
+from lorafit.checkpoint import (
+    atomic_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_training_state,
+    read_trainer_state,
+    remove_stale_temporaries,
+    rotate,
+    save_training_state,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from lorafit.config import RunConfig, save_config
+from lorafit.data import TokenizedData, TokenStats, load_conversations, split_eval, tokenize
+from lorafit.errors import ConfigError, LorafitError
+from lorafit.evaluate import autocast, compute_dtype, eval_loss, rows_for
+from lorafit.loss import loss_sum
+from lorafit.model import (
+    apply_lora,
+    bf16_is_fast,
+    end_of_turn,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    trainable_summary,
+)
+from lorafit.packing import Batches, collate
+
+log = logging.getLogger("lorafit")
+
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "results.json", "metrics.jsonl", "loss.png")
+
+
+@dataclass
+class Job:
+    """Everything a run needs, prepared and checked before the output directory is touched."""
+
+    run: RunConfig
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    precision: str  # "bf16" | "fp16" | "no"
+    train_data: TokenizedData
+    train_stats: TokenStats
+    eval_data: TokenizedData | None
+    eval_stats: TokenStats | None
+    adapted: list[str]
+
+
+def load_data(
+    run: RunConfig, tokenizer
+) -> tuple[TokenizedData, TokenStats, TokenizedData | None, TokenStats | None]:
+    d, t = run.data, run.training_config
+    if not d.train:
+        raise ConfigError(
+            "data.train is not set. Fix: pass --data TRAIN.jsonl or set data.train in the config"
+        )
+    train = load_conversations(d.train, split=d.train_split)
+    evals = None
+    if d.eval:
+        evals = load_conversations(d.eval, split=d.eval_split_name)
+    elif d.eval_split_name:
+        evals = load_conversations(d.train, split=d.eval_split_name)
+    elif d.eval_split > 0:
+        train, evals = split_eval(train, d.eval_split, t.seed)
+    kw = dict(
+        max_seq_length=t.max_seq_length,
+        end_of_turn=end_of_turn(tokenizer),
+        train_on=d.train_on,
+        truncation=d.truncation,
+    )
+    train_data, train_stats = tokenize(tokenizer, train, **kw)
+    if len(train_data) == 0:
+        raise LorafitError(
+            f"{d.train}: no example has a token to train on (all {train_stats.dropped} dropped)"
+        )
+    eval_data = eval_stats = None
+    if evals:
+        eval_data, eval_stats = tokenize(tokenizer, evals, **kw)
+    return train_data, train_stats, eval_data, eval_stats
+
+
+def prepare(run: RunConfig, *, model=None, tokenizer=None) -> Job:
+    """Load tokenizer, data and model, and put LoRA on it. Writes nothing."""
+    t = run.training_config
+    device = resolve_device(run.model.device)
+    precision = t.mixed_precision(bf16_is_fast(device))
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("training_config.fp16: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32")
+    m = run.model
+    tokenizer = tokenizer or load_tokenizer(
+        m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision
+    )
+    train_data, train_stats, eval_data, eval_stats = load_data(run, tokenizer)
+    torch.manual_seed(t.seed)
+    model = model if model is not None else load_model(m, device=device, training=True)
+    adapted = apply_lora(model, run.peft_config)
+    if t.gradient_checkpointing:
+        kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return Job(
+        run, model, tokenizer, device, precision, train_data, train_stats, eval_data, eval_stats, adapted
+    )
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)  # linear
+
+    return f
+
+
+def make_optimizer(model, t) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+    )
+
+
+# ----------------------------------------------------------------------------- output directory
+
+
+def check_output_dir(out: Path, *, resume: bool | str | None, overwrite: bool) -> Path | None:
+    """Refuse to mix runs; return the checkpoint to resume from (or None). Writes nothing."""
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(out) if resume is True else Path(resume).expanduser()
+        if ckpt is None:
+            raise LorafitError(
+                f"{out}: --resume found no complete checkpoint-<step>/ folder. "
+                "Fix: drop --resume to start a new run, or pass --resume PATH to a checkpoint."
+            )
+        read_trainer_state(ckpt)  # readable?
+        return ckpt
+    if out.exists() and not overwrite:
+        existing = [p.name for _, p in list_checkpoints(out)] + [f for f in RUN_FILES if (out / f).exists()]
+        if existing:
+            raise LorafitError(
+                f"{out} already holds another run ({', '.join(existing[:4])}). Fix: --resume to continue it, "
+                "--overwrite to replace it, or choose another --output-dir."
+            )
+    return None
+
+
+def make_output_dir(out: Path, overwrite: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LorafitError(
+            f"cannot write to output directory {out}: {e.strerror or e}. Fix: choose a writable --output-dir"
+        ) from e
+    remove_stale_temporaries(out)
+    if overwrite:
+        for _, p in list_checkpoints(out):
+            shutil.rmtree(p, ignore_errors=True)
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Stop:
+    """SIGINT/SIGTERM ask the loop to checkpoint at the next step boundary and exit cleanly."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def adapter_kwargs(job: Job) -> dict:
+    p = job.run.peft_config
+    return dict(
+        base_model_name_or_path=job.run.model.name_or_path,
+        lora_dropout=p.lora_dropout,
+        bias=p.bias,
+        modules_to_save=p.modules_to_save,
+        revision=job.run.model.revision,
+    )
+
+
+def run(
+    job: Job, *, resume: bool | str | None = None, overwrite: bool = False, progress: bool = True
+) -> dict:
+    """Train, evaluate, checkpoint and save. Returns the results dict (also written to results.json)."""
+    from tqdm.auto import tqdm
+
+    t = job.run.training_config
+    out = Path(t.output_dir).expanduser()
+    ckpt = check_output_dir(out, resume=resume, overwrite=overwrite)
+    model, device, data = job.model, job.device, job.train_data
+    pad_id = job.tokenizer.pad_token_id
+    rows = rows_for(data, t.max_seq_length, t.packing)
+    batches = Batches(rows, t.per_device_train_batch_size, seed=t.seed, shuffle=True)
+    bpe = batches.batches_per_epoch
+    accum = t.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(bpe / accum)
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    warmup = t.warmup_steps_for(total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.lr_scheduler_type, warmup, total_steps)
+    )
+    scaler = torch.amp.GradScaler(device.type) if job.precision == "fp16" else None
+    cdtype = compute_dtype(job.precision, model)
+    eval_every = t.eval_every()
+
+    make_output_dir(out, overwrite)
+    save_config(job.run, out / "config.yaml")
+    metrics_path = out / "metrics.jsonl"
+    start_step, tokens_seen, targets_seen, history = 0, 0, 0, []
+    results_prev: dict = {}
+    if ckpt is not None:
+        state = read_trainer_state(ckpt)
+        start_step, tokens_seen, targets_seen = state["step"], state["tokens"], state["targets"]
+        lora.load_adapter(model, ckpt, trainable=True)
+        ts = load_training_state(ckpt / "training_state.pt")
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        torch.set_rng_state(ts["rng_cpu"])
+        if "rng_cuda" in ts and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ts["rng_cuda"])
+        if scaler is not None and "scaler" in ts:
+            scaler.load_state_dict(ts["scaler"])
+        results_prev = state.get("results", {})
+        history = [h for h in read_metrics(metrics_path) if h.get("step", 0) <= start_step]
+        write_bytes_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+    else:
+        metrics_path.write_text("")
+
+    def emit(record: dict) -> None:
+        history.append(record)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evaluate_now(step: int) -> dict | None:
+        if job.eval_data is None:
+            return None
+        res = eval_loss(
+            model, job.eval_data, batch_size=t.per_device_eval_batch_size, max_seq_length=t.max_seq_length,
+            pad_id=pad_id, device=device, precision=job.precision, packing=t.packing,
+        )  # fmt: skip
+        emit({"step": step, "epoch": round(step / steps_per_epoch, 4), **res})
+        return res
+
+    say = tqdm.write if progress else log.info
+    say(trainable_summary(model, job.adapted))
+    s = job.train_stats
+    say(
+        f"data: {s.conversations} conversations, {s.tokens:,} tokens ({s.supervised_tokens:,} trained), "
+        f"{s.truncated} truncated, {s.dropped} dropped; {len(rows)} rows of <= {t.max_seq_length} tokens"
+        f"{' (packed)' if t.packing else ''}"
+    )
+    say(
+        f"steps: {total_steps} (epochs {t.num_train_epochs:g}, {steps_per_epoch}/epoch), effective batch "
+        f"{t.per_device_train_batch_size} x {accum} accumulation = {t.per_device_train_batch_size * accum} rows; "
+        f"device {device}, compute {job.precision if job.precision != 'no' else 'fp32'}"
+    )
+    eval_before = results_prev.get("eval_loss_before")
+    if ckpt is None:
+        r = evaluate_now(0)
+        eval_before = r["eval_loss"] if r else None
+
+    model.train()
+    epoch_cache: dict[int, list] = {}
+
+    def step_batches(step: int) -> list:
+        epoch, j = divmod(step, steps_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = batches.epoch_batches(epoch)
+        return epoch_cache[epoch][j * accum : (j + 1) * accum]
+
+    def save_checkpoint(step: int) -> Path:
+        final = out / f"checkpoint-{step}"
+        with atomic_dir(final) as tmp:
+            lora.save_adapter(model, tmp, **adapter_kwargs(job))
+            ts = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+            }
+            if torch.cuda.is_available():
+                ts["rng_cuda"] = torch.cuda.get_rng_state_all()
+            if scaler is not None:
+                ts["scaler"] = scaler.state_dict()
+            save_training_state(tmp / "training_state.pt", ts)
+            state = {
+                "step": step, "total_steps": total_steps, "tokens": tokens_seen, "targets": targets_seen,
+                "epoch": step / steps_per_epoch, "results": {"eval_loss_before": eval_before},
+            }  # fmt: skip
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        rotate(out, t.save_total_limit, keep=final)
+        return final
+
+    bar = tqdm(total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True, desc="train")
+    window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+    t_start = time.perf_counter()
+    last_eval = None
+    step = start_step
+    stopped = None
+    with Stop() as stop:
+        while step < total_steps:
+            micro = [collate(data, b, pad_id) for b in step_batches(step)]
+            n_targets = sum(b.pop("num_targets") for b in micro)
+            step_loss = 0.0
+            step_tokens = sum(int(data.lengths[i]) for b in step_batches(step) for row in b for i in row)
+            for b in micro:
+                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                with autocast(device, job.precision):
+                    ls = loss_sum(model, b, cdtype)
+                loss = ls / max(n_targets, 1)
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += float(ls.detach())
+            if not math.isfinite(step_loss):
+                last = latest_checkpoint(out)
+                raise LorafitError(
+                    f"step {step + 1}: the loss is {step_loss} (not finite). Likely cause: a learning rate too "
+                    f"high ({t.learning_rate:g}) or fp16 overflow; lower learning_rate or use bf16/fp32. "
+                    f"Last good checkpoint: {last or 'none'}; continue with --resume after fixing."
+                )
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(
+                    params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+                )
+            )
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += step_tokens
+            targets_seen += n_targets
+            window_loss += step_loss
+            window_targets += n_targets
+            window_tokens += step_tokens
+            bar.update(1)
+            if step % t.logging_steps == 0 or step == total_steps:
+                dt = time.perf_counter() - window_t0
+                rec = {
+                    "step": step, "epoch": round(step / steps_per_epoch, 4),
+                    "loss": window_loss / max(window_targets, 1), "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm, "tokens_per_sec": window_tokens / dt if dt > 0 else 0.0,
+                    "tokens": tokens_seen, "targets": targets_seen,
+                }  # fmt: skip
+                emit(rec)
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_sec']:.0f}"
+                )
+                window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+            end_of_epoch = step % steps_per_epoch == 0
+            if (eval_every and step % eval_every == 0) or (t.eval_strategy == "epoch" and end_of_epoch):
+                last_eval = evaluate_now(step)
+                if last_eval:
+                    bar.write(
+                        f"step {step}: eval_loss {last_eval['eval_loss']:.4f}  ppl {last_eval['eval_perplexity']:.2f}"
+                    )
+            save_now = (t.save_strategy == "steps" and step % t.save_steps == 0) or (
+                t.save_strategy == "epoch" and end_of_epoch
+            )
+            if stop.requested and step < total_steps:
+                stopped = stop.requested
+                save_checkpoint(step)
+                break
+            if save_now and step < total_steps:
+                save_checkpoint(step)
+    bar.close()
+    runtime = time.perf_counter() - t_start
+    if stopped:
+        say(f"{stopped}: saved checkpoint-{step} in {out}; continue with --resume")
+        return {"stopped": stopped, "step": step, "output_dir": str(out)}
+
+    if t.save_strategy != "no":
+        save_checkpoint(step)
+    if last_eval is None or (history and history[-1].get("step") != step):
+        last_eval = evaluate_now(step)
+    lora.save_adapter(model, out, **adapter_kwargs(job))
+    train_losses = [h for h in history if "loss" in h]
+    results = {
+        "train_loss": sum(h["loss"] for h in train_losses) / len(train_losses) if train_losses else None,
+        "final_train_loss": train_losses[-1]["loss"] if train_losses else None,
+        "eval_loss_before": eval_before,
+        "eval_loss": last_eval["eval_loss"] if last_eval else None,
+        "eval_perplexity": last_eval["eval_perplexity"] if last_eval else None,
+        "steps": step,
+        "epochs": round(step / steps_per_epoch, 4),
+        "tokens": tokens_seen,
+        "targets": targets_seen,
+        "runtime_sec": round(runtime, 2),
+        "tokens_per_sec": round(tokens_seen / runtime, 1) if runtime > 0 and not ckpt else None,
+        "trainable_params": sum(p.numel() for p in params),
+        "adapted_modules": len(job.adapted),
+        "train_data": job.train_stats.to_dict(),
+        "eval_data": job.eval_stats.to_dict() if job.eval_stats else None,
+        "precision": job.precision if job.precision != "no" else "fp32",
+        "device": str(device),
+        "output_dir": str(out),
+    }
+    if ckpt is not None:
+        results["resumed_from"] = str(ckpt)
+    write_json_atomic(out / "results.json", results)
+    plot_losses(history, out / "loss.png")
+    return results
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a crash ends the trustworthy part
+    return out
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """loss.png: train loss per logging step and eval loss per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if tr:
+        ax.plot(*zip(*tr), label="train loss")
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (assistant tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
