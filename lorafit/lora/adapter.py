@@ -217,11 +217,13 @@ def read_adapter(path: str | Path) -> AdapterFiles:
     try:
         config = json.loads(cfg_path.read_text())
     except FileNotFoundError:
-        raise LoraError(
+        raise LoraError(  # noqa: B904
             f"{cfg_path}: missing. Fix: an adapter folder needs {CONFIG_NAME} beside the weights."
         )
     except json.JSONDecodeError as e:
-        raise LoraError(f"{cfg_path}: not valid JSON ({e}). Fix: restore the file from the run's output.")
+        raise LoraError(
+            f"{cfg_path}: not valid JSON ({e}). Fix: restore the file from the run's output."
+        ) from e
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraError(
             f"{cfg_path}: peft_type is {config.get('peft_type')!r}; lorafit reads LoRA adapters only"
@@ -346,7 +348,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False,
         with torch.no_grad():
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
-    for name, layer in lora_modules(model).items():
+    for name in lora_modules(model):
         if name not in lora_groups:
             problems.append(f"missing key: the model's LoRA layer {name} has no weights in the adapter")
     params = dict(model.named_parameters())
