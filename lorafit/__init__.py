@@ -8,9 +8,9 @@ Two halves in one package:
   `lorafit.generate(...)`, `lorafit.merge_adapter(...)`, and the `lorafit` command line over them.
 """
 
-from lorafit.api import evaluate, finetune, generate, load
+from lorafit.api import evaluate, export_adapter, finetune, generate, load, merge_adapter
 from lorafit.lora import *  # noqa: F403  (loralib's API: lora.Linear, lora.mark_only_lora_as_trainable, ...)
 from lorafit.lora import __all__ as _lora_all
 
 __version__ = "0.1.0"
-__all__ = [*_lora_all, "finetune", "load", "evaluate", "generate"]
+__all__ = [*_lora_all, "finetune", "load", "evaluate", "generate", "merge_adapter", "export_adapter"]

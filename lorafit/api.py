@@ -147,3 +147,25 @@ def evaluate(
     res["conversations"] = stats.conversations
     res["truncated"] = stats.truncated
     return res
+
+
+def merge_adapter(
+    model: str | None,
+    adapter: str | Path,
+    output_dir: str | Path,
+    *,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Merge `adapter` into `model` (default: its recorded base) and write a plain Hugging Face model folder."""
+    from lorafit.export import merge_to_hf
+
+    return merge_to_hf(model, adapter, output_dir, dtype, overwrite=overwrite)
+
+
+def export_adapter(adapter: str | Path, output_dir: str | Path, layout: str = "fused", base_model: str | None = None,
+                   **kwargs) -> Path:  # fmt: skip
+    """Convert an adapter to the fused or split PEFT layout, or to/from a loralib checkpoint."""
+    from lorafit.export import export_adapter as _export
+
+    return _export(adapter, output_dir, layout, base_model, **kwargs)

@@ -7,6 +7,8 @@
     lorafit chat --model M [--adapter A] [--system TEXT]
     lorafit tiny-model OUT [--size demo|tiny|small|medium]
     lorafit demo [--output-dir OUT]
+    lorafit merge [--model BASE] --adapter A --output-dir OUT [--dtype auto|bf16|fp16|fp32]
+    lorafit export --adapter A --output-dir OUT [--layout fused|split|loralib] [--base-model M]
 
 Bad input ends with a one-paragraph message on stderr (no traceback) and exit status 2.
 """
@@ -95,6 +97,25 @@ def cmd_demo(a) -> int:
     return 0 if res["accuracy_after"] >= 0.8 else 1
 
 
+def cmd_merge(a) -> int:
+    from lorafit.export import merge_to_hf
+
+    out = merge_to_hf(a.model, a.adapter, a.output_dir, a.dtype, overwrite=a.overwrite)
+    print(f"wrote the merged model to {out}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from lorafit.export import export_adapter
+
+    out = export_adapter(
+        a.adapter, a.output_dir, a.layout, a.base_model, lora_alpha=a.lora_alpha,
+        target_modules=a.target_modules, overwrite=a.overwrite,
+    )  # fmt: skip
+    print(f"wrote the {a.layout} adapter to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorafit", description="LoRA fine-tuning for Phi-3 and other causal LMs."
@@ -157,6 +178,41 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default="lorafit-demo")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    mg = sub.add_parser(
+        "merge", help="merge an adapter into the base weights and write a plain Hugging Face model folder",
+        description="Write base + adapter as one model (safetensors, config, tokenizer, generation_config) that "
+        "transformers, vLLM and TGI load without lorafit. The delta is computed in fp32 and rounded once.",
+    )  # fmt: skip
+    mg.add_argument(
+        "--model", help="base model: hub id or local folder (default: the adapter's recorded base)"
+    )
+    mg.add_argument(
+        "--adapter", required=True, help="adapter folder (fused or split keys) or loralib .pt file"
+    )
+    mg.add_argument("--output-dir", required=True, help="folder for the merged model")
+    mg.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="dtype of the merged weights (auto: the base checkpoint's)")  # fmt: skip
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    mg.set_defaults(func=cmd_merge)
+
+    x = sub.add_parser(
+        "export", help="convert an adapter: fused or split PEFT keys, or a loralib checkpoint",
+        description="fused: PEFT keys on qkv_proj/gate_up_proj (PEFT on Phi-3). split: q_proj/k_proj/v_proj/"
+        "gate_proj/up_proj keys, for runtimes that load Phi-3 as Llama (vLLM). loralib: OUT/adapter_lora.pt with "
+        "lora_state_dict keys. --adapter may also be a loralib .pt file (then --base-model is needed).",
+    )  # fmt: skip
+    x.add_argument("--adapter", required=True, help="adapter folder, or a loralib lora_state_dict .pt file")
+    x.add_argument("--output-dir", required=True, help="folder for the converted adapter")
+    x.add_argument("--layout", default="fused", choices=["fused", "split", "loralib"])
+    x.add_argument("--base-model", help="base model folder or hub id (default: the adapter's recorded base)")
+    x.add_argument(
+        "--lora-alpha", type=float, help="lora_alpha of a loralib checkpoint (it does not record it)"
+    )
+    x.add_argument("--target-modules", nargs="+", metavar="NAME",
+                   help="which fused pieces a loralib checkpoint adapts, e.g. q_proj v_proj")  # fmt: skip
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.set_defaults(func=cmd_export)
     return p
 
 

@@ -49,10 +49,9 @@ def load(
     tokenizer = load_tokenizer(cfg.name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     net = load_model(cfg, device=resolve_device(device), training=False)
     if adapter is not None:
-        try:
-            lora.load_adapter(net, adapter)
-        except lora.LoraError as e:
-            raise AdapterError(str(e)) from e
+        from lorafit.export import load_any_adapter  # fused or split PEFT keys, or a loralib file
+
+        load_any_adapter(net, adapter)
     net.eval()
     return net, tokenizer
 

@@ -1,0 +1,407 @@
+"""Use an adapter elsewhere: merge it into a plain Hugging Face model, or convert its layout.
+
+    merge_to_hf(base, adapter, out)                  a complete model folder (no LoRA, no lorafit needed)
+    export_adapter(adapter, out, layout="split")     q_proj/k_proj/v_proj/gate_proj/up_proj keys
+    export_adapter(adapter, out, layout="fused")     qkv_proj/gate_up_proj keys (PEFT on Phi-3)
+    export_adapter(adapter, out, layout="loralib")   OUT/adapter_lora.pt with lora_state_dict keys
+    export_adapter("ckpt_lora.pt", out, base_model=M)  a loralib checkpoint -> PEFT adapter folder
+
+All conversions are exact: factors are copied or cut, never recomputed. Merging adds the fp32 delta
+(`delta_weight()`) to each base weight and rounds once into the base dtype. Outputs are written to a
+temporary folder and renamed into place. transformers is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafit import lora
+from lorafit.checkpoint import atomic_dir
+from lorafit.errors import AdapterError
+from lorafit.lora.adapter import (
+    ModuleLora,
+    apply_loras,
+    fuse_loras,
+    parse_adapter,
+    split_loras,
+    write_adapter,
+)
+
+LAYOUTS = ("fused", "split", "loralib")
+LORALIB_NAME = "adapter_lora.pt"
+LORALIB_FORMAT = "lorafit-loralib-1"
+
+
+# ----------------------------------------------------------------------------- fused layouts
+
+
+def _pieces() -> dict[str, list[str]]:
+    from lorafit.model import FUSED_SLICES
+
+    out: dict[str, list[str]] = {}
+    for piece, (fused, _) in sorted(FUSED_SLICES.items(), key=lambda kv: kv[1][1]):
+        out.setdefault(fused, []).append(piece)
+    return out
+
+
+def fused_layout(model: nn.Module) -> dict[str, tuple[list[str], list[int]]]:
+    """{fused leaf: (piece leaves, row sizes)} of the model, e.g. Phi-3's qkv_proj -> q/k/v_proj."""
+    from lorafit.model import fused_split_sizes
+
+    pieces = _pieces()
+    return {f: (pieces[f], sizes) for f, sizes in fused_split_sizes(model).items() if f in pieces}
+
+
+def _meta_model(base: str, trust_remote_code: bool = False) -> nn.Module:
+    """The base model's architecture on the 'meta' device (module types and shapes, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise AdapterError(
+            f"cannot read the config of base model {base!r}: {e}\n"
+            "Fix: pass --base-model with a local model folder (or a reachable hub id)."
+        ) from e
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+
+
+def _layout_for(loras: dict, recorded: dict, base: str | None, split: bool, trust_remote_code=False) -> dict:
+    """The fused layout a conversion needs: recorded in the adapter, from its slices, or from the base
+    (only loaded when a fused module must be split, or pieces fused, without a recorded layout)."""
+    pieces = _pieces()
+    layout = {k: (v["pieces"], v["split_sizes"]) for k, v in recorded.items()}
+    for name, m in loras.items():
+        leaf = name.rpartition(".")[2]
+        if (
+            m.slices
+            and leaf in pieces
+            and leaf not in layout
+            and len(m.slices["split_sizes"]) == len(pieces[leaf])
+        ):
+            layout[leaf] = (pieces[leaf], m.slices["split_sizes"])
+    covered = set(layout) | {p for f in layout for p in layout[f][0]}
+    known = set(pieces) if split else {p for ps in pieces.values() for p in ps}
+    need = sorted({n.rpartition(".")[2] for n in loras} & known - covered)
+    if need:
+        if not base:
+            raise AdapterError(
+                f"converting {need} needs the row sizes of the fused modules; pass --base-model M"
+            )
+        layout = {**fused_layout(_meta_model(base, trust_remote_code)), **layout}
+    return layout
+
+
+# ----------------------------------------------------------------------------- loralib checkpoints
+
+
+def _sidecar(pt: Path) -> dict:
+    side = pt.with_suffix(".json")
+    try:
+        info = json.loads(side.read_text()) if side.is_file() else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{side}: unreadable ({e}). Fix: delete it and pass --lora-alpha.") from e
+    return info if info.get("format") == LORALIB_FORMAT else {}
+
+
+def _guess_slices(name, a, b, r, mod, layout, target_modules) -> tuple[dict | None, str | None]:
+    """(slices, problem) for loralib factors on a plain Linear: whole module or which fused pieces."""
+    if a.shape[0] == r and b.shape[0] == mod.out_features:
+        return None, None
+    leaf = name.rpartition(".")[2]
+    if leaf not in layout or a.shape[0] % r:
+        return None, f"wrong shape for {name}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} on {mod}"
+    pieces, sizes = layout[leaf]
+    k = a.shape[0] // r
+    if target_modules and any(p in target_modules for p in pieces):
+        options = [tuple(i for i, p in enumerate(pieces) if p in target_modules)]
+    else:
+        options = list(itertools.combinations(range(len(pieces)), k))
+    options = [o for o in options if len(o) == k and sum(sizes[i] for i in o) == b.shape[0]]
+    if len(options) != 1:
+        what = " or ".join("+".join(pieces[i] for i in o) for o in options) or "no combination of pieces"
+        return (
+            None,
+            f"{name}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} fit {what}; pass --target-modules",
+        )
+    return {"split_sizes": list(sizes), "enable_lora": [i in options[0] for i in range(len(pieces))]}, None
+
+
+def read_loralib(
+    path: str | Path, model: nn.Module, *, lora_alpha: float | None = None, target_modules=None
+) -> tuple[dict[str, ModuleLora], dict[str, torch.Tensor], list[str], dict]:
+    """A `lora_state_dict` checkpoint as (loras, full params, problems, sidecar info).
+
+    Read with `torch.load(weights_only=True)` only. loralib files hold no rank, alpha or slices: r is
+    read off lora_B, the slices of a fused module off the factor shapes and the model's fused layout
+    (`target_modules` disambiguates), and alpha comes from the `adapter_lora.json` written beside
+    lorafit's exports, or from `lora_alpha`.
+    """
+    path = Path(path).expanduser()
+    if path.suffix == ".bin":
+        raise AdapterError(
+            f"{path}: pickled .bin files are never loaded. Fix: use a safetensors adapter folder."
+        )
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or would need unpickling arbitrary objects
+        raise AdapterError(
+            f"{path}: not a readable loralib checkpoint ({type(e).__name__}: {e}). "
+            "Fix: pass a file written by torch.save(lora.lora_state_dict(model), path), or an adapter folder."
+        ) from e
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise AdapterError(f"{path}: not a lora_state_dict (a dict of tensors by parameter name)")
+    info = _sidecar(path)
+    named, layout = dict(model.named_modules()), fused_layout(model)
+    groups: dict[str, dict] = {}
+    full: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        stem, _, which = key.rpartition(".")
+        if which in ("lora_A", "lora_B"):
+            groups.setdefault(stem, {})[which[-1]] = t
+        else:
+            full[key] = t
+    loras, problems = {}, []
+    for name, g in sorted(groups.items()):
+        spec, mod = info.get("modules", {}).get(name), named.get(name)
+        if "A" not in g or "B" not in g:
+            problems.append(f"missing key: {name} has only lora_{'A' if 'A' in g else 'B'}")
+            continue
+        a, b = g["A"], g["B"]
+        if spec:
+            slices = {k: spec[k] for k in ("split_sizes", "enable_lora")} if "split_sizes" in spec else None
+            loras[name] = ModuleLora(spec["kind"], a, b, spec["r"], spec["lora_alpha"], slices)
+            continue
+        if lora_alpha is None:
+            raise AdapterError(
+                f"{path}: a loralib checkpoint does not record lora_alpha. "
+                "Fix: pass --lora-alpha with the value used in training (loralib's default is 1)."
+            )
+        r = b.shape[1]
+        if isinstance(mod, lora.MergedLinear):
+            slices = {"split_sizes": list(mod.split_sizes), "enable_lora": list(mod.enable_lora)}
+            loras[name] = ModuleLora("linear", a, b, r, lora_alpha, slices)
+        elif isinstance(mod, nn.Embedding):
+            loras[name] = ModuleLora("embedding", a, b, a.shape[0], lora_alpha)
+        elif isinstance(mod, nn.Linear):
+            slices, problem = _guess_slices(name, a, b, r, mod, layout, target_modules)
+            if problem:
+                problems.append(problem)
+            else:
+                loras[name] = ModuleLora("linear", a, b, r, lora_alpha, slices)
+        else:
+            what = "no module" if mod is None else f"a {type(mod).__name__}"
+            problems.append(f"unexpected key {name}.lora_A/B: the model has {what} named {name!r}")
+    return loras, full, problems, info
+
+
+def write_loralib(
+    out_dir: Path, loras: dict, full: dict, *, use_rslora: bool, base_model, base_shapes
+) -> Path:
+    """OUT/adapter_lora.pt (`lora_state_dict` keys) + OUT/adapter_lora.json (rank, alpha, slices)."""
+    sd = {f"{n}.lora_{w}": t.contiguous() for n, m in loras.items() for w, t in (("A", m.A), ("B", m.B))}
+    sd.update({k: t.contiguous() for k, t in full.items()})
+    torch.save(sd, out_dir / LORALIB_NAME)
+    modules = {
+        n: {"kind": m.kind, "r": m.r, "lora_alpha": m.alpha, **(m.slices or {})} for n, m in loras.items()
+    }
+    info = {"format": LORALIB_FORMAT, "base_model": base_model, "use_rslora": use_rslora,
+            "base_shapes": base_shapes or {}, "modules": modules}  # fmt: skip
+    (out_dir / LORALIB_NAME).with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    return out_dir / LORALIB_NAME
+
+
+# ----------------------------------------------------------------------------- loading and exporting
+
+
+def load_any_adapter(
+    model: nn.Module, adapter: str | Path, *, trainable: bool = False, dtype=None, lora_alpha=None,
+    target_modules=None,
+) -> list[str]:  # fmt: skip
+    """Load an adapter of any layout onto `model`: a PEFT folder (fused or split keys) or a loralib file."""
+    path = Path(adapter).expanduser()
+    try:
+        if not path.is_file():
+            return lora.load_adapter(model, path, trainable=trainable, dtype=dtype, fused=fused_layout(model))
+        loras, full, problems, info = read_loralib(
+            path, model, lora_alpha=lora_alpha, target_modules=target_modules
+        )
+        return apply_loras(
+            model, loras, full, use_rslora=bool(info.get("use_rslora")), trainable=trainable, dtype=dtype,
+            problems=problems, source=path, base_model=info.get("base_model"), base_shapes=info.get("base_shapes"),
+        )  # fmt: skip
+    except lora.LoraError as e:
+        raise AdapterError(str(e)) from e
+
+
+def _check_output(out: Path, overwrite: bool, sources: list[Path]) -> None:
+    if not out.exists():
+        return
+    for src in sources:
+        if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
+            raise AdapterError(f"--output-dir {out} holds the input {src}; choose another output folder")
+    if out.is_file() or (any(out.iterdir()) and not overwrite):
+        raise AdapterError(f"{out} already exists. Fix: choose another --output-dir, or pass --overwrite")
+
+
+def export_adapter(
+    adapter: str | Path,
+    output_dir: str | Path,
+    layout: str = "fused",
+    base_model: str | None = None,
+    *,
+    lora_alpha: float | None = None,
+    target_modules: list[str] | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Convert an adapter folder or loralib checkpoint to `layout` in `output_dir`; returns the folder.
+
+    "fused": PEFT keys on the model's own modules (qkv_proj, gate_up_proj); "split": one LoRA per
+    q/k/v/gate/up piece, for runtimes that load Phi-3 as Llama; "loralib": OUT/adapter_lora.pt.
+    A loralib source needs `base_model` (module types and shapes), unless lorafit wrote it.
+    """
+    if layout not in LAYOUTS:
+        raise AdapterError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    src, out = Path(adapter).expanduser(), Path(output_dir).expanduser()
+    _check_output(out, overwrite, [src])
+    cfg: dict = {}
+    try:
+        if src.is_file():
+            base = base_model or _sidecar(src).get("base_model")
+            if not base:
+                raise AdapterError(f"{src}: converting a loralib checkpoint needs --base-model M")
+            net = _meta_model(base, trust_remote_code)
+            loras, full, problems, info = read_loralib(
+                src, net, lora_alpha=lora_alpha, target_modules=target_modules
+            )
+            use_rslora, recorded = bool(info.get("use_rslora")), {}
+            named = dict(net.named_modules())
+            shapes = {n: list(named[n].weight.shape) for n in loras if n in named}
+        else:
+            files = lora.read_adapter(src)
+            loras, full, problems = parse_adapter(files)
+            use_rslora, base, cfg = files.use_rslora, base_model or files.base_model, files.config
+            recorded, shapes = files.meta.get("fused", {}), files.meta.get("base_shapes")
+        if problems:
+            raise AdapterError(f"{src}: cannot convert:\n" + "\n".join(f"  - {p}" for p in problems))
+        fl = _layout_for(loras, recorded, base, layout == "split", trust_remote_code)
+        extra = {}
+        if layout == "split":
+            loras = split_loras(loras, fl)
+            extra["fused"] = {k: {"pieces": list(p), "split_sizes": list(s)} for k, (p, s) in fl.items()}
+        else:
+            loras, problems = fuse_loras(loras, fl, use_rslora=use_rslora)
+            if problems:
+                raise AdapterError(f"{src}: cannot fuse:\n" + "\n".join(f"  - {p}" for p in problems))
+        keep = {
+            k: cfg[k]
+            for k in ("lora_dropout", "bias", "modules_to_save", "task_type", "revision")
+            if cfg.get(k)
+        }
+        with atomic_dir(out) as tmp:
+            if layout == "loralib":
+                write_loralib(tmp, loras, full, use_rslora=use_rslora, base_model=base, base_shapes=shapes)
+            else:
+                write_adapter(tmp, loras, full, use_rslora=use_rslora, base_model_name_or_path=base,
+                              base_shapes=shapes, extra_metadata=extra, **keep)  # fmt: skip
+    except lora.LoraError as e:
+        raise AdapterError(str(e)) from e
+    return out
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _plain(layer: nn.Module) -> nn.Module:
+    """A plain nn.Linear / nn.Embedding holding the (merged) weight and bias of a LoRA layer."""
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        new.bias = layer.bias
+    elif isinstance(layer, nn.Embedding):
+        new = nn.Embedding(
+            layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx, max_norm=layer.max_norm,
+            norm_type=layer.norm_type, scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse,
+            device="meta",
+        )  # fmt: skip
+    else:
+        raise AdapterError(f"cannot merge a {type(layer).__name__} into a plain module")
+    new.weight = layer.weight
+    new.train(layer.training)
+    return new
+
+
+def merge_into_base(model: nn.Module) -> list[str]:
+    """Merge every LoRA layer (fp32 delta, rounded once into the base dtype) and replace it by a plain
+    nn.Linear/nn.Embedding holding the merged weight, so the model has no LoRA left. One layer at a
+    time: the copy of the original weight that `merge()` keeps is dropped with the layer."""
+    parents: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for child_name, child in parent._modules.items():
+            if child is not None:
+                parents.setdefault(id(child), []).append((parent, child_name))
+    names = []
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, lora.LoRALayer):
+            layer.merge()
+            plain = _plain(layer)
+            for parent, child_name in parents[id(layer)]:
+                setattr(parent, child_name, plain)
+            names.append(name)
+    return names
+
+
+def merge_to_hf(
+    model: str | None,
+    adapter: str | Path,
+    output_dir: str | Path,
+    dtype: str = "auto",
+    *,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Write base + adapter as one plain Hugging Face model folder (safetensors, config, tokenizer with
+    its chat template, generation_config) that `AutoModelForCausalLM.from_pretrained` loads without
+    lorafit. `dtype` "auto" keeps the base checkpoint's dtype. `model=None`: the adapter's recorded base.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.model import DTYPES
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise AdapterError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    src, out = Path(adapter).expanduser(), Path(output_dir).expanduser()
+    try:  # a broken adapter fails before the base model is loaded
+        recorded = _sidecar(src).get("base_model") if src.is_file() else lora.read_adapter(src).base_model
+    except lora.LoraError as e:
+        raise AdapterError(str(e)) from e
+    if model is None:
+        model = recorded
+        if not model:
+            raise AdapterError(f"{src}: the adapter records no base model. Fix: pass --model BASE")
+    _check_output(out, overwrite, [src, Path(model).expanduser()])
+    try:
+        net = AutoModelForCausalLM.from_pretrained(
+            model, dtype="auto" if dtype == "auto" else DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise AdapterError(
+            f"cannot load base model {model!r}: {e}\nFix: pass --model with a model folder"
+        ) from e
+    load_any_adapter(net, src)
+    merge_into_base(net)
+    leftover = [k for k in net.state_dict() if "lora_" in k]
+    if leftover:  # pragma: no cover - merge_into_base replaces every LoRA layer
+        raise AdapterError(f"merge left LoRA weights behind: {leftover[:3]}")
+    net.config.use_cache = True
+    with atomic_dir(out) as tmp:
+        net.save_pretrained(tmp, max_shard_size="5GB")  # shards the size Phi-3's own repository uses
+        tok.save_pretrained(tmp)
+    return out
