@@ -286,13 +286,17 @@ def apply_lora(model, peft: PeftConfig) -> list[str]:
     return names
 
 
-def find_module(model: nn.Module, name: str) -> nn.Module:
-    """A module by full dotted name or unique suffix (as in modules_to_save: ["lm_head"])."""
-    hits = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+def module_name(model: nn.Module, name: str) -> str:
+    """The full dotted name of a module given by full name or unique suffix (modules_to_save: ["lm_head"])."""
+    hits = [n for n, _ in model.named_modules() if n == name or n.endswith("." + name)]
     if len(hits) != 1:
-        what = "no module" if not hits else f"{len(hits)} modules"
+        what = "no module" if not hits else f"{len(hits)} modules ({', '.join(hits[:3])}...)"
         raise ConfigError(f"peft_config.modules_to_save: {what} named {name!r}; give a full module name")
     return hits[0]
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(module_name(model, name))
 
 
 def trainable_summary(model: nn.Module, adapted: list[str]) -> str:

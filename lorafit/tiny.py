@@ -85,6 +85,11 @@ def build_model(tokenizer, size: str = "demo", vocab_size: int | None = None, se
 
     `vocab_size` defaults to the tokenizer's length rounded up to a multiple of 64 (Phi-3 pads its
     32,011 tokens to 32,064 the same way); the benchmarks pass 32064 to get Phi-3's real head cost.
+
+    Weights are drawn with std 1/sqrt(hidden) (Phi-3-mini's 0.02 at hidden 3072 is about the same
+    ratio), not transformers' fixed 0.02. This matters for a frozen random base: the final RMSNorm
+    bounds |h| near sqrt(hidden), so with std 0.02 at hidden 128 no logit can exceed about 2.5, the
+    softmax can never be confident, and LoRA training stalls at a loss near 2.4 whatever it learns.
     """
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
@@ -103,6 +108,7 @@ def build_model(tokenizer, size: str = "demo", vocab_size: int | None = None, se
         ],
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=dims["hidden_size"] ** -0.5,
         **dims,
     )
     with torch.random.fork_rng(devices=[]):

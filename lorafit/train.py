@@ -56,6 +56,7 @@ from lorafit.model import (
     end_of_turn,
     load_model,
     load_tokenizer,
+    module_name,
     resolve_device,
     trainable_summary,
 )
@@ -246,7 +247,7 @@ def adapter_kwargs(job: Job) -> dict:
         base_model_name_or_path=job.run.model.name_or_path,
         lora_dropout=p.lora_dropout,
         bias=p.bias,
-        modules_to_save=p.modules_to_save,
+        modules_to_save=[module_name(job.model, n) for n in p.modules_to_save or []] or None,
         revision=job.run.model.revision,
     )
 
@@ -325,7 +326,7 @@ def run(
         f"{' (packed)' if t.packing else ''}"
     )
     say(
-        f"steps: {total_steps} (epochs {t.num_train_epochs:g}, {steps_per_epoch}/epoch), effective batch "
+        f"steps: {total_steps} ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch} steps), effective batch "
         f"{t.per_device_train_batch_size} x {accum} accumulation = {t.per_device_train_batch_size * accum} rows; "
         f"device {device}, compute {job.precision if job.precision != 'no' else 'fp32'}"
     )

@@ -268,7 +268,8 @@ def save_adapter(
     full = {}
     for mod_name in modules_to_save or []:
         for pname, p in named[mod_name].named_parameters():
-            full[f"{mod_name}.{pname}"] = p
+            if "lora_" not in pname:  # LoRA factors inside a fully trained module are saved as LoRA
+                full[f"{mod_name}.{pname}"] = p
     use_rslora = any(getattr(layer, "use_rslora", False) for layer in lora_modules(model).values())
     shapes = {n: list(_base_weight(named[n]).shape) for n in loras}
     return write_adapter(
