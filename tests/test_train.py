@@ -1,0 +1,152 @@
+"""The training pipeline's invariants on a tiny Phi-3: loss head, accumulation, slice targeting, pad token."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafit import lora
+from lorafit.config import PeftConfig
+from lorafit.data import Conversation, tokenize
+from lorafit.loss import linear_cross_entropy, loss_sum
+from lorafit.model import apply_lora, end_of_turn, fix_pad_token, plan_lora, stop_token_ids
+from lorafit.packing import collate, pack
+from lorafit.tiny import build_model, build_tokenizer
+from lorafit.train import lr_lambda
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def convs(n: int = 12) -> list[Conversation]:
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"{100 + 37 * i}: even or odd?"},
+                {"role": "assistant", "content": "odd" if i % 2 else "even"}]  # fmt: skip
+        if i % 3 == 0:
+            msgs.insert(0, {"role": "system", "content": "Be brief."})
+        out.append(Conversation(msgs, f"mem:{i}"))
+    return out
+
+
+def test_linear_cross_entropy_matches_full_logits():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (37,))
+    ours = linear_cross_entropy(h, w, y)
+    ours.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.T, y, reduction="sum")
+    ref.backward()
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(gh, h.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(gw, w.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_sum_equals_model_logits_cross_entropy(tok):
+    model = build_model(tok)
+    data, _ = tokenize(tok, convs(), max_seq_length=128, end_of_turn="<|end|>")
+    batch = collate(data, pack(data, 128), tok.pad_token_id)
+    n = batch.pop("num_targets")
+    fast = loss_sum(model, batch)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    sel = batch["labels"] != -100
+    ref = F.cross_entropy(logits[sel], batch["labels"][sel], reduction="sum")
+    assert int(sel.sum()) == n
+    assert torch.allclose(fast, ref, rtol=1e-5)
+
+
+def _step_grads(model, data, rows_per_micro: list[list[list[int]]], pad_id: int) -> dict:
+    """The gradient of one step over the given micro-batches, token-weighted as train.run does."""
+    micro = [collate(data, rows, pad_id) for rows in rows_per_micro]
+    n_targets = sum(b.pop("num_targets") for b in micro)
+    for b in micro:
+        (loss_sum(model, b) / n_targets).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_token_weighted_accumulation_equals_one_big_batch(tok):
+    """Splitting a step into micro-batches of different target counts gives the same update."""
+    data, _ = tokenize(tok, convs(16), max_seq_length=64, end_of_turn="<|end|>")
+    rows = [[i] for i in range(len(data))]  # one conversation per row: unequal targets per micro-batch
+    base = build_model(tok)
+    apply_lora(base, PeftConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"))
+    with torch.no_grad():  # B != 0 so every factor gets a gradient
+        for layer in lora.lora_modules(base).values():
+            layer.lora_B.normal_(0, 0.02)
+    big = _step_grads(copy.deepcopy(base), data, [rows], tok.pad_token_id)
+    split = _step_grads(copy.deepcopy(base), data, [rows[:3], rows[3:11], rows[11:]], tok.pad_token_id)
+    assert big.keys() == split.keys() and len(big) == 32
+    for k in big:
+        assert torch.allclose(big[k], split[k], rtol=1e-4, atol=1e-7), k
+    # a plain per-micro-batch mean (what token weighting avoids) would give a different gradient
+    naive = copy.deepcopy(base)
+    for rows_i in (rows[:3], rows[3:11], rows[11:]):
+        b = collate(data, rows_i, tok.pad_token_id)
+        (loss_sum(naive, b) / b.pop("num_targets") / 3).backward()
+    k = next(iter(big))
+    assert not torch.allclose(dict(naive.named_parameters())[k].grad, big[k], rtol=1e-3)
+
+
+def test_q_v_targets_adapt_only_those_slices_of_fused_qkv(tok):
+    model = build_model(tok)
+    cfg = model.config
+    plan = plan_lora(model, ["q_proj", "v_proj"])
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    assert plan.slices == {"qkv_proj": ([cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd,
+                                         cfg.num_key_value_heads * hd], [True, False, True])}  # fmt: skip
+    names = apply_lora(model, PeftConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert names == [f"model.layers.{i}.self_attn.qkv_proj" for i in range(cfg.num_hidden_layers)]
+    layer = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(layer, lora.MergedLinear) and layer.enable_lora == [True, False, True]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    delta = layer.delta_weight()
+    q, k = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    assert torch.count_nonzero(delta[q : q + k]) == 0  # k untouched
+    assert torch.count_nonzero(delta[:q]) > 0 and torch.count_nonzero(delta[q + k :]) > 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".qkv_proj.lora_" in n for n in trainable)
+    per_layer = 4 * 2 * cfg.hidden_size + (q + k) * 4
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == per_layer * cfg.num_hidden_layers
+
+
+def test_fused_and_slice_names_together_is_an_error(tok):
+    from lorafit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="both 'qkv_proj' and its slice 'q_proj'"):
+        plan_lora(build_model(tok), ["qkv_proj", "q_proj"])
+
+
+def test_all_linear_on_phi3_is_the_four_fused_modules(tok):
+    model = build_model(tok)
+    names = apply_lora(model, PeftConfig())
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    assert leaves == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert not any("lm_head" in n for n in names)
+
+
+def test_pad_token_is_never_a_stop_token(tok):
+    t = copy.deepcopy(tok)
+    t.pad_token = "<|endoftext|>"  # what the real Phi-3 tokenizer ships
+    fix_pad_token(t)
+    assert t.pad_token not in ("<|endoftext|>", "<|end|>") and t.pad_token == "<unk>"
+    assert end_of_turn(t) == "<|end|>"
+    ids = stop_token_ids(t)
+    assert t.convert_tokens_to_ids("<|end|>") in ids and t.convert_tokens_to_ids("<|endoftext|>") in ids
+
+
+def test_schedules_warm_up_and_decay():
+    cos = lr_lambda("cosine", warmup=4, total=20)
+    lin = lr_lambda("linear", warmup=0, total=10)
+    const = lr_lambda("constant_with_warmup", warmup=2, total=10)
+    assert cos(0) < cos(3) < 1.0 and cos(4) == pytest.approx(1.0) and cos(19) < 0.05
+    assert lin(0) == 1.0 and lin(5) == pytest.approx(0.5) and lin(10) == 0.0
+    assert const(0) < 1.0 and const(9) == 1.0
