@@ -308,14 +308,10 @@ def _big_model():
 
 
 def _public_modules():
-    if not hasattr(lorafit, "mark_only_lora_as_trainable"):
-        return [lora]
-    return [lora, lorafit]  # once lorafit/__init__.py re-exports lorafit.lora
+    return [lora, lorafit]  # `import lorafit as lora` and `from lorafit import lora` both work
 
 
 def test_top_level_reexport():
-    if not hasattr(lorafit, "Linear"):
-        pytest.skip("lorafit/__init__.py does not re-export lorafit.lora yet")
     assert all(getattr(lorafit, name) is getattr(lora, name) for name in lora.__all__)
 
 
