@@ -11,6 +11,17 @@ removes. `save_total_limit` deletes old checkpoints only after the new one is in
 
 `training_state.pt` holds the optimizer, scheduler and RNG states: tensors and plain containers
 only, loaded back with `torch.load(weights_only=True)`, never unpickled.
+
+Deleting is the reverse: a checkpoint is first renamed to a hidden `.checkpoint-40.old-<pid>` name
+(one atomic step, after which nothing takes it for a checkpoint) and only then removed.
+
+One training process at a time may use an output directory: `output_lock` takes an exclusive
+`flock` on `OUT/.lorafit.lock` (released by the kernel even on SIGKILL).
+
+Test hook: with `LORAFIT_TEST_PAUSE_IN_CHECKPOINT=NAME[:SECONDS]` in the environment, `atomic_dir`
+prints one line to stderr and sleeps SECONDS (default 60) after the temporary folder for NAME (e.g.
+`checkpoint-8`, or `*` for any) is complete and before it is renamed, so that tests can kill a
+process in the middle of a checkpoint write deterministically. It does nothing when unset.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +43,10 @@ from lorafit.errors import LorafitError
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+COMPLETE = (STATE_FILE, TRAINING_STATE_FILE, ADAPTER_WEIGHTS)  # files every complete checkpoint has
+LOCK_FILE = ".lorafit.lock"
+PAUSE_ENV = "LORAFIT_TEST_PAUSE_IN_CHECKPOINT"
 
 
 def fsync_dir(path: Path) -> None:
@@ -69,6 +86,30 @@ def fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
+def _test_pause(tmp: Path, final: Path) -> None:
+    """The LORAFIT_TEST_PAUSE_IN_CHECKPOINT test hook (module docstring); a no-op unless set."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    name, _, seconds = spec.partition(":")
+    if name not in ("*", final.name):
+        return
+    print(f"{PAUSE_ENV}: {tmp} is complete; pausing {seconds or 60}s before renaming it to {final.name}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    time.sleep(float(seconds or 60))
+
+
+def discard(path: Path) -> None:
+    """Delete a folder so that it is never seen half-deleted: rename it to a hidden .old name, then remove it."""
+    path = Path(path)
+    if not path.exists():
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `final` in one rename, on error it is removed.
@@ -84,6 +125,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
+        _test_pause(tmp, final)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -99,13 +141,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with a trainer_state.json), oldest first."""
+    """Complete checkpoints (folders checkpoint-<step> holding all of COMPLETE), oldest first."""
     out = []
     if not Path(output_dir).is_dir():
         return out
     for p in Path(output_dir).iterdir():
         m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
+        if m and p.is_dir() and all((p / f).is_file() for f in COMPLETE):
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -134,31 +176,77 @@ def rotate(output_dir: Path, limit: int | None, keep: Path | None = None) -> Non
     ckpts = list_checkpoints(output_dir)
     for _, p in ckpts[:-limit]:
         if keep is None or p.resolve() != Path(keep).resolve():
-            shutil.rmtree(p, ignore_errors=True)
+            discard(p)
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `output_dir` (which must exist) while training into it.
+
+    A second `lorafit train` into the same folder fails at once with a message instead of mixing
+    two runs' checkpoints and metrics. Without fcntl (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(output_dir) / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            raise LorafitError(
+                f"{output_dir} is in use by another lorafit run ({who}). "
+                "Fix: wait for it to finish (or stop it), or choose another --output-dir."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        f.close()
 
 
 def save_training_state(path: Path, state: dict) -> None:
-    """torch.save to a temp name and rename (tensors, numbers, strings, containers only)."""
+    """torch.save to a temp name, fsync and rename (tensors, numbers, strings, containers only)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_training_state(path: Path) -> dict:
+def load_training_state(path: Path, fix: str | None = None) -> dict:
+    """The optimizer/scheduler/RNG states of a checkpoint, read with torch.load(weights_only=True)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt/truncated file, or one that would need unpickling
         raise LorafitError(
             f"{path}: cannot read the training state ({type(e).__name__}: {e}). "
-            "Fix: resume from an older checkpoint with --resume PATH, or start over with --overwrite."
+            + (
+                fix
+                or "Fix: resume from an older checkpoint with --resume PATH, or start over with --overwrite."
+            )
         ) from e
 
 
-def read_trainer_state(ckpt: Path) -> dict:
+def read_trainer_state(ckpt: Path, fix: str | None = None) -> dict:
+    """A checkpoint's trainer_state.json (step, counters, log history)."""
     try:
-        return json.loads((Path(ckpt) / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        state = json.loads((Path(ckpt) / STATE_FILE).read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"expected a JSON object, got {type(state).__name__}")
+        return state
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise LorafitError(
-            f"{ckpt}: not a lorafit checkpoint ({STATE_FILE} unreadable: {e}). "
-            "Fix: pass a checkpoint-<step> folder written by `lorafit train`."
+            f"{ckpt}: not a readable lorafit checkpoint ({STATE_FILE}: {e}). "
+            + (fix or "Fix: pass a checkpoint-<step> folder written by `lorafit train`.")
         ) from e

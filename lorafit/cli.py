@@ -2,6 +2,7 @@
 
     lorafit train --model M --data TRAIN.jsonl [--eval-data EVAL.jsonl] [--output-dir OUT]
                   [--config run.yaml] [--set section.key=value ...] [--resume [PATH]] [--overwrite]
+    lorafit check-data --model M --data FILE [--max-seq-length N] [--train-on assistant|all] [--json]
     lorafit eval --model M [--adapter A] --data FILE          prints JSON
     lorafit generate --model M [--adapter A] --prompt TEXT [--system TEXT] [--max-new-tokens N]
     lorafit chat --model M [--adapter A] [--system TEXT]
@@ -10,7 +11,9 @@
     lorafit merge [--model BASE] --adapter A --output-dir OUT [--dtype auto|bf16|fp16|fp32]
     lorafit export --adapter A --output-dir OUT [--layout fused|split|loralib] [--base-model M]
 
-Bad input ends with a one-paragraph message on stderr (no traceback) and exit status 2.
+Exit status: 0 success; 2 bad input or a failed run, with a one-paragraph message on stderr (no
+traceback) -- data errors list every bad record with its file:line, and nothing was written;
+130 stopped by Ctrl-C/SIGTERM (`train` saves a checkpoint first: continue with --resume).
 """
 
 from __future__ import annotations
@@ -48,6 +51,23 @@ def cmd_train(a) -> int:
     shown = {k: v for k, v in res.items() if k in ("train_loss", "eval_loss_before", "eval_loss", "eval_perplexity",
                                                  "steps", "tokens", "runtime_sec", "tokens_per_sec", "output_dir")}  # fmt: skip
     print(json.dumps(shown, indent=2))
+    return 0
+
+
+def cmd_check_data(a) -> int:
+    import os
+
+    from lorafit.check import check_data, format_report
+
+    report = check_data(
+        a.model, a.data, max_seq_length=a.max_seq_length, train_on=a.train_on, truncation=not a.no_truncation,
+        example=a.example,
+    )  # fmt: skip
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        print(format_report(report, color=color))
     return 0
 
 
@@ -134,10 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set training_config.learning_rate=1e-4 (repeatable)")  # fmt: skip
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                   help="continue from the newest checkpoint in the output directory, or from PATH")  # fmt: skip
+                   help="continue from the newest checkpoint in the output directory (from the start if there is "
+                   "none yet), or from the checkpoint folder PATH")  # fmt: skip
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t.set_defaults(func=cmd_train)
+
+    cd = sub.add_parser(
+        "check-data",
+        help="validate a dataset and show token statistics and the trained tokens, without training",
+    )
+    cd.add_argument(
+        "--model", required=True, help="model (or tokenizer) folder or hub id; only the tokenizer loads"
+    )
+    cd.add_argument("--data", required=True, help="chat data: .jsonl/.json/.parquet or a datasets hub id")
+    cd.add_argument("--max-seq-length", type=int, default=2048, help="training_config.max_seq_length")
+    cd.add_argument("--train-on", default="assistant", choices=["assistant", "all"], help="data.train_on")
+    cd.add_argument("--no-truncation", action="store_true",
+                    help="an over-long conversation is an error (data.truncation=false)")  # fmt: skip
+    cd.add_argument("--example", type=int, default=0, help="which conversation to show (0-based)")
+    cd.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    cd.set_defaults(func=cmd_check_data)
 
     e = sub.add_parser(
         "eval", help="eval loss and perplexity of base (+ adapter) on a data file; prints JSON"

@@ -670,6 +670,9 @@ class TrainingConfig(_Section):
     max_seq_length: int = _opt(2048, _int(ge=1))
     # Pack several short conversations into each max_seq_length sequence (no padding; faster).
     packing: bool = _opt(True, _bool())
+    # A step whose loss or gradient norm is NaN/Inf stops the run (the last checkpoint stays good). With N > 0,
+    # up to N such steps are skipped instead (no optimizer step; each one logged in metrics.jsonl).
+    skip_nonfinite_batches: int = _opt(0, _int(ge=0))
 
     def _cross_checks(self) -> list[tuple[str, str]]:
         if self.bf16 and self.fp16:

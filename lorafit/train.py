@@ -16,28 +16,53 @@ Output directory:
     OUT/config.yaml       the resolved run config        OUT/metrics.jsonl   every log line
     OUT/results.json      summary                        OUT/loss.png        train/eval loss plot
     OUT/checkpoint-<step>/                               adapter + optimizer/scheduler/RNG/data position
+
+Reliability (tests/test_resume.py, tests/test_bad_input.py):
+
+* Everything that can be refused is refused before the output directory is touched: config, data,
+  model, LoRA targets, the output directory itself, and -- with --resume -- the whole checkpoint
+  (adapter, optimizer, scheduler, RNG) is read and applied in memory first.
+* Exact resume: a checkpoint holds the LoRA weights (fp32 safetensors, exact), AdamW and LambdaLR
+  state, the torch CPU RNG (dropout), the step (which fixes the data position: step s reads the
+  same micro-batches in every process), the partial logging window, the skipped-step count and the
+  whole log history. A run killed at any moment (SIGKILL included) and resumed ends with the same
+  adapter, bit for bit, and the same metrics.jsonl (but for "tokens_per_sec", a timing) as an
+  uninterrupted run, on the same machine and torch build (tested across processes on CPU).
+  Nothing had to be pinned for that here (torch 2.13 CPU, MKL + oneDNN, AVX2): 1 or 2 threads and
+  MKL_CBWR unset or AVX2 gave identical results, so lorafit sets no global numerics flags at
+  start-up. CUDA kernels (atomics) are not bit-reproducible, so on GPUs resume is close, not exact.
+* SIGINT/SIGTERM: a checkpoint at the next step boundary, then a clean exit (CLI: 130).
+* A NaN/Inf loss or gradient norm stops the run before the optimizer step (the weights stay
+  finite, the last checkpoint stays the last good one) unless
+  training_config.skip_nonfinite_batches allows skipping that many bad steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lorafit import lora
 from lorafit.checkpoint import (
+    STATE_FILE,
+    TRAINING_STATE_FILE,
     atomic_dir,
+    discard,
     latest_checkpoint,
     list_checkpoints,
     load_training_state,
+    output_lock,
     read_trainer_state,
     remove_stale_temporaries,
     rotate,
@@ -116,9 +141,33 @@ def load_data(
     return train_data, train_stats, eval_data, eval_stats
 
 
+def preflight_output_dir(out: Path) -> None:
+    """Refuse an output directory that cannot be created or written, before anything is loaded.
+
+    Writes nothing: looks at the nearest existing ancestor. (run() still probes with a real write,
+    which also catches what os.access cannot see, e.g. /proc for root.)
+    """
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if base == out and not out.is_dir():
+        raise LorafitError(f"output directory {out} is a file. Fix: choose another --output-dir")
+    if not base.is_dir():
+        raise LorafitError(
+            f"cannot write to output directory {out}: Not a directory ({base} is a file). "
+            "Fix: choose a writable --output-dir"
+        )
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise LorafitError(
+            f"cannot write to output directory {out}: Permission denied ({base} is not writable). "
+            "Fix: choose a writable --output-dir"
+        )
+
+
 def prepare(run: RunConfig, *, model=None, tokenizer=None) -> Job:
     """Load tokenizer, data and model, and put LoRA on it. Writes nothing."""
     t = run.training_config
+    preflight_output_dir(Path(t.output_dir).expanduser())
     device = resolve_device(run.model.device)
     precision = t.mixed_precision(bf16_is_fast(device))
     if precision == "fp16" and device.type != "cuda":
@@ -129,7 +178,17 @@ def prepare(run: RunConfig, *, model=None, tokenizer=None) -> Job:
     )
     train_data, train_stats, eval_data, eval_stats = load_data(run, tokenizer)
     torch.manual_seed(t.seed)
-    model = model if model is not None else load_model(m, device=device, training=True)
+    if model is None:
+        try:
+            model = load_model(m, device=device, training=True)
+        except LorafitError:
+            raise
+        except Exception as e:  # e.g. a truncated or corrupt model.safetensors
+            raise LorafitError(
+                f"cannot load the base model {m.name_or_path!r}: {type(e).__name__}: {e}\n"
+                "Fix: check the model folder (a damaged or partly downloaded *.safetensors file? download it "
+                "again), or pass another --model."
+            ) from e
     adapted = apply_lora(model, run.peft_config)
     if t.gradient_checkpointing:
         kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
@@ -174,17 +233,43 @@ def make_optimizer(model, t) -> torch.optim.Optimizer:
 
 
 def check_output_dir(out: Path, *, resume: bool | str | None, overwrite: bool) -> Path | None:
-    """Refuse to mix runs; return the checkpoint to resume from (or None). Writes nothing."""
-    ckpt = None
+    """Refuse to mix runs; return the checkpoint to resume from (or None). Writes nothing.
+
+    `resume=True` takes the newest complete checkpoint in `out`; when there is none yet (a run killed
+    before its first checkpoint, or a new directory) the run starts from step 0, unless `out` holds a
+    finished run, which is never replaced without --overwrite. `resume=PATH` takes that checkpoint
+    folder (or the newest checkpoint inside PATH).
+    """
+    if resume and overwrite:
+        raise LorafitError(
+            "--resume continues the run in the output directory and --overwrite deletes it; pass only one"
+        )
     if resume:
-        ckpt = latest_checkpoint(out) if resume is True else Path(resume).expanduser()
-        if ckpt is None:
+        if resume is True:
+            ckpt = latest_checkpoint(out)
+            if ckpt is None:
+                finished = [f for f in ("results.json", "adapter_model.safetensors") if (out / f).exists()]
+                if finished:
+                    raise LorafitError(
+                        f"{out} holds a finished run ({', '.join(finished)}) but no checkpoint-<step>/ folder to "
+                        "resume from (save_strategy: no?). Fix: --overwrite to train again from the start, or "
+                        "choose another --output-dir."
+                    )
+            if ckpt is not None:
+                read_trainer_state(ckpt, resume_fix(ckpt))
+            return ckpt
+        ckpt = Path(resume).expanduser()
+        if ckpt.is_dir() and not (ckpt / STATE_FILE).exists() and latest_checkpoint(ckpt) is not None:
+            ckpt = latest_checkpoint(ckpt)  # an output directory: its newest checkpoint
+        if not ckpt.is_dir():
             raise LorafitError(
-                f"{out}: --resume found no complete checkpoint-<step>/ folder. "
-                "Fix: drop --resume to start a new run, or pass --resume PATH to a checkpoint."
+                f"--resume {resume}: no such checkpoint folder. Fix: pass a checkpoint-<step>/ folder written by "
+                "`lorafit train` (or its output directory), or --resume alone for the newest one in --output-dir."
             )
-        read_trainer_state(ckpt)  # readable?
+        read_trainer_state(ckpt, resume_fix(ckpt))
         return ckpt
+    if out.exists() and not out.is_dir():
+        raise LorafitError(f"output directory {out} is a file. Fix: choose another --output-dir")
     if out.exists() and not overwrite:
         existing = [p.name for _, p in list_checkpoints(out)] + [f for f in RUN_FILES if (out / f).exists()]
         if existing:
@@ -195,7 +280,8 @@ def check_output_dir(out: Path, *, resume: bool | str | None, overwrite: bool) -
     return None
 
 
-def make_output_dir(out: Path, overwrite: bool) -> None:
+def make_output_dir(out: Path) -> None:
+    """Create `out` and check that files can be written in it (the first write of a run)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -205,12 +291,44 @@ def make_output_dir(out: Path, overwrite: bool) -> None:
         raise LorafitError(
             f"cannot write to output directory {out}: {e.strerror or e}. Fix: choose a writable --output-dir"
         ) from e
+
+
+def clean_output_dir(out: Path, overwrite: bool) -> None:
+    """Remove what killed runs left half-written; with `overwrite`, the previous run's files too."""
     remove_stale_temporaries(out)
     if overwrite:
         for _, p in list_checkpoints(out):
-            shutil.rmtree(p, ignore_errors=True)
+            discard(p)
         for f in RUN_FILES:
             (out / f).unlink(missing_ok=True)
+
+
+def data_fingerprint(data: TokenizedData) -> str:
+    """A short hash of the tokenized training data (tokens, loss mask, example boundaries)."""
+    h = hashlib.sha256()
+    for a in (data.tokens, data.supervised, data.offsets):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+    """'section.key: old -> new' for every setting that differs (output paths aside)."""
+    diffs = []
+    for section, body in now.items():
+        for key, value in body.items():
+            if (section, key) in (("training_config", "output_dir"),):
+                continue
+            old = (saved.get(section) or {}).get(key, value)
+            if old != value:
+                diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
+    return diffs
+
+
+def resume_fix(ckpt: Path) -> str:
+    """How to get past a damaged checkpoint: the next older one, or starting over."""
+    others = [p for _, p in list_checkpoints(ckpt.parent) if p.resolve() != ckpt.resolve()]
+    older = f"--resume {others[-1]}" if others else "--resume PATH with an older checkpoint"
+    return f"Fix: resume from an older checkpoint ({older}), or start over with --overwrite."
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -252,10 +370,18 @@ def adapter_kwargs(job: Job) -> dict:
     )
 
 
+class NonFiniteError(LorafitError):
+    """The loss or the gradient became NaN or Inf (training diverged)."""
+
+
 def run(
     job: Job, *, resume: bool | str | None = None, overwrite: bool = False, progress: bool = True
 ) -> dict:
-    """Train, evaluate, checkpoint and save. Returns the results dict (also written to results.json)."""
+    """Train, evaluate, checkpoint and save. Returns the results dict (also written to results.json).
+
+    With `resume`, continues from a checkpoint (see check_output_dir) exactly where it stopped.
+    If stopped by SIGINT/SIGTERM, returns {"stopped": signal name, "step", "output_dir"}.
+    """
     from tqdm.auto import tqdm
 
     t = job.run.training_config
@@ -278,103 +404,140 @@ def run(
     scaler = torch.amp.GradScaler(device.type) if job.precision == "fp16" else None
     cdtype = compute_dtype(job.precision, model)
     eval_every = t.eval_every()
-
-    make_output_dir(out, overwrite)
-    save_config(job.run, out / "config.yaml")
-    metrics_path = out / "metrics.jsonl"
-    start_step, tokens_seen, targets_seen, history = 0, 0, 0, []
-    results_prev: dict = {}
-    if ckpt is not None:
-        state = read_trainer_state(ckpt)
-        start_step, tokens_seen, targets_seen = state["step"], state["tokens"], state["targets"]
-        lora.load_adapter(model, ckpt, trainable=True)
-        ts = load_training_state(ckpt / "training_state.pt")
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        torch.set_rng_state(ts["rng_cpu"])
-        if "rng_cuda" in ts and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ts["rng_cuda"])
-        if scaler is not None and "scaler" in ts:
-            scaler.load_state_dict(ts["scaler"])
-        results_prev = state.get("results", {})
-        history = [h for h in read_metrics(metrics_path) if h.get("step", 0) <= start_step]
-        write_bytes_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
-    else:
-        metrics_path.write_text("")
-
-    def emit(record: dict) -> None:
-        history.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def evaluate_now(step: int) -> dict | None:
-        if job.eval_data is None:
-            return None
-        res = eval_loss(
-            model, job.eval_data, batch_size=t.per_device_eval_batch_size, max_seq_length=t.max_seq_length,
-            pad_id=pad_id, device=device, precision=job.precision, packing=t.packing,
-        )  # fmt: skip
-        emit({"step": step, "epoch": round(step / steps_per_epoch, 4), **res})
-        return res
-
+    max_skips = t.skip_nonfinite_batches
+    fingerprint = data_fingerprint(data)
     say = tqdm.write if progress else log.info
-    say(trainable_summary(model, job.adapted))
-    s = job.train_stats
-    say(
-        f"data: {s.conversations} conversations, {s.tokens:,} tokens ({s.supervised_tokens:,} trained), "
-        f"{s.truncated} truncated, {s.dropped} dropped; {len(rows)} rows of <= {t.max_seq_length} tokens"
-        f"{' (packed)' if t.packing else ''}"
-    )
-    say(
-        f"steps: {total_steps} ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch} steps), effective batch "
-        f"{t.per_device_train_batch_size} x {accum} accumulation = {t.per_device_train_batch_size * accum} rows; "
-        f"device {device}, compute {job.precision if job.precision != 'no' else 'fp32'}"
-    )
-    eval_before = results_prev.get("eval_loss_before")
-    if ckpt is None:
-        r = evaluate_now(0)
-        eval_before = r["eval_loss"] if r else None
 
-    model.train()
-    epoch_cache: dict[int, list] = {}
+    # Everything a checkpoint restores is read and applied here, in memory, before anything is written.
+    start_step, tokens_seen, targets_seen, skipped, history = 0, 0, 0, 0, []
+    window = {"loss": 0.0, "targets": 0, "tokens": 0}
+    eval_before = None
+    if ckpt is not None:
+        state = restore_checkpoint(ckpt, model, optimizer, scheduler, scaler)
+        start_step, tokens_seen, targets_seen = state["step"], state["tokens"], state["targets"]
+        skipped = state.get("skipped", 0)
+        window = {**window, **state.get("window", {})}
+        eval_before = state.get("results", {}).get("eval_loss_before")
+        history = state.get("log_history")
+        if history is None:  # a checkpoint without its log history: take metrics.jsonl up to its step
+            history = [h for h in read_metrics(out / "metrics.jsonl") if h.get("step", 0) <= start_step]
+        for diff in config_differences(state.get("config") or {}, job.run.to_dict()):
+            log.warning(f"warning: resuming with a changed setting, {diff}; the run is no longer one run")
+        if state.get("data_fingerprint", fingerprint) != fingerprint:
+            log.warning("warning: resuming on different training data than the checkpoint was trained on")
+        if state.get("total_steps", total_steps) != total_steps:
+            log.warning(
+                f"warning: the run now has {total_steps} steps, the checkpoint's had {state['total_steps']}"
+            )
 
-    def step_batches(step: int) -> list:
-        epoch, j = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = batches.epoch_batches(epoch)
-        return epoch_cache[epoch][j * accum : (j + 1) * accum]
+    make_output_dir(out)
+    with output_lock(out), Stop() as stop:
+        clean_output_dir(out, overwrite)
+        save_config(job.run, out / "config.yaml")
+        metrics_path = out / "metrics.jsonl"
+        write_bytes_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+        if ckpt is not None:
+            say(f"resuming from {ckpt} (step {start_step} of {total_steps})")
+        elif resume:
+            say(f"no checkpoint in {out} yet: starting from step 0")
 
-    def save_checkpoint(step: int) -> Path:
-        final = out / f"checkpoint-{step}"
-        with atomic_dir(final) as tmp:
-            lora.save_adapter(model, tmp, **adapter_kwargs(job))
-            ts = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-            }
-            if torch.cuda.is_available():
-                ts["rng_cuda"] = torch.cuda.get_rng_state_all()
-            if scaler is not None:
-                ts["scaler"] = scaler.state_dict()
-            save_training_state(tmp / "training_state.pt", ts)
-            state = {
-                "step": step, "total_steps": total_steps, "tokens": tokens_seen, "targets": targets_seen,
-                "epoch": step / steps_per_epoch, "results": {"eval_loss_before": eval_before},
-            }  # fmt: skip
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        rotate(out, t.save_total_limit, keep=final)
-        return final
+        def emit(record: dict) -> None:
+            history.append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    bar = tqdm(total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True, desc="train")
-    window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
-    t_start = time.perf_counter()
-    last_eval = None
-    step = start_step
-    stopped = None
-    with Stop() as stop:
-        while step < total_steps:
+        def evaluate_now(step: int) -> dict | None:
+            if job.eval_data is None:
+                return None
+            res = eval_loss(
+                model, job.eval_data, batch_size=t.per_device_eval_batch_size, max_seq_length=t.max_seq_length,
+                pad_id=pad_id, device=device, precision=job.precision, packing=t.packing,
+            )  # fmt: skip
+            emit({"step": step, "epoch": round(step / steps_per_epoch, 4), **res})
+            return res
+
+        say(trainable_summary(model, job.adapted))
+        s = job.train_stats
+        say(
+            f"data: {s.conversations} conversations, {s.tokens:,} tokens ({s.supervised_tokens:,} trained), "
+            f"{s.truncated} truncated, {s.dropped} dropped; {len(rows)} rows of <= {t.max_seq_length} tokens"
+            f"{' (packed)' if t.packing else ''}"
+        )
+        say(
+            f"steps: {total_steps} ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch} steps), effective batch "
+            f"{t.per_device_train_batch_size} x {accum} accumulation = {t.per_device_train_batch_size * accum} rows; "
+            f"device {device}, compute {job.precision if job.precision != 'no' else 'fp32'}"
+        )
+        if ckpt is None:
+            r = evaluate_now(0)
+            eval_before = r["eval_loss"] if r else None
+
+        model.train()
+        epoch_cache: dict[int, list] = {}
+
+        def step_batches(step: int) -> list:
+            epoch, j = divmod(step, steps_per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache.clear()
+                epoch_cache[epoch] = batches.epoch_batches(epoch)
+            return epoch_cache[epoch][j * accum : (j + 1) * accum]
+
+        def save_checkpoint(step: int) -> Path:
+            bad = [
+                n
+                for n, p in model.named_parameters()
+                if p.requires_grad and not bool(torch.isfinite(p).all())
+            ]
+            if bad:  # never reached while the non-finite guard stands, but a NaN checkpoint is never written
+                raise NonFiniteError(
+                    f"step {step}: {bad[0]} holds NaN/Inf values; not writing checkpoint-{step}"
+                )
+            final = out / f"checkpoint-{step}"
+            with atomic_dir(final) as tmp:
+                lora.save_adapter(model, tmp, **adapter_kwargs(job))
+                ts = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng_cpu": torch.get_rng_state(),
+                }
+                if torch.cuda.is_available():
+                    ts["rng_cuda"] = torch.cuda.get_rng_state_all()
+                if scaler is not None:
+                    ts["scaler"] = scaler.state_dict()
+                save_training_state(tmp / TRAINING_STATE_FILE, ts)
+                state = {
+                    "step": step, "total_steps": total_steps, "tokens": tokens_seen, "targets": targets_seen,
+                    "epoch": step / steps_per_epoch, "results": {"eval_loss_before": eval_before},
+                    "window": dict(window), "skipped": skipped, "data_fingerprint": fingerprint,
+                    "config": job.run.to_dict(), "log_history": list(history),
+                }  # fmt: skip
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            rotate(out, t.save_total_limit, keep=final)
+            return final
+
+        def nonfinite(step: int, what: str) -> NonFiniteError:
+            sources = sorted({data.sources[i] for b in step_batches(step) for row in b for i in row})
+            shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+            last = latest_checkpoint(out)
+            cause = (
+                "fp16 overflow (use bf16 or fp32), " if job.precision == "fp16" else ""
+            ) + f"a learning rate too high for this model and data ({t.learning_rate:g})"
+            return NonFiniteError(
+                f"step {step + 1}: {what}, so training stopped before the optimizer step (the weights are unchanged "
+                f"and no checkpoint of this step was written). The step's examples: {shown}. Likely cause: {cause}, "
+                f"or a bad example. Fix: lower training_config.learning_rate, keep max_grad_norm > 0 (now "
+                f"{t.max_grad_norm:g}), or set training_config.skip_nonfinite_batches=N to skip up to N bad steps. "
+                f"Last good checkpoint: {last or 'none'}"
+                + (" (continue from it with --resume after fixing)." if last else ".")
+            )
+
+        bar = tqdm(
+            total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True, desc="train"
+        )
+        window_t0 = time.perf_counter()
+        t_start = time.perf_counter()
+        step = saved = start_step
+        while step < total_steps and not stop.requested:
             micro = [collate(data, b, pad_id) for b in step_batches(step)]
             n_targets = sum(b.pop("num_targets") for b in micro)
             step_loss = 0.0
@@ -386,100 +549,158 @@ def run(
                 loss = ls / max(n_targets, 1)
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += float(ls.detach())
+            problem, grad_norm = None, None
             if not math.isfinite(step_loss):
-                last = latest_checkpoint(out)
-                raise LorafitError(
-                    f"step {step + 1}: the loss is {step_loss} (not finite). Likely cause: a learning rate too "
-                    f"high ({t.learning_rate:g}) or fp16 overflow; lower learning_rate or use bf16/fp32. "
-                    f"Last good checkpoint: {last or 'none'}; continue with --resume after fixing."
-                )
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(
-                    params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                )
-            )
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
+                problem = f"the loss is {step_loss}"
             else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += step_tokens
-            targets_seen += n_targets
-            window_loss += step_loss
-            window_targets += n_targets
-            window_tokens += step_tokens
-            bar.update(1)
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(
+                        params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+                    )
+                )
+                if not math.isfinite(grad_norm) and scaler is None:  # fp16: GradScaler skips and rescales
+                    problem = (
+                        f"the gradient norm is {grad_norm} (the loss is {step_loss / max(n_targets, 1):.4g})"
+                    )
+            if problem is not None:
+                optimizer.zero_grad(set_to_none=True)
+                if skipped >= max_skips:
+                    raise nonfinite(step, problem)
+                skipped += 1
+                with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()  # the schedule stays a function of the step number
+                step += 1
+                bar.update(1)
+                emit({"step": step, "epoch": round(step / steps_per_epoch, 4), "skipped": problem,
+                      "skipped_steps": skipped})  # fmt: skip
+                say(f"step {step}: {problem}; skipped this batch ({skipped} of at most {max_skips})")
+            else:
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += step_tokens
+                targets_seen += n_targets
+                window["loss"] += step_loss
+                window["targets"] += n_targets
+                window["tokens"] += step_tokens
+                bar.update(1)
             if step % t.logging_steps == 0 or step == total_steps:
                 dt = time.perf_counter() - window_t0
                 rec = {
                     "step": step, "epoch": round(step / steps_per_epoch, 4),
-                    "loss": window_loss / max(window_targets, 1), "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm, "tokens_per_sec": window_tokens / dt if dt > 0 else 0.0,
+                    "loss": window["loss"] / window["targets"] if window["targets"] else None,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm, "tokens_per_sec": window["tokens"] / dt if dt > 0 else 0.0,
                     "tokens": tokens_seen, "targets": targets_seen,
                 }  # fmt: skip
                 emit(rec)
-                bar.set_postfix(
-                    loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_sec']:.0f}"
-                )
-                window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+                bar.set_postfix(loss=f"{rec['loss'] or float('nan'):.4f}", lr=f"{rec['lr']:.2e}",
+                                tok_s=f"{rec['tokens_per_sec']:.0f}")  # fmt: skip
+                window = {"loss": 0.0, "targets": 0, "tokens": 0}
+                window_t0 = time.perf_counter()
             end_of_epoch = step % steps_per_epoch == 0
             if (eval_every and step % eval_every == 0) or (t.eval_strategy == "epoch" and end_of_epoch):
-                last_eval = evaluate_now(step)
-                if last_eval:
+                ev = evaluate_now(step)
+                if ev:
                     bar.write(
-                        f"step {step}: eval_loss {last_eval['eval_loss']:.4f}  ppl {last_eval['eval_perplexity']:.2f}"
+                        f"step {step}: eval_loss {ev['eval_loss']:.4f}  ppl {ev['eval_perplexity']:.2f}"
                     )
             save_now = (t.save_strategy == "steps" and step % t.save_steps == 0) or (
                 t.save_strategy == "epoch" and end_of_epoch
             )
-            if stop.requested and step < total_steps:
-                stopped = stop.requested
+            if step < total_steps and save_now:
                 save_checkpoint(step)
-                break
-            if save_now and step < total_steps:
+                saved = step
+        bar.close()
+        runtime = time.perf_counter() - t_start
+        if step < total_steps:  # stopped by a signal (whenever it came, the current step is saved)
+            stopped = stop.requested
+            if step > start_step and saved != step:
                 save_checkpoint(step)
-    bar.close()
-    runtime = time.perf_counter() - t_start
-    if stopped:
-        say(f"{stopped}: saved checkpoint-{step} in {out}; continue with --resume")
-        return {"stopped": stopped, "step": step, "output_dir": str(out)}
+            where = (
+                f"saved checkpoint-{step}"
+                if step > start_step
+                else f"no new step since {ckpt or 'the start'}"
+            )
+            say(f"{stopped}: {where} in {out}; continue with `lorafit train ... --resume`")
+            return {"stopped": stopped, "step": step, "output_dir": str(out)}
 
-    if t.save_strategy != "no":
-        save_checkpoint(step)
-    if last_eval is None or (history and history[-1].get("step") != step):
-        last_eval = evaluate_now(step)
-    lora.save_adapter(model, out, **adapter_kwargs(job))
-    train_losses = [h for h in history if "loss" in h]
-    results = {
-        "train_loss": sum(h["loss"] for h in train_losses) / len(train_losses) if train_losses else None,
-        "final_train_loss": train_losses[-1]["loss"] if train_losses else None,
-        "eval_loss_before": eval_before,
-        "eval_loss": last_eval["eval_loss"] if last_eval else None,
-        "eval_perplexity": last_eval["eval_perplexity"] if last_eval else None,
-        "steps": step,
-        "epochs": round(step / steps_per_epoch, 4),
-        "tokens": tokens_seen,
-        "targets": targets_seen,
-        "runtime_sec": round(runtime, 2),
-        "tokens_per_sec": round(tokens_seen / runtime, 1) if runtime > 0 and not ckpt else None,
-        "trainable_params": sum(p.numel() for p in params),
-        "adapted_modules": len(job.adapted),
-        "train_data": job.train_stats.to_dict(),
-        "eval_data": job.eval_stats.to_dict() if job.eval_stats else None,
-        "precision": job.precision if job.precision != "no" else "fp32",
-        "device": str(device),
-        "output_dir": str(out),
-    }
-    if ckpt is not None:
-        results["resumed_from"] = str(ckpt)
-    write_json_atomic(out / "results.json", results)
-    plot_losses(history, out / "loss.png")
-    return results
+        if t.save_strategy != "no":
+            save_checkpoint(step)
+        evals = [h for h in history if "eval_loss" in h]
+        last_eval = evals[-1] if evals else None
+        if job.eval_data is not None and (last_eval is None or last_eval["step"] != step):
+            last_eval = evaluate_now(step)
+        lora.save_adapter(model, out, **adapter_kwargs(job))
+        train_losses = [h for h in history if h.get("loss") is not None]
+        results = {
+            "train_loss": sum(h["loss"] for h in train_losses) / len(train_losses) if train_losses else None,
+            "final_train_loss": train_losses[-1]["loss"] if train_losses else None,
+            "eval_loss_before": eval_before,
+            "eval_loss": last_eval["eval_loss"] if last_eval else None,
+            "eval_perplexity": last_eval["eval_perplexity"] if last_eval else None,
+            "steps": step,
+            "epochs": round(step / steps_per_epoch, 4),
+            "tokens": tokens_seen,
+            "targets": targets_seen,
+            "skipped_steps": skipped,
+            "runtime_sec": round(runtime, 2),
+            "tokens_per_sec": round(tokens_seen / runtime, 1) if runtime > 0 and not ckpt else None,
+            "trainable_params": sum(p.numel() for p in params),
+            "adapted_modules": len(job.adapted),
+            "train_data": job.train_stats.to_dict(),
+            "eval_data": job.eval_stats.to_dict() if job.eval_stats else None,
+            "precision": job.precision if job.precision != "no" else "fp32",
+            "device": str(device),
+            "output_dir": str(out),
+        }
+        if ckpt is not None:
+            results["resumed_from"] = str(ckpt)
+        write_json_atomic(out / "results.json", results)
+        plot_losses(history, out / "loss.png")
+        return results
+
+
+def restore_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler) -> dict:
+    """Load a checkpoint's adapter, optimizer, scheduler and RNG states; returns its trainer state.
+
+    Every file is read and checked before it is applied, and nothing is written; a damaged checkpoint
+    is a LorafitError naming the file and an older checkpoint to use instead.
+    """
+    fix = resume_fix(ckpt)
+    state = read_trainer_state(ckpt, fix)
+    missing = [k for k in ("step", "tokens", "targets") if not isinstance(state.get(k), int)]
+    if missing:
+        raise LorafitError(
+            f"{ckpt / STATE_FILE}: no valid {', '.join(missing)}; not a lorafit checkpoint. {fix}"
+        )
+    ts = load_training_state(ckpt / TRAINING_STATE_FILE, fix)
+    try:
+        lora.load_adapter(model, ckpt, trainable=True)
+    except lora.LoraError as e:
+        raise LorafitError(f"{ckpt}: cannot resume from this checkpoint: {e}\n{fix}") from e
+    try:
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        torch.set_rng_state(ts["rng_cpu"])
+        if "rng_cuda" in ts and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ts["rng_cuda"])
+        if scaler is not None and "scaler" in ts:
+            scaler.load_state_dict(ts["scaler"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise LorafitError(
+            f"{ckpt / TRAINING_STATE_FILE}: does not fit this run ({type(e).__name__}: {e}); was the "
+            f"checkpoint written with other peft_config or optimizer settings? {fix}"
+        ) from e
+    return state
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -501,7 +722,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tr = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    tr = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
     ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if tr:
