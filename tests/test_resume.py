@@ -240,20 +240,21 @@ def test_sigint_in_process_checkpoints_and_resume_is_exact(reference, files, mon
 def test_killed_again_and_again_ends_bit_exact(reference, files):
     """SIGKILL at several points of one run -- after k logged steps, inside the checkpoint-8 write, inside the
     final checkpoint's write -- each time continued with `--resume` in a new process; the end is the same."""
-    out, log = files["dir"] / "multikill", files["dir"] / "multikill.log"
+    out = files["dir"] / "multikill"
 
-    def kill_when(cond, **env):
+    def kill_when(n: int, cond, **env):
+        log = files["dir"] / f"multikill-{n}.log"
         proc = start_child(files, out, log, "--resume", **env)
         try:
-            wait_for(cond, proc, "the kill point")
+            wait_for(lambda: cond(log), proc, f"kill point {n}")
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
         finally:
             proc.kill()
 
-    kill_when(lambda: logged_steps(out) >= 1)  # mid-run, maybe before any checkpoint
-    kill_when(lambda: PAUSE_ENV in log.read_text(), **{PAUSE_ENV: "checkpoint-8"})
-    kill_when(lambda: PAUSE_ENV in log.read_text(), **{PAUSE_ENV: f"checkpoint-{STEPS}"})
+    kill_when(1, lambda log: logged_steps(out) >= 1)  # mid-run, maybe before any checkpoint
+    kill_when(2, lambda log: PAUSE_ENV in log.read_text(), **{PAUSE_ENV: "checkpoint-8"})
+    kill_when(3, lambda log: PAUSE_ENV in log.read_text(), **{PAUSE_ENV: f"checkpoint-{STEPS}"})
     assert [s for s, _ in list_checkpoints(out)] == [4, 8]
     args = [sys.executable, "-m", "lorafit", *train_args(files, out, "--resume")]
     r = subprocess.run(args, capture_output=True, text=True, env=child_env())
