@@ -39,15 +39,41 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
 
 
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """`lorafit train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m lorafit train ...`."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "lorafit", *rest]  # fmt: skip
+    print("launching: " + " ".join(cmd[1:]), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def cmd_train(a) -> int:
+    from lorafit import distributed
     from lorafit.api import finetune
 
-    res = finetune(
-        model=a.model, train_data=a.data, eval_data=a.eval_data, output_dir=a.output_dir, config=a.config,
-        overrides=a.set or [], resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
-    )  # fmt: skip
+    if a.nproc and a.nproc > 1 and not distributed.launched_by_torchrun():
+        return launch_torchrun(a.nproc, a.argv)
+    try:
+        res = finetune(
+            model=a.model, train_data=a.data, eval_data=a.eval_data, output_dir=a.output_dir, config=a.config,
+            overrides=a.set or [], resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
+        )  # fmt: skip
+    finally:
+        distributed.shutdown()
     if res.get("stopped"):
         return 130
+    if "output_dir" not in res:  # ranks other than 0 print nothing
+        return 0
     shown = {k: v for k, v in res.items() if k in ("train_loss", "eval_loss_before", "eval_loss", "eval_perplexity",
                                                  "steps", "tokens", "runtime_sec", "tokens_per_sec", "output_dir")}  # fmt: skip
     print(json.dumps(shown, indent=2))
@@ -157,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in the output directory (from the start if there is "
                    "none yet), or from the checkpoint folder PATH")  # fmt: skip
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes: launches torchrun --standalone --nproc_per_node N")  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t.set_defaults(func=cmd_train)
 
@@ -266,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (LorafitError, LoraError) as e:

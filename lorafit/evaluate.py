@@ -47,11 +47,19 @@ def eval_loss(
     device: torch.device,
     precision: str = "no",
     packing: bool = True,
+    dist=None,
 ) -> dict:
-    """{"eval_loss", "eval_perplexity", "eval_tokens", "eval_targets"} over all of `data`."""
+    """{"eval_loss", "eval_perplexity", "eval_tokens", "eval_targets"} over all of `data`.
+
+    With several processes (`dist`, a lorafit.distributed.Dist) each rank evaluates every
+    world_size-th batch and the sums are added up across ranks, so every rank gets the same result.
+    """
     was_training = model.training
     model.eval()
     rows = rows_for(data, max_seq_length, packing)
+    if dist is not None and dist.enabled:
+        starts = range(dist.rank * batch_size, len(rows), batch_size * dist.world_size)
+        rows = [r for i in starts for r in rows[i : i + batch_size]]
     total = 0.0
     targets = 0
     tokens = 0
@@ -69,6 +77,11 @@ def eval_loss(
             tokens += sum(int(data.lengths[j]) for row in rows[i : i + batch_size] for j in row)
     finally:
         model.train(was_training)
+    if dist is not None and dist.enabled:
+        from lorafit.distributed import all_sum
+
+        total, targets, tokens = all_sum(dist, total, targets, tokens)
+        targets, tokens = int(targets), int(tokens)
     loss = total / targets if targets else float("nan")
     return {
         "eval_loss": loss,

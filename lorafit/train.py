@@ -39,6 +39,7 @@ Reliability (tests/test_resume.py, tests/test_bad_input.py):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorafit import lora
+from lorafit import distributed, lora
 from lorafit.checkpoint import (
     STATE_FILE,
     TRAINING_STATE_FILE,
@@ -72,9 +73,9 @@ from lorafit.checkpoint import (
 )
 from lorafit.config import RunConfig, save_config
 from lorafit.data import TokenizedData, TokenStats, load_conversations, split_eval, tokenize
+from lorafit.distributed import Dist, all_sum
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.evaluate import autocast, compute_dtype, eval_loss, rows_for
-from lorafit.loss import loss_sum
 from lorafit.model import (
     apply_lora,
     bf16_is_fast,
@@ -106,6 +107,7 @@ class Job:
     eval_data: TokenizedData | None
     eval_stats: TokenStats | None
     adapted: list[str]
+    dist: Dist = Dist()
 
 
 def load_data(
@@ -169,6 +171,8 @@ def prepare(run: RunConfig, *, model=None, tokenizer=None) -> Job:
     t = run.training_config
     preflight_output_dir(Path(t.output_dir).expanduser())
     device = resolve_device(run.model.device)
+    dist = distributed.init(device.type)  # one process: a no-op; under torchrun: join the group
+    device = distributed.device_for(dist, device)
     precision = t.mixed_precision(bf16_is_fast(device))
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("training_config.fp16: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32")
@@ -194,7 +198,17 @@ def prepare(run: RunConfig, *, model=None, tokenizer=None) -> Job:
         kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return Job(
-        run, model, tokenizer, device, precision, train_data, train_stats, eval_data, eval_stats, adapted
+        run,
+        model,
+        tokenizer,
+        device,
+        precision,
+        train_data,
+        train_stats,
+        eval_data,
+        eval_stats,
+        adapted,
+        dist,
     )
 
 
@@ -337,8 +351,9 @@ def resume_fix(ckpt: Path) -> str:
 class Stop:
     """SIGINT/SIGTERM ask the loop to checkpoint at the next step boundary and exit cleanly."""
 
-    def __init__(self):
+    def __init__(self, dist: Dist | None = None):
         self.requested = None
+        self.dist = dist or Dist()
         self._old = {}
 
     def __enter__(self):
@@ -390,7 +405,11 @@ def run(
     model, device, data = job.model, job.device, job.train_data
     pad_id = job.tokenizer.pad_token_id
     rows = rows_for(data, t.max_seq_length, t.packing)
-    batches = Batches(rows, t.per_device_train_batch_size, seed=t.seed, shuffle=True)
+    d = job.dist
+    main = d.main  # only rank 0 writes files and prints
+    batches = Batches(
+        rows, t.per_device_train_batch_size, seed=t.seed, shuffle=True, rank=d.rank, world_size=d.world_size
+    )
     bpe = batches.batches_per_epoch
     accum = t.gradient_accumulation_steps
     steps_per_epoch = math.ceil(bpe / accum)
@@ -403,10 +422,11 @@ def run(
     )
     scaler = torch.amp.GradScaler(device.type) if job.precision == "fp16" else None
     cdtype = compute_dtype(job.precision, model)
+    loss_module, loss_scale = distributed.wrap(d, model, cdtype, device=device)
     eval_every = t.eval_every()
     max_skips = t.skip_nonfinite_batches
     fingerprint = data_fingerprint(data)
-    say = tqdm.write if progress else log.info
+    say = (tqdm.write if progress else log.info) if main else (lambda *a, **k: None)
 
     # Everything a checkpoint restores is read and applied here, in memory, before anything is written.
     start_step, tokens_seen, targets_seen, skipped, history = 0, 0, 0, 0, []
@@ -430,12 +450,15 @@ def run(
                 f"warning: the run now has {total_steps} steps, the checkpoint's had {state['total_steps']}"
             )
 
-    make_output_dir(out)
-    with output_lock(out), Stop() as stop:
-        clean_output_dir(out, overwrite)
-        save_config(job.run, out / "config.yaml")
+    if main:
+        make_output_dir(out)
+    with output_lock(out) if main else contextlib.nullcontext(), Stop(d) as stop:
         metrics_path = out / "metrics.jsonl"
-        write_bytes_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+        if main:
+            clean_output_dir(out, overwrite)
+            save_config(job.run, out / "config.yaml")
+            write_bytes_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+        distributed.barrier(d)
         if ckpt is not None:
             say(f"resuming from {ckpt} (step {start_step} of {total_steps})")
         elif resume:
@@ -443,15 +466,16 @@ def run(
 
         def emit(record: dict) -> None:
             history.append(record)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
 
         def evaluate_now(step: int) -> dict | None:
             if job.eval_data is None:
                 return None
             res = eval_loss(
                 model, job.eval_data, batch_size=t.per_device_eval_batch_size, max_seq_length=t.max_seq_length,
-                pad_id=pad_id, device=device, precision=job.precision, packing=t.packing,
+                pad_id=pad_id, device=device, precision=job.precision, packing=t.packing, dist=d,
             )  # fmt: skip
             emit({"step": step, "epoch": round(step / steps_per_epoch, 4), **res})
             return res
@@ -465,7 +489,9 @@ def run(
         )
         say(
             f"steps: {total_steps} ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch} steps), effective batch "
-            f"{t.per_device_train_batch_size} x {accum} accumulation = {t.per_device_train_batch_size * accum} rows; "
+            f"{t.per_device_train_batch_size} x {accum} accumulation"
+            + (f" x {d.world_size} processes" if d.enabled else "")
+            + f" = {t.per_device_train_batch_size * accum * d.world_size} rows; "
             f"device {device}, compute {job.precision if job.precision != 'no' else 'fp32'}"
         )
         if ckpt is None:
@@ -483,6 +509,10 @@ def run(
             return epoch_cache[epoch][j * accum : (j + 1) * accum]
 
         def save_checkpoint(step: int) -> Path:
+            rngs = distributed.gather_objects(d, torch.get_rng_state())  # collective: every rank calls this
+            final = out / f"checkpoint-{step}"
+            if not main:
+                return final
             bad = [
                 n
                 for n, p in model.named_parameters()
@@ -492,7 +522,6 @@ def run(
                 raise NonFiniteError(
                     f"step {step}: {bad[0]} holds NaN/Inf values; not writing checkpoint-{step}"
                 )
-            final = out / f"checkpoint-{step}"
             with atomic_dir(final) as tmp:
                 lora.save_adapter(model, tmp, **adapter_kwargs(job))
                 ts = {
@@ -500,6 +529,8 @@ def run(
                     "scheduler": scheduler.state_dict(),
                     "rng_cpu": torch.get_rng_state(),
                 }
+                if d.enabled:
+                    ts["rng_cpu_ranks"] = rngs
                 if torch.cuda.is_available():
                     ts["rng_cuda"] = torch.cuda.get_rng_state_all()
                 if scaler is not None:
@@ -532,23 +563,31 @@ def run(
             )
 
         bar = tqdm(
-            total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True, desc="train"
+            total=total_steps,
+            initial=start_step,
+            disable=not (progress and main),
+            dynamic_ncols=True,
+            desc="train",
         )
         window_t0 = time.perf_counter()
         t_start = time.perf_counter()
         step = saved = start_step
-        while step < total_steps and not stop.requested:
+        while step < total_steps and not stopping(stop):
             micro = [collate(data, b, pad_id) for b in step_batches(step)]
-            n_targets = sum(b.pop("num_targets") for b in micro)
+            local_targets = sum(b.pop("num_targets") for b in micro)
+            local_tokens = sum(int(data.lengths[i]) for b in step_batches(step) for row in b for i in row)
+            # the step's loss is the mean over the targets of ALL ranks' micro-batches
+            n_targets, step_tokens = (int(x) for x in all_sum(d, local_targets, local_tokens))
             step_loss = 0.0
-            step_tokens = sum(int(data.lengths[i]) for b in step_batches(step) for row in b for i in row)
-            for b in micro:
-                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-                with autocast(device, job.precision):
-                    ls = loss_sum(model, b, cdtype)
-                loss = ls / max(n_targets, 1)
-                (scaler.scale(loss) if scaler else loss).backward()
+            for k, b in enumerate(micro):
+                b = {key: v.to(device, non_blocking=True) for key, v in b.items()}
+                with distributed.sync_context(loss_module, sync=k == len(micro) - 1):
+                    with autocast(device, job.precision):
+                        ls = loss_module(b["input_ids"], b["position_ids"], b["labels"])
+                    loss = ls * loss_scale / max(n_targets, 1)
+                    (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += float(ls.detach())
+            (step_loss,) = all_sum(d, step_loss)
             problem, grad_norm = None, None
             if not math.isfinite(step_loss):
                 problem = f"the loss is {step_loss}"
@@ -622,7 +661,7 @@ def run(
         bar.close()
         runtime = time.perf_counter() - t_start
         if step < total_steps:  # stopped by a signal (whenever it came, the current step is saved)
-            stopped = stop.requested
+            stopped = stop.requested or "a signal to another rank"
             if step > start_step and saved != step:
                 save_checkpoint(step)
             where = (
@@ -639,6 +678,8 @@ def run(
         last_eval = evals[-1] if evals else None
         if job.eval_data is not None and (last_eval is None or last_eval["step"] != step):
             last_eval = evaluate_now(step)
+        if not main:
+            return {"rank": d.rank, "steps": step}
         lora.save_adapter(model, out, **adapter_kwargs(job))
         train_losses = [h for h in history if h.get("loss") is not None]
         results = {
@@ -667,6 +708,12 @@ def run(
         write_json_atomic(out / "results.json", results)
         plot_losses(history, out / "loss.png")
         return results
+
+
+def stopping(stop: Stop) -> bool:
+    """A signal seen by any rank stops every rank at the same step boundary."""
+    requested = stop.requested is not None
+    return bool(all_sum(stop.dist, float(requested))[0]) if stop.dist.enabled else requested
 
 
 def restore_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler) -> dict:

@@ -33,7 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lorafit.train as train_mod
+import lorafit.distributed as loss_site  # where the training step calls loss_sum
 from lorafit.checkpoint import PAUSE_ENV, atomic_dir, list_checkpoints, output_lock, rotate
 from lorafit.cli import main
 from lorafit.demo import demo_data_dir
@@ -218,7 +218,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_130(reference, files):
 def test_sigint_in_process_checkpoints_and_resume_is_exact(reference, files, monkeypatch, caplog):
     """Ctrl-C (SIGINT) during step 6: checkpoint-6 at the step boundary, exit code 130, then exact resume."""
     out = files["dir"] / "sigint"
-    real, calls = train_mod.loss_sum, []
+    real, calls = loss_site.loss_sum, []
 
     def interrupting(*a, **k):
         calls.append(1)
@@ -226,12 +226,12 @@ def test_sigint_in_process_checkpoints_and_resume_is_exact(reference, files, mon
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "loss_sum", interrupting)
+    monkeypatch.setattr(loss_site, "loss_sum", interrupting)
     caplog.set_level(logging.INFO, logger="lorafit")
     assert main(train_args(files, out)) == 130
     assert "SIGINT: saved checkpoint-6" in caplog.text
     assert [s for s, _ in list_checkpoints(out)] == [4, 6]
-    monkeypatch.setattr(train_mod, "loss_sum", real)
+    monkeypatch.setattr(loss_site, "loss_sum", real)
     assert main(train_args(files, out, "--resume")) == 0
     assert_same_run(out, reference)
 
@@ -374,7 +374,7 @@ def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_
 
 def nan_at(monkeypatch, steps: set[int], where: str = "loss") -> None:
     """Make the first micro-batch of the given (1-based) steps produce a NaN loss or a NaN gradient."""
-    real, calls = train_mod.loss_sum, []
+    real, calls = loss_site.loss_sum, []
 
     class NanGrad(torch.autograd.Function):
         @staticmethod
@@ -392,7 +392,7 @@ def nan_at(monkeypatch, steps: set[int], where: str = "loss") -> None:
             return out * float("nan") if where == "loss" else NanGrad.apply(out)
         return out
 
-    monkeypatch.setattr(train_mod, "loss_sum", patched)
+    monkeypatch.setattr(loss_site, "loss_sum", patched)
 
 
 @pytest.mark.parametrize("where", ["loss", "grad"])
