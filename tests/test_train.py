@@ -150,3 +150,25 @@ def test_schedules_warm_up_and_decay():
     assert cos(0) < cos(3) < 1.0 and cos(4) == pytest.approx(1.0) and cos(19) < 0.05
     assert lin(0) == 1.0 and lin(5) == pytest.approx(0.5) and lin(10) == 0.0
     assert const(0) < 1.0 and const(9) == 1.0
+
+
+def test_trained_biases_are_saved_and_reloaded(tmp_path):
+    """bias="all": the trainable biases go into the adapter and come back on load."""
+    import torch.nn as nn
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    model = net()
+    lora.inject(model, ["0", "2"], r=2, lora_alpha=4)
+    lora.mark_only_lora_as_trainable(model, bias="all")
+    with torch.no_grad():
+        model[0].bias.add_(1.0)
+        model[2].lora_B.normal_()
+    lora.save_adapter(model, tmp_path, bias="all")
+    fresh = net()
+    lora.load_adapter(fresh, tmp_path)
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh[0].bias, model[0].bias)
+    assert torch.allclose(fresh(x), model(x))

@@ -262,10 +262,18 @@ def save_adapter(
     revision: str | None = None,
     extra_metadata: dict | None = None,
 ) -> Path:
-    """Write the model's LoRA layers (+ the parameters of `modules_to_save`) as a PEFT adapter folder."""
+    """Write the model's LoRA layers (+ the parameters of `modules_to_save`) as a PEFT adapter folder.
+
+    With `bias="all"` or `"lora_only"` the trainable biases are written too, under their own names
+    (`base_model.model.<module>.bias`), so the trained biases are not lost.
+    """
     loras = model_loras(model)
     named = dict(model.named_modules())
     full = {}
+    if bias != "none":
+        for pname, p in model.named_parameters():
+            if p.requires_grad and pname.rsplit(".", 1)[-1] == "bias" and "lora_" not in pname:
+                full[pname] = p
     for mod_name in modules_to_save or []:
         for pname, p in named[mod_name].named_parameters():
             if "lora_" not in pname:  # LoRA factors inside a fully trained module are saved as LoRA
