@@ -433,7 +433,7 @@ def run(
     window = {"loss": 0.0, "targets": 0, "tokens": 0}
     eval_before = None
     if ckpt is not None:
-        state = restore_checkpoint(ckpt, model, optimizer, scheduler, scaler)
+        state = restore_checkpoint(ckpt, model, optimizer, scheduler, scaler, rank=d.rank)
         start_step, tokens_seen, targets_seen = state["step"], state["tokens"], state["targets"]
         skipped = state.get("skipped", 0)
         window = {**window, **state.get("window", {})}
@@ -716,7 +716,7 @@ def stopping(stop: Stop) -> bool:
     return bool(all_sum(stop.dist, float(requested))[0]) if stop.dist.enabled else requested
 
 
-def restore_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler) -> dict:
+def restore_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler, rank: int = 0) -> dict:
     """Load a checkpoint's adapter, optimizer, scheduler and RNG states; returns its trainer state.
 
     Every file is read and checked before it is applied, and nothing is written; a damaged checkpoint
@@ -737,7 +737,8 @@ def restore_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler) -> dict:
     try:
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
-        torch.set_rng_state(ts["rng_cpu"])
+        ranks = ts.get("rng_cpu_ranks")  # a distributed run keeps every rank's RNG (dropout masks)
+        torch.set_rng_state(ranks[rank] if ranks and rank < len(ranks) else ts["rng_cpu"])
         if "rng_cuda" in ts and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ts["rng_cuda"])
         if scaler is not None and "scaler" in ts:

@@ -84,3 +84,23 @@ def test_the_distributed_adapter_matches(runs):
     res_two = json.loads((root / "two" / "results.json").read_text())
     assert res_two["eval_loss"] == pytest.approx(res_one["eval_loss"], rel=1e-4)
     assert res_two["tokens"] == res_one["tokens"]
+
+
+def test_distributed_resume_matches_the_uninterrupted_run(runs):
+    """2 ranks, dropout on: stop after step 2 (its final checkpoint), resume to step 4 = a straight run."""
+    root, _, _ = runs
+    tiny = root / "tiny"
+    common = ["--set", "peft_config.lora_dropout=0.1", "--set", "training_config.lr_scheduler_type=constant",
+              "--set", "data.eval="]  # fmt: skip
+    straight = _train(tiny, root / "straight", nproc=2, per_device=2, extra=common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _train(tiny, root / "resumed", nproc=2, per_device=2,
+                   extra=[*common, "--set", "training_config.max_steps=2"])  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _train(tiny, root / "resumed", nproc=2, per_device=2, extra=[*common, "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr + again.stdout
+    assert _losses(root / "resumed") == _losses(root / "straight")
+    a = load_file(str(root / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(root / "resumed" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
