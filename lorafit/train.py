@@ -166,10 +166,17 @@ def preflight_output_dir(out: Path) -> None:
         )
 
 
-def prepare(run: RunConfig, *, model=None, tokenizer=None) -> Job:
-    """Load tokenizer, data and model, and put LoRA on it. Writes nothing."""
+def prepare(
+    run: RunConfig, *, model=None, tokenizer=None, resume: bool | str | None = None, overwrite: bool = False
+) -> Job:
+    """Load tokenizer, data and model, and put LoRA on it. Writes nothing.
+
+    The output directory is checked first (writable; not another run's unless resume/overwrite), so
+    a refused run fails in a second, before any model is loaded.
+    """
     t = run.training_config
     preflight_output_dir(Path(t.output_dir).expanduser())
+    check_output_dir(Path(t.output_dir).expanduser(), resume=resume, overwrite=overwrite)
     device = resolve_device(run.model.device)
     dist = distributed.init(device.type)  # one process: a no-op; under torchrun: join the group
     device = distributed.device_for(dist, device)
