@@ -1,0 +1,479 @@
+"""lorafit vs TRL SFTTrainer + PEFT vs a plain PEFT loop, on the same work, measured side by side.
+
+    python -m bench.run --all                 both configs, scaling runs, profile; writes BENCHMARKS.md
+    python -m bench.run --config small        one config (writes WORKDIR/BENCHMARKS.md)
+    python -m bench.run --quick               smoke test of the harness (< 2 min)
+
+Every tool trains in its own process (peak RSS per tool). The processes run together but take turns
+step by step -- lorafit, PEFT loop, TRL, lorafit, PEFT loop, TRL, ... (see run_paced) -- so that
+background load hits every tool alike; figures are medians over the timed steps. See
+bench/README.md and BENCHMARKS.md for the definitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ["lorafit", "peft", "trl"]
+LABELS = {"lorafit": "lorafit", "peft": "plain PEFT loop", "trl": "TRL SFTTrainer + PEFT"}
+VOCAB = 32064
+
+
+@dataclass
+class Plan:
+    configs: list[str]
+    seq: int = 512
+    batch: int = 4
+    r: int = 16
+    alpha: int = 32
+    lr: float = 1e-3
+    seed: int = 42
+    warmup: int = 1
+    steps: dict = field(default_factory=lambda: {"tiny": 8, "small": 5})  # timed steps per run
+    rounds: int = 1
+    n_train: int = 3000
+    n_eval: int = 32
+    max_tokens: int = 500
+    scaling: bool = False
+    profile: bool = False
+    bf16_probe: bool = True
+    seq_lengths: tuple = (256, 512, 1024, 2048)
+    scaling_steps: int = 2
+    data_multiplier: int = 10
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONWARNINGS="ignore",
+    )
+    return env
+
+
+class Worker:
+    """One `python -m MODULE SPEC` process: its spec, log and result files, CPU time and stop state."""
+
+    def __init__(self, module: str, spec: dict, work: Path, name: str):
+        import psutil
+
+        work.mkdir(parents=True, exist_ok=True)
+        self.module, self.name = module, name
+        self.spec = dict(
+            spec, result=str(work / f"{name}.result.json"), progress=str(work / f"{name}.progress.jsonl")
+        )
+        Path(self.spec["progress"]).unlink(missing_ok=True)
+        spec_path = work / f"{name}.spec.json"
+        spec_path.write_text(json.dumps(self.spec, indent=1))
+        self.log_path = work / f"{name}.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module, str(spec_path)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                env=_env(), start_new_session=True,
+            )  # fmt: skip
+        self.ps = psutil.Process(self.proc.pid)
+
+    def failure(self) -> RuntimeError:
+        tail = "".join(self.log_path.read_text().splitlines(keepends=True)[-25:])
+        return RuntimeError(
+            f"{self.module} {self.name} failed (exit {self.proc.returncode}); log {self.log_path}:\n{tail}"
+        )
+
+    def wait_stopped(self, poll: float = 0.02) -> None:
+        """Until the worker stops itself after an optimizer step (raises if it exits instead)."""
+        import psutil
+
+        while True:
+            if self.proc.poll() is not None:
+                raise self.failure()
+            try:
+                if self.ps.status() == psutil.STATUS_STOPPED:
+                    return
+            except psutil.Error:
+                pass
+            time.sleep(poll)
+
+    def cont(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def cpu(self) -> float:
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def finish(self) -> dict:
+        if self.proc.wait() != 0:
+            raise self.failure()
+        return json.loads(Path(self.spec["result"]).read_text())
+
+
+def run_module(
+    module: str, spec: dict, work: Path, name: str, *, cap_after_start: float | None = None
+) -> dict:
+    """Run one worker alone to its end and return its result.
+
+    With `cap_after_start`, the worker is killed once its training has run that many seconds (its
+    progress file says when training began) and {"capped": True, ...} is returned.
+    """
+    busy0, child0, t0 = _cpu_busy(), _children_cpu(), time.perf_counter()
+    w = Worker(module, spec, work, name)
+    try:
+        while w.proc.poll() is None:
+            if cap_after_start is not None:
+                begun = _progress(w.spec["progress"]).get("train_begin")
+                if begun is not None and time.time() - begun > cap_after_start:
+                    w.kill()
+                    return {"capped": True, "progress": _progress(w.spec["progress"])}
+            time.sleep(0.25)
+        res = w.finish()
+    except BaseException:
+        w.kill()
+        raise
+    wall = time.perf_counter() - t0
+    # cores kept busy by OTHER processes meanwhile: all busy CPU time minus this child's, over the wall time
+    res["background_cores"] = max(0.0, ((_cpu_busy() - busy0) - (_children_cpu() - child0)) / wall)
+    return res
+
+
+def run_paced(jobs: dict[str, dict], work: Path, *, warmup: int, steps: int) -> dict[str, dict]:
+    """Train several tools at once, one optimizer step at a time, in turn.
+
+    Every worker stops itself after each optimizer step (bench.workers, "pause"). The warm-up steps
+    run side by side (untimed); then, `steps` times over, each tool in `jobs` order is continued for
+    exactly one step while the others stay stopped: A, B, C, A, B, C, ... For each timed step the
+    cores used by other processes meanwhile are recorded ("step_background").
+    """
+    workers = {
+        name: Worker("bench.workers", dict(spec, pause=True), work, name) for name, spec in jobs.items()
+    }
+    background: dict[str, list[float]] = {name: [] for name in jobs}
+    try:
+        for k in range(warmup):
+            for w in workers.values():
+                w.wait_stopped()
+            if k < warmup - 1:
+                for w in workers.values():
+                    w.cont()
+        for _ in range(steps):
+            for name, w in workers.items():
+                busy0, cpu0, t0 = _cpu_busy(), w.cpu(), time.perf_counter()
+                w.cont()
+                w.wait_stopped(poll=0.01)
+                wall = time.perf_counter() - t0
+                background[name].append(max(0.0, ((_cpu_busy() - busy0) - (w.cpu() - cpu0)) / wall))
+        for w in workers.values():
+            w.cont()  # save and exit
+        out = {}
+        for name, w in workers.items():
+            out[name] = w.finish()
+            out[name]["step_background"] = background[name]
+        return out
+    except BaseException:
+        for w in workers.values():
+            w.kill()
+        raise
+
+
+def _cpu_busy() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _progress(path: str) -> dict:
+    out: dict = {"steps": []}
+    try:
+        for line in Path(path).read_text().splitlines():
+            rec = json.loads(line)
+            if rec["event"] == "train_begin":
+                out["train_begin"] = rec["time"]
+            elif rec["event"] == "step":
+                out["steps"].append(rec["time"])
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def step_times(res: dict) -> list[float]:
+    """Seconds of every optimizer step (the first includes whatever preceded it)."""
+    ends, resumes = res["step_end"], res["step_resume"]
+    return [ends[0] - res["t_train_start"]] + [b - a for a, b in zip(resumes, ends[1:])]
+
+
+def timed(res: dict, warmup: int) -> list[tuple[float, int]]:
+    """(seconds, tokens) of every step after the warm-up."""
+    return list(zip(step_times(res), res["step_tokens"]))[warmup:]
+
+
+def summarize(runs: list[dict], warmup: int) -> dict:
+    steps = [st for res in runs for st in timed(res, warmup)]
+    per_step = [tok / sec for sec, tok in steps]
+    per_run = [sum(t for _, t in timed(r, warmup)) / sum(s for s, _ in timed(r, warmup)) for r in runs]
+    step_sec = statistics.median(s for s, _ in steps)
+    bg = [x for r in runs for x in r.get("step_background", [r.get("background_cores", 0.0)])]
+    return {
+        "tokens_per_sec": statistics.median(per_step),
+        "tokens_per_sec_best": max(per_step),
+        "tokens_per_sec_runs": per_run,
+        "step_sec_median": step_sec,
+        "step_secs": [s for s, _ in steps],
+        "tokens_per_step": statistics.median(t for _, t in steps),
+        "timed_steps": len(steps),
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "peak_rss_runs": [r["peak_rss_mb"] for r in runs],
+        "precision": runs[0].get("precision"),
+        # from the worker's start to the end of its first step, minus one typical step
+        "setup_sec": statistics.median(r["step_end"][0] - r["t_main"] - step_sec for r in runs),
+        "background_cores": bg,
+    }
+
+
+def _machine(work: Path, tag: str, what: str = "matmul") -> dict:
+    """bench.machine in its own process: machine facts, or the fp32/bf16 matmul throughput."""
+    if what == "matmul":
+        say(f"measuring fp32 and bf16 matmul throughput ({tag})")
+    out = work / f"machine_{tag}.json"
+    subprocess.run([sys.executable, "-m", "bench.machine", str(out), what], cwd=ROOT, env=_env(), check=True)
+    return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def prepare_inputs(plan: Plan, work: Path) -> dict:
+    from bench.data import write_dataset
+    from lorafit.tiny import write_tiny_model
+
+    inputs: dict = {"models": {}}
+    say(f"writing the synthetic dataset ({plan.n_train} train / {plan.n_eval} eval conversations)")
+    inputs["data"] = write_dataset(work / "data", plan.n_train, plan.n_eval, max_tokens=plan.max_tokens)
+    for size in sorted(set(plan.configs) | ({"small"} if plan.scaling or plan.profile else set())):
+        inputs["models"][size] = str(write_tiny_model(work / "models" / size, size=size, vocab_size=VOCAB))
+    if plan.scaling:
+        short = min(plan.seq_lengths) - 6
+        inputs["data_short"] = write_dataset(work / "data_short", plan.n_train, 8, max_tokens=short)
+        n = plan.n_train * plan.data_multiplier
+        say(f"writing the {plan.data_multiplier}x dataset ({n} conversations)")
+        inputs["data_big"] = write_dataset(work / "data_big", n, 8, max_tokens=plan.max_tokens)
+    return inputs
+
+
+def base_spec(plan: Plan, model: str, train: str) -> dict:
+    return {"model": model, "train": train, "batch": plan.batch, "seq": plan.seq, "lr": plan.lr, "r": plan.r,
+            "alpha": plan.alpha, "seed": plan.seed, "vocab": VOCAB}  # fmt: skip
+
+
+def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str) -> dict:
+    from bench.flops import flops_per_token
+
+    cwork = work / size
+    total = plan.warmup + plan.steps[size]
+    spec0 = base_spec(plan, inputs["models"][size], inputs["data"]["train"])
+    runs: dict[str, list[dict]] = {t: [] for t in TOOLS}
+    for rnd in range(plan.rounds):
+        say(f"{size}: round {rnd + 1}/{plan.rounds}: {', '.join(LABELS[t] for t in TOOLS)} side by side, "
+            f"{plan.warmup} warm-up step(s) together, then {plan.steps[size]} timed steps in turn")  # fmt: skip
+        jobs = {
+            f"r{rnd}_{tool}": dict(
+                spec0, tool=tool, steps=total, precision=precision, out=str(cwork / f"r{rnd}_{tool}")
+            )
+            for tool in TOOLS
+        }
+        res = run_paced(jobs, cwork, warmup=plan.warmup, steps=plan.steps[size])
+        for tool in TOOLS:
+            runs[tool].append(res[f"r{rnd}_{tool}"])
+    out: dict = {"steps_per_run": total, "warmup": plan.warmup, "tools": {}}
+    for tool in TOOLS:
+        out["tools"][tool] = summarize(runs[tool], plan.warmup)
+        out["tools"][tool]["losses_round1"] = runs[tool][0]["losses"]
+    if plan.bf16_probe:
+        other = "bf16" if precision == "fp32" else "fp32"
+        ref = out["tools"]["trl"]["step_sec_median"]
+        cap = 2.5 * ref  # for warm-up + 1 step: "not finished" means slower than the reference
+        say(f"{size}: TRL precision probe, {other} (stopped after {cap:.0f} s of training)")
+        spec = dict(
+            spec0, tool="trl", steps=plan.warmup + 1, precision=other, out=str(cwork / f"probe_{other}")
+        )
+        probe = {
+            "precision": other,
+            "cap_sec": cap,
+            "reference_step_sec": ref,
+            "reference_precision": precision,
+        }
+        try:
+            res = run_module("bench.workers", spec, cwork, f"probe_trl_{other}", cap_after_start=cap)
+        except RuntimeError as e:  # a failed probe is reported, not fatal
+            res = {"failed": str(e).splitlines()[0]}
+            say(f"{size}: the probe failed: {res['failed']}")
+        if res.get("failed"):
+            probe.update(failed=res["failed"])
+        elif res.get("capped"):
+            done = len(res["progress"]["steps"])
+            probe.update(capped=True, steps_done=done, step_sec_lower_bound=cap / (plan.warmup + 1))
+        else:
+            probe.update(capped=False, step_sec=step_times(res)[-1], peak_rss_mb=res["peak_rss_mb"])
+        out["trl_precision_probe"] = probe
+    say(f"{size}: evaluating every adapter with the same evaluator")
+    adapters = {"base model": None} | {t: str(cwork / f"r0_{t}") for t in TOOLS}
+    ev = run_module(
+        "bench.evaluate", {"model": inputs["models"][size], "eval": inputs["data"]["eval"], "adapters": adapters},
+        cwork, "evaluate",
+    )  # fmt: skip
+    out["eval"] = {k: v for k, v in ev.items() if isinstance(v, dict) and "eval_loss" in v}
+    d = inputs["data"]
+    out["flops"] = flops_per_token(size, plan.r, d["target_fraction"], d["mean_context"])
+    return out
+
+
+def run_scaling(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
+    swork = work / "scaling"
+    model = inputs["models"]["small"]
+    total = plan.warmup + plan.scaling_steps
+    budget = plan.seq * plan.batch
+    out: dict = {"tokens_per_batch": budget, "steps_per_run": total, "seq": {}}
+    for seq in plan.seq_lengths:
+        batch = max(1, budget // seq)
+        say(f"scaling: lorafit small, seq {seq} x batch {batch}")
+        spec = dict(base_spec(plan, model, inputs["data_short"]["train"]), tool="lorafit", steps=total, seq=seq,
+                    batch=batch, precision=precision, out=str(swork / f"seq{seq}"))  # fmt: skip
+        res = run_module("bench.workers", spec, swork, f"seq{seq}")
+        out["seq"][seq] = summarize([res], plan.warmup) | {"batch": batch}
+    say(f"scaling: lorafit small, {plan.data_multiplier}x conversations")
+    spec = dict(base_spec(plan, model, inputs["data_big"]["train"]), tool="lorafit", steps=total,
+                precision=precision, out=str(swork / "big"))  # fmt: skip
+    res = run_module("bench.workers", spec, swork, "data_big")
+    out["data_big"] = summarize([res], plan.warmup) | {"conversations": inputs["data_big"]["n_train"]}
+    return out
+
+
+def run_profile(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
+    say("profiling lorafit's step on small (torch.profiler)")
+    spec = dict(base_spec(plan, inputs["models"]["small"], inputs["data"]["train"]), tool="lorafit",
+                precision=precision, out=str(work / "profile" / "out"), warmup=plan.warmup, profile_steps=2)  # fmt: skip
+    return run_module("bench.profile", spec, work / "profile", "profile")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--all", action="store_true", help="tiny and small, scaling runs and profile")
+    g.add_argument("--config", choices=["tiny", "small"], action="append", help="one config (repeatable)")
+    g.add_argument("--quick", action="store_true", help="smoke test: tiny, short rows, one round")
+    ap.add_argument("--steps", type=int, help="timed steps per run (after the warm-up), for every config")
+    ap.add_argument("--warmup", type=int, help="warm-up steps per run (not timed); default 1")
+    ap.add_argument(
+        "--rounds", type=int, help="repeat the interleaved runs R times (new processes); default 1"
+    )
+    ap.add_argument("--lr", type=float, help="learning rate for every tool; default 1e-3")
+    ap.add_argument("--workdir", default="/tmp/lorafit-bench", help="models, data, logs and raw results")
+    ap.add_argument("--report", help="markdown report path (default: BENCHMARKS.md for --all, else WORKDIR/)")
+    ap.add_argument("--no-probe", action="store_true", help="skip the TRL bf16/fp32 probe")
+    args = ap.parse_args(argv)
+    if args.quick:
+        plan = Plan(configs=["tiny"], seq=128, batch=2, warmup=1, steps={"tiny": 2}, rounds=1, n_train=300,
+                    n_eval=8, max_tokens=120, bf16_probe=False)  # fmt: skip
+    elif args.all:
+        plan = Plan(configs=["tiny", "small"], scaling=True, profile=True)
+    else:
+        plan = Plan(configs=list(dict.fromkeys(args.config)))
+    if args.steps is not None:
+        plan.steps = {k: args.steps for k in plan.steps}
+    if args.warmup is not None:
+        plan.warmup = args.warmup
+    if args.rounds is not None:
+        plan.rounds = args.rounds
+    if args.lr is not None:
+        plan.lr = args.lr
+    if args.no_probe:
+        plan.bf16_probe = False
+    return args, plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.report import print_tables, render
+
+    args, plan = parse(argv)
+    command = "python -m bench.run " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now().astimezone()
+    t0 = time.perf_counter()
+    say(f"{command}  (workdir {work})")
+    results: dict = {
+        "command": command,
+        "plan": asdict(plan),
+        "started": started.isoformat(timespec="seconds"),
+    }
+    results["machine"] = _machine(work, "facts", "facts")["facts"]
+    results["matmul"] = [_machine(work, "start")["matmul"]]
+    mm = results["matmul"][0]
+    precision = "fp32" if mm["fp32"] >= mm["bf16"] else "bf16"
+    say(f"matmul: fp32 {mm['fp32']:.1f} GFLOP/s, bf16 {mm['bf16']:.1f} GFLOP/s -> peers train in {precision}")
+    results["precision"] = precision
+    inputs = prepare_inputs(plan, work)
+    results["data"] = {k: v for k, v in inputs.items() if k.startswith("data")}
+    results["configs"] = {}
+    for size in plan.configs:
+        results["configs"][size] = run_config(plan, size, inputs, work, precision)
+    if plan.scaling:
+        results["scaling"] = run_scaling(plan, inputs, work, precision)
+    if plan.profile:
+        results["profile"] = run_profile(plan, inputs, work, precision)
+    if not args.quick:
+        results["matmul"].append(_machine(work, "end")["matmul"])
+    results["duration_min"] = (time.perf_counter() - t0) / 60
+    (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print_tables(results)
+    report = (
+        Path(args.report) if args.report else (ROOT / "BENCHMARKS.md" if args.all else work / "BENCHMARKS.md")
+    )
+    report.write_text(render(results))
+    say(f"wrote {report} and {work / 'results.json'} ({results['duration_min']:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The benchmark harness: its data and FLOP formula are what the published numbers rest on."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorafit.data import Conversation, tokenize
+from lorafit.tiny import build_model, build_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
+
+from bench.data import MIN_TOKENS, make_conversations, n_targets, n_tokens  # noqa: E402
+from bench.flops import flops_per_token  # noqa: E402
+
+
+def test_data_is_deterministic_and_within_bounds():
+    a, b = make_conversations(200, seed=3), make_conversations(200, seed=3)
+    assert a == b
+    assert make_conversations(5, seed=4) != a[:5]
+    lengths = [n_tokens(c["messages"]) for c in a]
+    assert MIN_TOKENS <= min(lengths) and max(lengths) <= 500
+    assert max(lengths) - min(lengths) > 300  # mixed lengths
+    assert all(n_tokens(c["messages"]) <= 120 for c in make_conversations(50, seed=0, max_tokens=120))
+
+
+def test_token_and_target_counts_match_lorafit_tokenization():
+    tok = build_tokenizer()
+    convs = make_conversations(30, seed=0)
+    data, stats = tokenize(
+        tok, [Conversation(c["messages"], f"c{i}") for i, c in enumerate(convs)], max_seq_length=4096,
+        end_of_turn="<|end|>",
+    )  # fmt: skip
+    assert list(data.lengths) == [n_tokens(c["messages"]) for c in convs]
+    assert stats.targets == sum(n_targets(c["messages"]) for c in convs)
+
+
+def test_flops_parameter_count_matches_the_model():
+    model = build_model(build_tokenizer(), size="tiny", vocab_size=32064)
+    f = flops_per_token("tiny", r=16, target_fraction=0.5, mean_context=100.0)
+    assert f["params_total"] == sum(p.numel() for p in model.parameters())
+    assert f["total"] == f["linear"] + f["lora"] + f["attention"] + f["head"]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| lorafit |" in report and "TRL SFTTrainer + PEFT" in report
