@@ -48,3 +48,24 @@ def flops_per_token(
         "n_lin": n_lin,
         "params_total": n_lin + 2 * h * vocab + (2 * layers + 1) * h,
     }
+
+
+def executed_per_token(size: str, r: int, target_fraction: float, seq: int, batch: int, tool: str,
+                       vocab: int = 32064) -> dict:  # fmt: skip
+    """FLOPs per token each tool's code path EXECUTES (an estimate from its code, not a measurement).
+
+    Differences from `flops_per_token`:
+    - attention: SDPA with an explicit (block-diagonal) mask computes every score of the row, so a
+      token costs 12*L*d*T for a row of T tokens. lorafit and the PEFT loop feed rows of `seq`
+      tokens; TRL's padding-free collator flattens the batch into ONE row of batch*seq tokens.
+    - head: lorafit only at target positions (4HV*f); the PEFT loop at every position (4HV); TRL's
+      fused head on CPU at every position, and its backward recomputes the logits (6HV).
+    """
+    d = dims(size, vocab)
+    h, layers = d["hidden_size"], d["num_hidden_layers"]
+    base = flops_per_token(size, r, target_fraction, 0.0, vocab)
+    row = seq * batch if tool == "trl" else seq
+    attn = 12 * layers * h * row
+    head = {"lorafit": 4 * h * vocab * target_fraction, "peft": 4 * h * vocab, "trl": 6 * h * vocab}[tool]
+    total = base["linear"] + base["lora"] + attn + head
+    return {"linear": base["linear"], "lora": base["lora"], "attention": attn, "head": head, "total": total}

@@ -50,7 +50,7 @@ class Plan:
     profile: bool = False
     bf16_probe: bool = True
     seq_lengths: tuple = (256, 512, 1024, 2048)
-    scaling_steps: int = 2
+    scaling_steps: int = 3
     data_multiplier: int = 10
 
 
@@ -98,16 +98,20 @@ class Worker:
             f"{self.module} {self.name} failed (exit {self.proc.returncode}); log {self.log_path}:\n{tail}"
         )
 
-    def wait_stopped(self, poll: float = 0.02) -> None:
-        """Until the worker stops itself after an optimizer step (raises if it exits instead)."""
+    def wait_stopped(self, poll: float = 0.02) -> float:
+        """Until the worker stops itself after an optimizer step (raises if it exits instead).
+
+        Returns the largest resident set size seen meanwhile, in MB (sampled every `poll` seconds)."""
         import psutil
 
+        rss = 0
         while True:
             if self.proc.poll() is not None:
                 raise self.failure()
             try:
                 if self.ps.status() == psutil.STATUS_STOPPED:
-                    return
+                    return rss / 2**20
+                rss = max(rss, self.ps.memory_info().rss)
             except psutil.Error:
                 pass
             time.sleep(poll)
@@ -158,18 +162,22 @@ def run_module(
     return res
 
 
-def run_paced(jobs: dict[str, dict], work: Path, *, warmup: int, steps: int) -> dict[str, dict]:
+def run_paced(
+    jobs: dict[str, dict], work: Path, *, warmup: int, steps: int, quiet_wait: float = 30.0
+) -> dict:
     """Train several tools at once, one optimizer step at a time, in turn.
 
     Every worker stops itself after each optimizer step (bench.workers, "pause"). The warm-up steps
     run side by side (untimed); then, `steps` times over, each tool in `jobs` order is continued for
-    exactly one step while the others stay stopped: A, B, C, A, B, C, ... For each timed step the
-    cores used by other processes meanwhile are recorded ("step_background").
+    exactly one step while the others stay stopped: A, B, C, A, B, C, ... Before each such cycle the
+    CPU is given up to `quiet_wait` seconds to become quiet (other processes below QUIET cores). For
+    each timed step the cores used by other processes meanwhile are recorded ("step_background").
     """
     workers = {
         name: Worker("bench.workers", dict(spec, pause=True), work, name) for name, spec in jobs.items()
     }
     background: dict[str, list[float]] = {name: [] for name in jobs}
+    step_rss: dict[str, list[float]] = {name: [] for name in jobs}
     try:
         for k in range(warmup):
             for w in workers.values():
@@ -177,11 +185,13 @@ def run_paced(jobs: dict[str, dict], work: Path, *, warmup: int, steps: int) -> 
             if k < warmup - 1:
                 for w in workers.values():
                     w.cont()
+        waited = []
         for _ in range(steps):
+            waited.append(wait_for_quiet(quiet_wait))
             for name, w in workers.items():
                 busy0, cpu0, t0 = _cpu_busy(), w.cpu(), time.perf_counter()
                 w.cont()
-                w.wait_stopped(poll=0.01)
+                step_rss[name].append(w.wait_stopped(poll=0.01))
                 wall = time.perf_counter() - t0
                 background[name].append(max(0.0, ((_cpu_busy() - busy0) - (w.cpu() - cpu0)) / wall))
         for w in workers.values():
@@ -190,11 +200,30 @@ def run_paced(jobs: dict[str, dict], work: Path, *, warmup: int, steps: int) -> 
         for name, w in workers.items():
             out[name] = w.finish()
             out[name]["step_background"] = background[name]
+            out[name]["step_peak_rss_mb"] = step_rss[name]
+            out[name]["quiet_waits"] = waited
         return out
     except BaseException:
         for w in workers.values():
             w.kill()
         raise
+
+
+QUIET = 0.25  # cores used by other processes below which the CPU counts as quiet
+
+
+def wait_for_quiet(limit: float, sample: float = 0.5) -> float:
+    """Wait until other processes use < QUIET cores (0.5 s samples; our workers are all stopped), at most
+    `limit` seconds. Returns the seconds waited."""
+    import psutil
+
+    t0 = time.perf_counter()
+    ncpu = psutil.cpu_count() or 1
+    while True:
+        busy = psutil.cpu_percent(interval=sample) / 100 * ncpu
+        waited = time.perf_counter() - t0
+        if busy < QUIET or waited >= limit:
+            return waited
 
 
 def _cpu_busy() -> float:
@@ -248,9 +277,17 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     per_step = [tok / sec for sec, tok in steps]
     per_run = [sum(t for _, t in timed(r, warmup)) / sum(s for s, _ in timed(r, warmup)) for r in runs]
     step_sec = statistics.median(s for s, _ in steps)
-    bg = [x for r in runs for x in r.get("step_background", [r.get("background_cores", 0.0)])]
+    bg = [
+        x
+        for r in runs
+        for x in r.get("step_background", [r.get("background_cores", 0.0)] * len(timed(r, warmup)))
+    ]
+    quiet = [v for v, b in zip(per_step, bg) if b < QUIET]
     return {
         "tokens_per_sec": statistics.median(per_step),
+        "tokens_per_sec_steps": per_step,
+        "tokens_per_sec_quiet": statistics.median(quiet) if quiet else None,
+        "quiet_steps": len(quiet),
         "tokens_per_sec_best": max(per_step),
         "tokens_per_sec_runs": per_run,
         "step_sec_median": step_sec,
@@ -259,6 +296,9 @@ def summarize(runs: list[dict], warmup: int) -> dict:
         "timed_steps": len(steps),
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
         "peak_rss_runs": [r["peak_rss_mb"] for r in runs],
+        "rss_between_steps_mb": statistics.median(x for r in runs for x in r["step_rss_mb"][warmup:]),
+        # largest RSS sampled (every 10 ms) during the timed steps; None for runs that were not paced
+        "rss_in_steps_mb": max((x for r in runs for x in r.get("step_peak_rss_mb", [])), default=None),
         "precision": runs[0].get("precision"),
         # from the worker's start to the end of its first step, minus one typical step
         "setup_sec": statistics.median(r["step_end"][0] - r["t_main"] - step_sec for r in runs),
@@ -326,7 +366,7 @@ def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str) 
         out["tools"][tool]["losses_round1"] = runs[tool][0]["losses"]
     if plan.bf16_probe:
         other = "bf16" if precision == "fp32" else "fp32"
-        ref = out["tools"]["trl"]["step_sec_median"]
+        ref = min(out["tools"]["trl"]["step_secs"])  # its least disturbed step
         cap = 2.5 * ref  # for warm-up + 1 step: "not finished" means slower than the reference
         say(f"{size}: TRL precision probe, {other} (stopped after {cap:.0f} s of training)")
         spec = dict(
@@ -364,23 +404,35 @@ def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str) 
 
 
 def run_scaling(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
+    """lorafit alone (small config): sequence lengths at a fixed token budget, and 1x vs Nx conversations.
+
+    Each group's runs are interleaved step by step like the tool comparison (run_paced)."""
     swork = work / "scaling"
     model = inputs["models"]["small"]
     total = plan.warmup + plan.scaling_steps
     budget = plan.seq * plan.batch
     out: dict = {"tokens_per_batch": budget, "steps_per_run": total, "seq": {}}
+    say(f"scaling: lorafit small at seq {', '.join(map(str, plan.seq_lengths))} ({budget} tokens per batch), "
+        "interleaved")  # fmt: skip
+    jobs = {}
     for seq in plan.seq_lengths:
-        batch = max(1, budget // seq)
-        say(f"scaling: lorafit small, seq {seq} x batch {batch}")
-        spec = dict(base_spec(plan, model, inputs["data_short"]["train"]), tool="lorafit", steps=total, seq=seq,
-                    batch=batch, precision=precision, out=str(swork / f"seq{seq}"))  # fmt: skip
-        res = run_module("bench.workers", spec, swork, f"seq{seq}")
-        out["seq"][seq] = summarize([res], plan.warmup) | {"batch": batch}
-    say(f"scaling: lorafit small, {plan.data_multiplier}x conversations")
-    spec = dict(base_spec(plan, model, inputs["data_big"]["train"]), tool="lorafit", steps=total,
-                precision=precision, out=str(swork / "big"))  # fmt: skip
-    res = run_module("bench.workers", spec, swork, "data_big")
-    out["data_big"] = summarize([res], plan.warmup) | {"conversations": inputs["data_big"]["n_train"]}
+        jobs[f"seq{seq}"] = dict(base_spec(plan, model, inputs["data_short"]["train"]), tool="lorafit", steps=total,
+                                 seq=seq, batch=max(1, budget // seq), precision=precision, out=str(swork / f"seq{seq}"))  # fmt: skip
+    res = run_paced(jobs, swork, warmup=plan.warmup, steps=plan.scaling_steps)
+    for seq in plan.seq_lengths:
+        out["seq"][seq] = summarize([res[f"seq{seq}"]], plan.warmup) | {"batch": jobs[f"seq{seq}"]["batch"]}
+    m = plan.data_multiplier
+    say(f"scaling: lorafit small on 1x and {m}x conversations, interleaved")
+    jobs = {
+        name: dict(base_spec(plan, model, inputs[key]["train"]), tool="lorafit", steps=total, precision=precision,
+                   out=str(swork / name))
+        for name, key in (("data_1x", "data"), (f"data_{m}x", "data_big"))
+    }  # fmt: skip
+    res = run_paced(jobs, swork, warmup=plan.warmup, steps=plan.scaling_steps)
+    out["data"] = {
+        name: summarize([res[name]], plan.warmup) | {"conversations": inputs[key]["n_train"]}
+        for name, key in (("data_1x", "data"), (f"data_{m}x", "data_big"))
+    }
     return out
 
 

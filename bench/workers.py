@@ -41,6 +41,7 @@ class Pacer:
         self.progress, self.pause = progress, pause
         self.ends: list[float] = []
         self.resumes: list[float] = []
+        self.rss: list[float] = []  # resident set size after each step
         self.t0 = time.perf_counter()
         register_optimizer_step_post_hook(self._hook)
 
@@ -56,13 +57,24 @@ class Pacer:
     def _hook(self, optimizer, args, kwargs) -> None:
         t = time.perf_counter()
         self.ends.append(t)
+        self.rss.append(current_rss_mb())
         self.note("step", t)
         if self.pause:
             os.kill(os.getpid(), signal.SIGSTOP)  # bench.run sends SIGCONT when it is this tool's turn
         self.resumes.append(time.perf_counter())
 
     def result(self) -> dict:
-        return {"step_end": self.ends, "step_resume": self.resumes, "t_train_start": self.t0}
+        return {
+            "step_end": self.ends,
+            "step_resume": self.resumes,
+            "t_train_start": self.t0,
+            "step_rss_mb": self.rss,
+        }
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_rss_mb() -> float:
@@ -95,7 +107,7 @@ def run_lorafit(spec: dict, pacer: Pacer) -> dict:
             "save_strategy": "no",
             "eval_strategy": "no",
             "seed": spec["seed"],
-            "bf16": spec["precision"] == "bf16",
+            "bf16": None,  # auto: lorafit picks bf16 only where the device runs it fast
             "output_dir": str(out),
         },
         peft_config={
