@@ -50,22 +50,25 @@ def flops_per_token(
     }
 
 
-def executed_per_token(size: str, r: int, target_fraction: float, seq: int, batch: int, tool: str,
-                       vocab: int = 32064) -> dict:  # fmt: skip
+def executed_per_token(size: str, r: int, target_fraction: float, mean_context: float, seq: int, batch: int,
+                       tool: str, vocab: int = 32064) -> dict:  # fmt: skip
     """FLOPs per token each tool's code path EXECUTES (an estimate from its code, not a measurement).
 
     Differences from `flops_per_token`:
     - attention: SDPA with an explicit (block-diagonal) mask computes every score of the row, so a
-      token costs 12*L*d*T for a row of T tokens. lorafit and the PEFT loop feed rows of `seq`
-      tokens; TRL's padding-free collator flattens the batch into ONE row of batch*seq tokens.
+      token costs 12*L*d*T for a row of T tokens: the PEFT loop feeds rows of `seq` tokens, TRL's
+      padding-free collator flattens the batch into ONE row of batch*seq tokens. lorafit
+      (`lorafit.attention`) runs the causal kernel per conversation: the required causal work.
     - head: lorafit only at target positions (4HV*f); the PEFT loop at every position (4HV); TRL's
       fused head on CPU at every position, and its backward recomputes the logits (6HV).
     """
     d = dims(size, vocab)
     h, layers = d["hidden_size"], d["num_hidden_layers"]
-    base = flops_per_token(size, r, target_fraction, 0.0, vocab)
-    row = seq * batch if tool == "trl" else seq
-    attn = 12 * layers * h * row
+    base = flops_per_token(size, r, target_fraction, mean_context, vocab)
+    if tool == "lorafit":
+        attn = base["attention"]
+    else:
+        attn = 12 * layers * h * (seq * batch if tool == "trl" else seq)
     head = {"lorafit": 4 * h * vocab * target_fraction, "peft": 4 * h * vocab, "trl": 6 * h * vocab}[tool]
     total = base["linear"] + base["lora"] + attn + head
     return {"linear": base["linear"], "lora": base["lora"], "attention": attn, "head": head, "total": total}

@@ -124,6 +124,7 @@ def evaluate(
     device: str = "auto",
 ) -> dict:
     """Eval loss and perplexity of base (+ adapter) on a chat data file: {eval_loss, eval_perplexity, ...}."""
+    from lorafit.attention import use_packed_sdpa
     from lorafit.data import load_conversations, tokenize
     from lorafit.evaluate import eval_loss
     from lorafit.generate import load as _load
@@ -135,6 +136,7 @@ def evaluate(
         raise ConfigError("evaluate needs data=FILE (a chat JSONL/JSON/Parquet file)")
     convs = load_conversations(data)
     net, tok = _load(model, adapter, dtype=dtype, device=device)
+    use_packed_sdpa(net)  # the attention training's eval uses, so both give the same eval loss
     tokens, stats = tokenize(
         tok, convs, max_seq_length=max_seq_length, end_of_turn=end_of_turn(tok), train_on=train_on
     )

@@ -63,13 +63,15 @@ def cmd_train(a) -> int:
 
     if a.nproc and a.nproc > 1 and not distributed.launched_by_torchrun():
         return launch_torchrun(a.nproc, a.argv)
+    clean = False
     try:
         res = finetune(
             model=a.model, train_data=a.data, eval_data=a.eval_data, output_dir=a.output_dir, config=a.config,
             overrides=a.set or [], resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
         )  # fmt: skip
+        clean = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean)
     if res.get("stopped"):
         return 130
     if "output_dir" not in res:  # ranks other than 0 print nothing

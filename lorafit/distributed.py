@@ -70,9 +70,23 @@ def device_for(d: Dist, device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group (a no-op for one process).
+
+    What still holds the group (DDP's reducer, its pending work) is freed first, while the
+    interpreter is fully alive: gloo work destroyed during interpreter teardown aborts the process
+    ("terminate called without an active exception"). After a clean run the ranks also meet at a
+    barrier, so none tears its connections down while rank 0 is still writing files.
+    """
+    if not dist.is_initialized():
+        return
+    import gc
+
+    gc.collect()
+    if clean:
+        with contextlib.suppress(Exception):  # a rank that failed has left; do not wait for it
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_sum(d: Dist, *values: float, device: torch.device | None = None) -> list[float]:
@@ -114,8 +128,8 @@ class LossModule(nn.Module):
         self.model = model
         self.compute_dtype = compute_dtype
 
-    def forward(self, input_ids, position_ids, labels):
-        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+    def forward(self, input_ids, position_ids, labels, segments=None):
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "segments": segments}
         return loss_sum(self.model, batch, self.compute_dtype)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from lorafit.data import TokenizedData
 from lorafit.loss import loss_sum
-from lorafit.packing import collate, pack, single_rows
+from lorafit.packing import collate, pack, single_rows, to_device
 
 
 def autocast(device: torch.device, precision: str):
@@ -70,7 +70,7 @@ def eval_loss(
             n = batch.pop("num_targets")
             if n == 0:
                 continue
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch, device)
             with autocast(device, precision):
                 total += float(loss_sum(model, batch, cdtype))
             targets += n

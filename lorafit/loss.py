@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.attention import segment_kwargs
+
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
 
 
@@ -93,11 +95,13 @@ def loss_sum(model: nn.Module, batch: dict, compute_dtype: torch.dtype | None = 
 
     The model gets input_ids and position_ids and no attention_mask, with use_cache=False: Phi-3 (and
     other transformers models) then build a block-diagonal causal mask from the restarting
-    position_ids, so packed conversations never see each other.
+    position_ids, so packed conversations never see each other. A model on ``lorafit_sdpa`` also
+    gets the batch's ``segments`` and attends per conversation instead (`lorafit.attention`).
     """
     labels = batch["labels"]
     sel = labels.ne(-100)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    inputs.update(segment_kwargs(model, batch))  # lorafit_sdpa: attention per packed conversation
     if fast_head_ok(model):
         hidden = model.get_decoder()(**inputs).last_hidden_state
         head = model.get_output_embeddings()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lorafit import lora
+from lorafit.attention import use_packed_sdpa
 from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError, LorafitError
 
@@ -168,7 +169,9 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
     """Load a causal LM with transformers' Auto classes.
 
     use_cache is off while training (a KV cache is useless there and, with packed rows, it would
-    switch off the block-diagonal attention mask). trust_remote_code stays off unless asked.
+    switch off the block-diagonal attention mask). For training, sdpa becomes ``lorafit_sdpa``
+    (`lorafit.attention`): packed rows attend per conversation, everything else is unchanged.
+    trust_remote_code stays off unless asked.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -196,6 +199,8 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
         revision=cfg.revision,
     )
     model.config.use_cache = not training
+    if training:
+        use_packed_sdpa(model)  # sdpa -> lorafit_sdpa: attention per packed conversation
     model.to(device)
     return model
 

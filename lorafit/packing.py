@@ -97,6 +97,8 @@ def collate(
       a label, no label crosses an example boundary, and padding has none. Use
       ``cross_entropy(logits[b, t], labels[b, t])`` directly, without shifting again.
     * ``num_targets``: int, the number of labels != -100 (divide the summed loss by it).
+    * ``segments``: per row, the lengths of its examples and of its padding (summing to T), for
+      `lorafit.attention` (attention per conversation instead of through a mask).
 
     Why no attention_mask: given ``attention_mask=None``, no cache (``use_cache=False`` -- Phi-3
     otherwise creates one, which disables this) and position_ids, transformers' mask builder
@@ -137,8 +139,10 @@ def collate(
     input_ids = np.full((b, width), pad_id, dtype=np.int64)
     position_ids = np.zeros((b, width), dtype=np.int64)
     labels = np.full((b, width), IGNORE_INDEX, dtype=np.int64)
+    segments = []
     for r, row in enumerate(rows):
         cur = 0
+        lengths = []
         for i in row:
             toks, sup = data.example(int(i))
             n = len(toks)
@@ -146,14 +150,22 @@ def collate(
             position_ids[r, cur : cur + n] = np.arange(n)
             labels[r, cur : cur + n - 1] = np.where(sup[1:], toks[1:], IGNORE_INDEX)
             cur += n
+            lengths.append(n)
         position_ids[r, cur:] = np.arange(width - cur)
+        segments.append(lengths + ([width - cur] if width > cur else []))
     lab = torch.from_numpy(labels)
     return {
         "input_ids": torch.from_numpy(input_ids),
         "position_ids": torch.from_numpy(position_ids),
         "labels": lab,
         "num_targets": int((lab != IGNORE_INDEX).sum()),
+        "segments": segments,
     }
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch with its tensors on `device` (other entries as they are)."""
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 class Batches:

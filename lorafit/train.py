@@ -86,7 +86,7 @@ from lorafit.model import (
     resolve_device,
     trainable_summary,
 )
-from lorafit.packing import Batches, collate
+from lorafit.packing import Batches, collate, to_device
 
 log = logging.getLogger("lorafit")
 
@@ -587,10 +587,10 @@ def run(
             n_targets, step_tokens = (int(x) for x in all_sum(d, local_targets, local_tokens))
             step_loss = 0.0
             for k, b in enumerate(micro):
-                b = {key: v.to(device, non_blocking=True) for key, v in b.items()}
+                b = to_device(b, device)
                 with distributed.sync_context(loss_module, sync=k == len(micro) - 1):
                     with autocast(device, job.precision):
-                        ls = loss_module(b["input_ids"], b["position_ids"], b["labels"])
+                        ls = loss_module(b["input_ids"], b["position_ids"], b["labels"], b["segments"])
                     loss = ls * loss_scale / max(n_targets, 1)
                     (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += float(ls.detach())

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from lorafit import lora
+from lorafit.attention import PACKED_SDPA, segment_kwargs, use_packed_sdpa
 from lorafit.data import (
     Batches,
     Conversation,
@@ -21,6 +23,7 @@ from lorafit.data import (
     tokenize,
 )
 from lorafit.errors import DataError
+from lorafit.loss import loss_sum
 from lorafit.tiny import build_model, build_tokenizer
 
 EOT = "<|end|>"
@@ -369,10 +372,13 @@ def test_collate_assistant_mask(tok):
     assert batch["num_targets"] == stats.targets == 6
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_row_matches_separate_runs(tok, attn):
     model = build_model(tok).eval()
-    model.set_attn_implementation(attn)
+    if attn == PACKED_SDPA:
+        assert use_packed_sdpa(model)
+    else:
+        model.set_attn_implementation(attn)
     assert model.config._attn_implementation == attn
     convs = convs_of(
         chat(("Hi there", "Hello, friend."), system="Be kind."),
@@ -381,10 +387,13 @@ def test_packed_row_matches_separate_runs(tok, attn):
     )
     data, _ = tokenize(tok, convs, max_seq_length=256, end_of_turn=EOT)
     batch = collate(data, [[0, 1, 2], [1]], pad_id=tok.pad_token_id)
+    lengths = [len(data.example(i)[0]) for i in range(3)]
+    assert batch["segments"] == [lengths, [lengths[1], sum(lengths) - lengths[1]]]  # row 2: example, padding
     with torch.no_grad():
         packed = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+            **segment_kwargs(model, batch),
+        ).logits  # fmt: skip
         cur = 0
         for i in range(3):
             toks, _ = data.example(i)
@@ -400,6 +409,34 @@ def test_packed_row_matches_separate_runs(tok, attn):
         flat = torch.arange(batch["input_ids"].shape[1])[None].expand(2, -1)
         leaky = model(input_ids=batch["input_ids"], position_ids=flat, use_cache=False).logits
         assert not torch.allclose(leaky[0, cur - 5 : cur], packed[0, cur - 5 : cur], atol=1e-3)
+
+
+def test_per_conversation_attention_gives_the_masked_gradients(tok):
+    """lorafit_sdpa (attention per packed conversation) vs sdpa's block-diagonal mask: same loss and
+    LoRA gradients, here with grouped-query attention (fewer k/v heads) too."""
+    convs = convs_of(*(chat((f"q{i} " * (i + 1), f"answer {i} " * (2 * i + 1))) for i in range(6)))
+    data, _ = tokenize(tok, convs, max_seq_length=256, end_of_turn=EOT)
+    batch = collate(data, [[0, 1, 2], [3, 4], [5]], pad_id=tok.pad_token_id)
+    grads = {}
+    for attn in ("sdpa", PACKED_SDPA):
+        model = build_model(tok, num_key_value_heads=2)
+        torch.manual_seed(0)  # the same LoRA weights for both
+        lora.inject(model, ["qkv_proj", "o_proj"], r=4, lora_alpha=8)
+        lora.mark_only_lora_as_trainable(model)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        if attn == PACKED_SDPA:
+            use_packed_sdpa(model)
+        loss = loss_sum(model, batch)
+        loss.backward()
+        grads[attn] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    (l0, g0), (l1, g1) = grads.values()
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) == 4 * model.config.num_hidden_layers  # A, B of 2 modules
+    for n in g0:
+        scale = float(g0[n].abs().max())  # fp32 sums in another order: relative to the gradient's size
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_batches_deterministic_sharded():

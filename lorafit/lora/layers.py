@@ -85,17 +85,35 @@ class Linear(nn.Linear, LoRALayer):
             self.reset_lora_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), self.bias)
-        if self._active and not self.merged:
-            h = F.linear(self._lora_input(x), self.lora_A) * self.scaling  # (..., r)
-            result = result.add_(F.linear(h, self.lora_B).to(result.dtype))
-        return result
+        weight = _transpose_if(self.weight, self.fan_in_fan_out)
+        if not self._active or self.merged:
+            return F.linear(x, weight, self.bias)
+        return _linear_with_lora(
+            x, weight, self.bias, self._lora_input(x), self.lora_A, self.lora_B, self.scaling
+        )
 
     def delta_weight(self) -> torch.Tensor:
         if not self._active:
             return torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
         delta = self.lora_B.float() @ self.lora_A.float() * self.scaling  # (out, in)
         return _transpose_if(delta, self.fan_in_fan_out)
+
+
+def _linear_with_lora(x, weight, bias, lora_x, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """``x @ W.T + b + scaling * lora_x @ A.T @ B.T``.
+
+    When everything is in one dtype (no autocast) the B product is accumulated into the base output by
+    one in-place ``addmm_`` on 2-D views: no (N, out) temporary, no separate add or scaling pass.
+    Otherwise (fp32 LoRA on a bf16 base, autocast) the LoRA output is cast and added.
+    """
+    lead = x.shape[:-1]
+    result = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # (N, out), a fresh tensor
+    h = F.linear(lora_x.reshape(-1, lora_x.shape[-1]), lora_A)  # (N, r)
+    if h.dtype == result.dtype == lora_B.dtype and not torch.is_autocast_enabled(x.device.type):
+        result.addmm_(h, lora_B.t(), alpha=scaling)
+    else:
+        result.add_(F.linear(h * scaling, lora_B).to(result.dtype))
+    return result.view(*lead, result.shape[-1])
 
 
 class Embedding(nn.Embedding, LoRALayer):
@@ -269,11 +287,12 @@ class MergedLinear(nn.Linear, LoRALayer):
         return _transpose_if(self._b_block() @ self.lora_A, self.fan_in_fan_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), self.bias)
-        if self._active and not self.merged:
-            h = F.linear(self._lora_input(x), self.lora_A) * self.scaling  # (..., r*k)
-            result = result.add_(F.linear(h, self._b_block()).to(result.dtype))
-        return result
+        weight = _transpose_if(self.weight, self.fan_in_fan_out)
+        if not self._active or self.merged:
+            return F.linear(x, weight, self.bias)
+        return _linear_with_lora(
+            x, weight, self.bias, self._lora_input(x), self.lora_A, self._b_block(), self.scaling
+        )
 
     def delta_weight(self) -> torch.Tensor:
         if not self._active:
