@@ -149,14 +149,20 @@ def render(results: dict) -> str:
     add("")
     add("## Machine")
     add("")
+    fast = results["precision"] == "bf16"
+    bf16_note = (
+        "bf16 matmuls run natively, faster than fp32"
+        if fast
+        else "no AMX / AVX512-BF16 means bf16 matmuls are emulated"
+    )
     add(f"- CPU: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['physical_cores']} cores), "
         f"{m['ram_gb']} GB RAM; relevant flags: {', '.join(m['flags']) or 'none'} "
-        f"(no AMX / AVX512-BF16 means bf16 matmuls are emulated); torch threads: {mm[0]['threads']}")  # fmt: skip
+        f"({bf16_note}); torch threads: {mm[0]['threads']}")  # fmt: skip
     meas = "; ".join(
         f"{tag}: fp32 {x['fp32']:.1f}, bf16 {x['bf16']:.2f}" for tag, x in zip(("start", "end"), mm)
     )
     add(f"- measured matmul throughput, GFLOP/s (best shape, best of repeats) -- {meas}. "
-        f"Peak used for MFU: **{peak:.1f} GFLOP/s** (the best of these, fp32).")  # fmt: skip
+        f"Peak used for MFU: **{peak:.1f} GFLOP/s** (the best of these, {'bf16' if fast else 'fp32'}).")  # fmt: skip
     add(f"- best precision on this machine: **{results['precision']}** (bf16 / fp32 matmul speed = "
         f"{mm[0]['bf16'] / mm[0]['fp32']:.3f}); lorafit picks it by itself, the peers are told.")  # fmt: skip
     v = m["versions"]
@@ -373,13 +379,14 @@ def render_findings(results: dict) -> str:
                        "lorafit speed-up, median / best steps"], body))  # fmt: skip
     L.append("")
     bound = peak / f["total"]
+    prec = "bf16" if results["precision"] == "bf16" else "fp32"
     L.append(
         "Executed FLOPs are estimated from each code path (`bench/flops.py: executed_per_token`): masked SDPA "
         f"computes every score of a row ({plan['seq']} tokens for the PEFT loop; TRL's padding-free "
         f"collator makes the whole batch one row of {plan['seq'] * plan['batch']}), while lorafit attends per "
         "conversation with the causal kernel (`lorafit.attention`); the PEFT loop applies the "
         "output head at every position, and TRL's fused CPU head does too and recomputes the logits in backward. "
-        "All three spend most of their time in the same frozen fp32 GEMMs, which run near the machine's peak "
+        f"All three spend most of their time in the same frozen-weight {prec} GEMMs, which run near the machine's peak "
         "whoever calls them, so the speed-up lorafit can show is roughly the ratio of executed FLOPs (plus "
         "TRL's element-wise overheads). "
         f"Even at 100% MFU (the model's FLOPs at the measured peak) lorafit would process {bound:,.0f} tokens/s: "
@@ -387,7 +394,7 @@ def render_findings(results: dict) -> str:
         f"{bound / t['trl']['tokens_per_sec_best']:.2f}x TRL's best (least disturbed) steps"
         f" ({bound / t['peft']['tokens_per_sec']:.2f}x and {bound / t['trl']['tokens_per_sec']:.2f}x their "
         "medians, which background load depressed more). Where that bound is below 2x (PEFT loop) or 4x (TRL), "
-        "no fp32 implementation of the same model work can meet the target on this CPU: the targets assume "
+        f"no {prec} implementation of the same model work can meet the target on this CPU: the targets assume "
         "peers that lose much more to memory traffic, as on a GPU, than GEMM-bound peers on a CPU do."
     )
     L.append("")
@@ -411,8 +418,11 @@ def render_findings(results: dict) -> str:
     L.append(f"1. **Frozen linear GEMMs: {share('linear matmuls')}, at {lin['matmul_gflops_per_s']:.1f} GFLOP/s "
              f"({100 * lin['matmul_gflops_per_s'] * 1e9 / peak:.0f}% of peak).** The model's own work, done at "
              f"close to peak (the required {f['linear'] / 1e6:.0f}M FLOPs/token take {at_peak(f['linear']):,.0f} ms "
-             "at peak). Nothing to win here except by doing less: precision (bf16 is emulated on this CPU, "
-             "so fp32 stays right) or fewer layers with LoRA.")  # fmt: skip
+             "at peak). Nothing to win here except by doing less: "
+             + ("these already run in bf16 from weights held in bf16 (`lorafit.model.hold_frozen_linears_in`), "
+                if results["precision"] == "bf16" else
+                "precision (bf16 is emulated on this CPU, so fp32 stays right), ")
+             + "or fewer layers with LoRA.")  # fmt: skip
     seqs = {int(k): v for k, v in results.get("scaling", {}).get("seq", {}).items()}
     seq_note = ""
     if 512 in seqs and max(seqs) > 512:
@@ -456,14 +466,15 @@ def render_findings(results: dict) -> str:
     in_steps = lf.get("rss_in_steps_mb") or lf["peak_rss_mb"]
     mem = (f"7. **Memory: lorafit's peak RSS is {lf['peak_rss_mb']:,.0f} MB** (TRL {t['trl']['peak_rss_mb']:,.0f} MB, "
            f"PEFT loop {t['peft']['peak_rss_mb']:,.0f} MB): at most {in_steps:,.0f} MB sampled during the timed "
-           f"steps, {lf['rss_between_steps_mb']:,.0f} MB right after an optimizer step; the fp32 weights alone are "
+           f"steps, {lf['rss_between_steps_mb']:,.0f} MB right after an optimizer step; the weights as loaded (fp32) are "
            f"{weights:,.0f} MB. So about {in_steps - lf['rss_between_steps_mb']:,.0f} MB is a step's transient: the "
-           "activations kept for backward (in fp32, per token and layer: the norms' inputs and outputs, qkv, the "
-           "attention output, gate/up and the SiLU product) and the head's chunk buffers; what stays is the "
+           "activations kept for backward (per token and layer: the norms' inputs and outputs, qkv, the "
+           "attention output, gate/up and the SiLU product; bf16 where autocast made them so, else fp32) and the "
+           "head's chunk buffers; what stays is the "
            "runtime, weights, gradients, optimizer state and data. Recommendations: recompute "
            "the cheap element-wise activations in backward (RMSNorm, SiLU x up) instead of keeping them, or "
-           "checkpoint the MLP only (the most memory per FLOP); keep the frozen base in bf16 only where "
-           "bf16 is fast.")  # fmt: skip
+           "checkpoint the MLP only (the most memory per FLOP). Part of the peak is freed memory that glibc's "
+           "allocator keeps for reuse (see the README's Memory notes for the trade-off of returning it).")  # fmt: skip
     data = results.get("scaling", {}).get("data")
     if data and len(data) == 2:
         (n1, v1), (n2, v2) = data.items()

@@ -291,6 +291,34 @@ def apply_lora(model, peft: PeftConfig) -> list[str]:
     return names
 
 
+def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen fp32 weights (and biases) of linear layers in `dtype`; returns the bytes saved.
+
+    Under ``dtype`` autocast every linear layer casts its fp32 weight to ``dtype`` on each call and
+    keeps that copy for the backward pass, so an fp32 base costs 6 bytes per weight and a cast per
+    step. The cast is the same rounding done once, so training computes bit for bit what it did:
+    the LoRA weights, embeddings and norms (not autocast) stay as they are. Only for training under
+    autocast: a linear layer held in bf16 refuses fp32 inputs outside it.
+    """
+    # a head tied to the input embedding stays: the embedding lookup is not autocast
+    elsewhere = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(False)}
+    saved = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for name in ("weight", "bias"):
+            p = getattr(module, name, None)
+            if (
+                isinstance(p, nn.Parameter)
+                and not p.requires_grad
+                and p.dtype == torch.float32
+                and id(p) not in elsewhere
+            ):
+                saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
+                p.data = p.data.to(dtype)
+    return saved
+
+
 def module_name(model: nn.Module, name: str) -> str:
     """The full dotted name of a module given by full name or unique suffix (modules_to_save: ["lm_head"])."""
     hits = [n for n, _ in model.named_modules() if n == name or n.endswith("." + name)]

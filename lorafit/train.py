@@ -80,6 +80,7 @@ from lorafit.model import (
     apply_lora,
     bf16_is_fast,
     end_of_turn,
+    hold_frozen_linears_in,
     load_model,
     load_tokenizer,
     module_name,
@@ -189,6 +190,7 @@ def prepare(
     )
     train_data, train_stats, eval_data, eval_stats = load_data(run, tokenizer)
     torch.manual_seed(t.seed)
+    loaded_here = model is None  # a model passed in is not recast behind its owner's back
     if model is None:
         try:
             model = load_model(m, device=device, training=True)
@@ -201,6 +203,8 @@ def prepare(
                 "again), or pass another --model."
             ) from e
     adapted = apply_lora(model, run.peft_config)
+    if loaded_here and precision in ("bf16", "fp16"):
+        hold_frozen_linears_in(model, torch.bfloat16 if precision == "bf16" else torch.float16)
     if t.gradient_checkpointing:
         kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

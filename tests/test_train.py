@@ -172,3 +172,48 @@ def test_trained_biases_are_saved_and_reloaded(tmp_path):
     x = torch.randn(3, 8)
     assert torch.equal(fresh[0].bias, model[0].bias)
     assert torch.allclose(fresh(x), model(x))
+
+
+def test_frozen_linears_held_in_bf16_compute_what_autocast_did(tok):
+    """bf16 training: storing the frozen linear weights in bf16 changes no bit of the loss or gradients."""
+    from lorafit.evaluate import autocast
+    from lorafit.model import hold_frozen_linears_in
+
+    model = build_model(tok)
+    apply_lora(model, PeftConfig(r=4, target_modules="all-linear"))
+    for n, p in model.named_parameters():  # B = 0 at init would hide the LoRA path
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(n)))
+    held = copy.deepcopy(model)
+    saved = hold_frozen_linears_in(held, torch.bfloat16)
+    data, _ = tokenize(tok, convs(), max_seq_length=128, end_of_turn="<|end|>")
+    batch = collate(data, pack(data, 128), tok.pad_token_id)
+    results = []
+    for m in (model, held):
+        with autocast(torch.device("cpu"), "bf16"):
+            loss = loss_sum(m, batch, torch.bfloat16)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a, b)
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    frozen_linear = sum(
+        p.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear)
+        for p in mod.parameters(False) if not p.requires_grad
+    )  # fmt: skip
+    assert saved == 2 * frozen_linear
+    dtypes = {n: p.dtype for n, p in held.named_parameters()}
+    assert dtypes["lm_head.weight"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == torch.float32  # not autocast: stays
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "norm" in n)
+
+
+def test_a_head_tied_to_the_embedding_stays_fp32(tok):
+    from lorafit.model import hold_frozen_linears_in
+
+    model = build_model(tok)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.requires_grad_(False)
+    hold_frozen_linears_in(model, torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.float32
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
