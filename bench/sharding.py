@@ -14,6 +14,9 @@ Per rank it reports
     peak RSS MB    getrusage ru_maxrss at the end (includes loading: every rank loads the whole base
                    on the CPU before it is sharded)
     RSS in steps   the largest resident set sampled after each timed optimizer step
+    private MB     the same samples, counting only pages no other process maps: a base loaded from
+                   safetensors is mmapped from the page cache and shared by the ranks of DDP (RSS
+                   counts it in each), while FSDP's shards are private copies
 
 and for the run, tokens/s: all ranks' tokens of the timed steps (after `--warmup` steps) over the wall
 time from the end of the last warm-up step to the end of the last step, on rank 0.
@@ -45,6 +48,16 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _private_mb() -> float:
+    """Memory only this process maps (Private_Clean + Private_Dirty of /proc/self/smaps_rollup)."""
+    kb = 0
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                kb += int(line.split()[1])
+    return kb / 1024
+
+
 def worker(spec_path: str) -> int:
     """One rank of one mode: train, then write this rank's numbers to SPEC["out"]/rank<R>.json."""
     import torch
@@ -57,7 +70,14 @@ def worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     ends: list[float] = []
     rss: list[float] = []
-    register_optimizer_step_post_hook(lambda *a: (ends.append(time.perf_counter()), rss.append(_rss_mb())))
+    private: list[float] = []
+
+    def hook(*args) -> None:
+        ends.append(time.perf_counter())
+        rss.append(_rss_mb())
+        private.append(_private_mb())
+
+    register_optimizer_step_post_hook(hook)
     cfg = build_config(
         model=spec["model"], train_data=spec["train"], output_dir=spec["out"],
         training_config={
@@ -83,6 +103,7 @@ def worker(spec_path: str) -> int:
             "trainable_mb": sum(local_bytes(p) for p in params if p.requires_grad) / 2**20,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_in_steps_mb": max(rss[spec["warmup"] :]),
+            "private_in_steps_mb": max(private[spec["warmup"] :]),
             "step_ends": ends,
             "precision": job.precision,
             "threads": torch.get_num_threads(),
@@ -156,14 +177,15 @@ def report(results: list[dict], a: argparse.Namespace, inputs: dict) -> str:
         f"{results[0]['precision'].replace('no', 'fp32')}.",
         "",
         "| mode | threads per rank | parameter MB per rank | of which LoRA | tokens/s | s/step (median) "
-        "| peak RSS MB per rank | RSS in steps MB per rank | loss at the last step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS MB per rank | RSS in steps MB per rank | private MB in steps per rank | loss at the last step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['mode']} | {r['threads']} | {_mbs(r['ranks'], 'param_mb')} | {_mbs(r['ranks'], 'trainable_mb')} "
             f"| {r['tokens_per_sec']:,.0f} | {r['s_per_step']:.2f} | {_mbs(r['ranks'], 'peak_rss_mb')} "
-            f"| {_mbs(r['ranks'], 'rss_in_steps_mb')} | {r['losses'][-1]:.4f} |"
+            f"| {_mbs(r['ranks'], 'rss_in_steps_mb')} | {_mbs(r['ranks'], 'private_in_steps_mb')} "
+            f"| {r['losses'][-1]:.4f} |"
         )
     return "\n".join(lines) + "\n"
 
