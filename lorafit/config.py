@@ -712,6 +712,10 @@ class TrainingConfig(_Section):
     def _cross_checks(self) -> list[tuple[str, str]]:
         if self.bf16 and self.fp16:
             return [("fp16", "and bf16 are both true; choose one")]
+        if self.fsdp and self.fp16:
+            return [
+                ("fp16", "fp16 loss scaling is not supported with fsdp (sharded gradients); use bf16 or fp32")
+            ]
         return []
 
     def warmup_steps_for(self, total_steps: int) -> int:

@@ -561,6 +561,14 @@ def test_fsdp_bad_values_name_the_key_and_the_fix(value, expected):
     assert "training_config.fsdp: " in message and expected in message
 
 
+def test_fsdp_with_fp16_is_refused():
+    message = error_of(TrainingConfig.from_dict, {"fsdp": True, "fp16": True})
+    assert (
+        "training_config.fp16: fp16 loss scaling is not supported with fsdp" in message
+        and "use bf16" in message
+    )
+
+
 def test_fsdp_config_is_ignored_with_a_warning():
     with pytest.warns(
         ConfigWarning, match=r"training_config.fsdp_config is ignored: lorafit shards each decoder"
