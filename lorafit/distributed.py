@@ -175,6 +175,8 @@ def shard(module: LossModule, device: torch.device) -> list[str]:
     """FSDP2 over all ranks: one group per decoder layer, then the root; returns the layer class names.
 
     Parameters still on the CPU move to `device` shard by shard (so a GPU never holds the whole base).
+    The output head stays in the root group on purpose: lorafit's loss reads `head.weight` without
+    calling the head module (`lorafit.loss`), so a group of its own would never be gathered.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
