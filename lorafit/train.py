@@ -534,7 +534,7 @@ def run(
         def save_checkpoint(step: int) -> Path:
             # collectives, which every rank calls: RNG states, and (FSDP) the whole LoRA and AdamW tensors
             rngs = distributed.gather_objects(d, torch.get_rng_state())
-            values = distributed.full_values(model)
+            values = distributed.full_values(model) if job.sharded or main else {}
             opt_state = distributed.full_optimizer_state(optimizer) if job.sharded else optimizer.state_dict()
             final = out / f"checkpoint-{step}"
             if not main:
@@ -700,7 +700,7 @@ def run(
         last_eval = evals[-1] if evals else None
         if job.eval_data is not None and (last_eval is None or last_eval["step"] != step):
             last_eval = evaluate_now(step)
-        values = distributed.full_values(model)  # collective under FSDP
+        values = distributed.full_values(model) if job.sharded or main else {}  # collective under FSDP
         if not main:
             return {"rank": d.rank, "steps": step}
         lora.save_adapter(model, out, values=values, **adapter_kwargs(job))
