@@ -17,6 +17,9 @@ from lorafit.demo import demo_data_dir
 from lorafit.tiny import write_tiny_model
 
 TOL = 1e-5  # relative; fp32 sums over a different number of micro-batch pieces
+# adapters (weights O(0.1)) of FSDP with 2 micro-batches per rank vs one batch of 4: Adam's first steps
+# (about lr * sign(g)) amplify last-bit differences on near-zero gradients; measured 1.6e-5
+SHARDED_ATOL = 5e-5
 
 
 def _train(
@@ -139,7 +142,7 @@ def test_sharded_ranks_give_the_single_process_losses(sharded):
     root, run, _ = sharded
     a, b = _losses(root / "one"), _losses(root / "fsdp")
     assert len(a) == len(b) == 4
-    assert a == pytest.approx(b, rel=TOL)  # measured: 7e-8
+    assert a == pytest.approx(b, rel=TOL)  # measured: 1.3e-7
     assert "effective batch 1 x 2 accumulation x 2 processes = 4 rows" in run.stderr + run.stdout
     res_one = json.loads((root / "one" / "results.json").read_text())
     res = json.loads((root / "fsdp" / "results.json").read_text())
@@ -154,8 +157,8 @@ def test_the_sharded_adapter_is_whole_and_matches(sharded, tmp_path):
     a = load_file(str(root / "one" / "adapter_model.safetensors"))
     b = load_file(str(root / "fsdp" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
-    for k in a:  # the same bound as DDP's (measured max |diff| 5.7e-6)
-        assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=0, atol=2e-5), k
+    for k in a:  # as DDP's, with 2 micro-batches summed per rank on top: measured max |diff| 1.6e-5
+        assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=0, atol=SHARDED_ATOL), k
     from lorafit import lora
     from lorafit.config import ModelConfig
     from lorafit.model import load_model
@@ -185,6 +188,20 @@ def test_sharded_resume_matches_the_uninterrupted_run(sharded):
     a = load_file(str(root / "fsdp" / "adapter_model.safetensors"))
     b = load_file(str(root / "fsdp-resumed" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(sharded):
+    """The checkpoint holds whole tensors (an unsharded run's format): one process with the same global
+    batch continues it to the sharded run's losses and adapter, within the 1-vs-2 tolerances."""
+    root, _, _ = sharded
+    one = _train(root / "tiny", root / "fsdp-then-one", nproc=1, per_device=2,
+                 extra=["--set", "training_config.gradient_accumulation_steps=2",
+                        "--resume", str(root / "fsdp" / "checkpoint-2")])  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert _losses(root / "fsdp-then-one") == pytest.approx(_losses(root / "fsdp"), rel=TOL)
+    a = load_file(str(root / "fsdp" / "adapter_model.safetensors"))
+    b = load_file(str(root / "fsdp-then-one" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=SHARDED_ATOL) for k in a)
 
 
 def test_sharded_bf16_trains(runs):
