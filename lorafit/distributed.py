@@ -41,6 +41,7 @@ The forward of a sharded model is a collective too: evaluation runs as many batc
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -184,6 +185,11 @@ def shard(module: LossModule, device: torch.device) -> list[str]:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     names = set(getattr(module.model, "_no_split_modules", None) or ())
     layers = [m for m in module.model.modules() if type(m).__name__ in names]
+    if not layers:
+        logging.getLogger("lorafit").warning(
+            "warning: the model names no decoder layer classes (_no_split_modules), so FSDP shards it as one "
+            "group: every rank gathers the whole model for each forward and backward"
+        )
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(module, mesh=mesh)
