@@ -33,7 +33,8 @@ here too; `set_requires_gradient_sync(False)` plays `no_sync`'s part. What must 
 (the adapter, the optimizer state of a checkpoint) is gathered by `full_values` and
 `full_optimizer_state`, collectives that every rank calls; rank 0 writes. A checkpoint has the same
 format as an unsharded run's: resuming puts the adapter onto the model before it is sharded and
-re-shards the optimizer state (`shard_optimizer_state`), so any number of processes can resume it.
+re-shards the optimizer state (`shard_optimizer_state`), so it resumes sharded or not (tested: 2 ranks
+and 1 process).
 The forward of a sharded model is a collective too: evaluation runs as many batches on every rank
 (`lorafit.evaluate.eval_loss`).
 """
