@@ -504,6 +504,12 @@ def run(
             return res
 
         say(trainable_summary(model, job.adapted))
+        if job.sharded:
+            held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+            total = sum(p.numel() for p in model.parameters())
+            say(
+                f"sharded (FSDP2) over {d.world_size} processes: each holds {held:,} of the {total:,} parameters"
+            )
         s = job.train_stats
         say(
             f"data: {s.conversations} conversations, {s.tokens:,} tokens ({s.supervised_tokens:,} trained), "

@@ -144,6 +144,7 @@ def test_sharded_ranks_give_the_single_process_losses(sharded):
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, rel=TOL)  # measured: 1.3e-7
     assert "effective batch 1 x 2 accumulation x 2 processes = 4 rows" in run.stderr + run.stdout
+    assert "sharded (FSDP2) over 2 processes: each holds 435,008 of the 870,016 parameters" in run.stderr
     res_one = json.loads((root / "one" / "results.json").read_text())
     res = json.loads((root / "fsdp" / "results.json").read_text())
     # eval batches of 3 (uneven over 2 ranks) against 4: the same token-weighted sum, in another order
