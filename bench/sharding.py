@@ -14,9 +14,8 @@ Per rank it reports
     peak RSS MB    getrusage ru_maxrss at the end (includes loading: every rank loads the whole base
                    on the CPU before it is sharded)
     RSS in steps   the largest resident set sampled after each timed optimizer step
-    private MB     the same samples, counting only pages no other process maps: a base loaded from
-                   safetensors is mmapped from the page cache and shared by the ranks of DDP (RSS
-                   counts it in each), while FSDP's shards are private copies
+    private MB     the same samples, counting only pages no other process maps (RSS also counts
+                   shared pages -- libraries, a file mapped by several ranks -- in every rank)
 
 and for the run, tokens/s: all ranks' tokens of the timed steps (after `--warmup` steps) over the wall
 time from the end of the last warm-up step to the end of the last step, on rank 0.
