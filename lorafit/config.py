@@ -132,7 +132,7 @@ IGNORED_TRAINING_KEYS: dict[str, str] = {
     "ddp_find_unused_parameters": "lorafit trains on a single device",
     "ddp_backend": "lorafit trains on a single device",
     "deepspeed": "lorafit trains on a single device",
-    "fsdp": "lorafit trains on a single device",
+    "fsdp_config": "lorafit shards each decoder layer with FSDP2 itself (training_config.fsdp)",
 }
 
 # Ignored keys that are accepted without a warning at these values (lorafit does that anyway).
@@ -414,6 +414,37 @@ def _init_lora_weights(value: Any) -> Any:
     raise _Bad(f"expected true or 'gaussian', got {_show(value)}")
 
 
+# training_config.fsdp, Hugging Face's spellings: "" / false = off, "full_shard" (+ "auto_wrap") / true = on.
+_FSDP_ON = {"full_shard", "auto_wrap"}
+_FSDP_OTHER = {
+    "shard_grad_op": "only full sharding is implemented",
+    "hybrid_shard": "only full sharding is implemented",
+    "hybrid_shard_zero2": "only full sharding is implemented",
+    "no_shard": "for plain data parallel training leave fsdp off (false)",
+    "offload": "CPU offload is not implemented",
+}
+
+
+def _fsdp(value: Any) -> Any:
+    """true/false; Hugging Face's "full_shard" / "full_shard auto_wrap" / ["full_shard"] mean true, "" false."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    words = value.split() if isinstance(value, str) else value
+    if isinstance(words, (list, tuple)) and all(isinstance(w, str) for w in words):
+        words = [w.strip().lower() for w in words if w.strip()]
+        if not words or words == ["false"]:
+            return False
+        if words == ["true"] or ("full_shard" in words and set(words) <= _FSDP_ON):
+            return True
+        other = [w for w in words if w in _FSDP_OTHER]
+        if other:
+            raise _Bad(
+                f"{other[0]!r} is not supported ({_FSDP_OTHER[other[0]]}); use true (= 'full_shard': "
+                "the frozen base and the LoRA weights sharded across processes) or false"
+            )
+    raise _Bad(f"expected true, false, 'full_shard' or 'full_shard auto_wrap', got {_show(value)}")
+
+
 _DTYPE_ALIASES = {
     "bfloat16": "bf16",
     "float16": "fp16",
@@ -673,10 +704,18 @@ class TrainingConfig(_Section):
     # A step whose loss or gradient norm is NaN/Inf stops the run (the last checkpoint stays good). With N > 0,
     # up to N such steps are skipped instead (no optimizer step; each one logged in metrics.jsonl).
     skip_nonfinite_batches: int = _opt(0, _int(ge=0))
+    # Shard the model across the processes of a torchrun launch with FSDP2 (each decoder layer, then the
+    # rest), for base models that do not fit on one device; the LoRA weights train sharded too. One process
+    # trains unsharded. Hugging Face's forms work: "full_shard" / "full_shard auto_wrap" = true, "" = false.
+    fsdp: bool = _opt(False, _fsdp)
 
     def _cross_checks(self) -> list[tuple[str, str]]:
         if self.bf16 and self.fp16:
             return [("fp16", "and bf16 are both true; choose one")]
+        if self.fsdp and self.fp16:
+            return [
+                ("fp16", "fp16 loss scaling is not supported with fsdp (sharded gradients); use bf16 or fp32")
+            ]
         return []
 
     def warmup_steps_for(self, total_steps: int) -> int:

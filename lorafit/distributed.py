@@ -15,12 +15,34 @@ Data parallel uses DistributedDataParallel over a small module that computes the
 decoder-only fast loss head still runs inside DDP's forward); gradients are only synchronised on
 the last micro-batch of a step (`no_sync`). DDP averages over ranks, so the loss is multiplied by
 the world size to make that average a sum. Only rank 0 writes files; the progress bar shows
-once. Backend: nccl on CUDA, gloo on CPU. (Sharding the base with FSDP2 is not wired in yet.)
+once. Backend: nccl on CUDA, gloo on CPU.
+
+Sharded (training_config.fsdp): FSDP2 (`torch.distributed.fsdp.fully_shard`) instead of DDP, for a
+base that does not fit on one device. Each decoder layer (the classes in the model's
+`_no_split_modules`) is one group, the loss module with the rest (embeddings, final norm, head) the
+root group; every parameter is a DTensor holding 1/N of its rows on each rank, and a group is
+all-gathered just for its forward and backward:
+
+    rank r holds:  layer 0 [rows r/N] | layer 1 [rows r/N] | ... | embed, norm, head [rows r/N]
+    forward of layer k:  all-gather layer k -> compute -> free the gathered copy
+    backward of layer k: all-gather again -> grads -> reduce-scatter (mean) -> rank r keeps its rows
+
+The frozen base is sharded and never reduced; the LoRA factors train sharded, and AdamW's state is
+sharded with them. The reduce-scatter averages like DDP, so the loss is multiplied by the world size
+here too; `set_requires_gradient_sync(False)` plays `no_sync`'s part. What must leave the ranks whole
+(the adapter, the optimizer state of a checkpoint) is gathered by `full_values` and
+`full_optimizer_state`, collectives that every rank calls; rank 0 writes. A checkpoint has the same
+format as an unsharded run's: resuming puts the adapter onto the model before it is sharded and
+re-shards the optimizer state (`shard_optimizer_state`), so it resumes sharded or not (tested: 2 ranks
+and 1 process).
+The forward of a sharded model is a collective too: evaluation runs as many batches on every rank
+(`lorafit.evaluate.eval_loss`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -133,19 +155,124 @@ class LossModule(nn.Module):
         return loss_sum(self.model, batch, self.compute_dtype)
 
 
-def wrap(d: Dist, model: nn.Module, compute_dtype, *, device: torch.device):
-    """(loss_module, scale): the module to call per micro-batch and the factor its loss is multiplied by."""
+def wrap(d: Dist, model: nn.Module, compute_dtype, *, device: torch.device, fsdp: bool = False):
+    """(loss_module, scale): the module to call per micro-batch and the factor its loss is multiplied by.
+
+    With `fsdp` (and several processes) the model's parameters are replaced by their shards in place:
+    create the optimizer from `model.parameters()` after this call.
+    """
     module = LossModule(model, compute_dtype)
     if not d.enabled:
         return module, 1.0
+    if fsdp:
+        shard(module, device)
+        return module, float(d.world_size)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
     return DDP(module, device_ids=ids, broadcast_buffers=False), float(d.world_size)
 
 
+def shard(module: LossModule, device: torch.device) -> list[str]:
+    """FSDP2 over all ranks: one group per decoder layer, then the root; returns the layer class names.
+
+    Parameters still on the CPU move to `device` shard by shard (so a GPU never holds the whole base).
+    The output head stays in the root group on purpose: lorafit's loss reads `head.weight` without
+    calling the head module (`lorafit.loss`), so a group of its own would never be gathered.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    names = set(getattr(module.model, "_no_split_modules", None) or ())
+    layers = [m for m in module.model.modules() if type(m).__name__ in names]
+    if not layers:
+        logging.getLogger("lorafit").warning(
+            "warning: the model names no decoder layer classes (_no_split_modules), so FSDP shards it as one "
+            "group: every rank gathers the whole model for each forward and backward"
+        )
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return sorted({type(m).__name__ for m in layers})
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
 def sync_context(module, sync: bool):
-    """No gradient all-reduce on micro-batches that are not the last of a step."""
-    if not sync and hasattr(module, "no_sync"):
+    """No gradient all-reduce (DDP) or reduce-scatter (FSDP) on micro-batches that are not the last of a step."""
+    if sync:
+        return contextlib.nullcontext()
+    if is_sharded(module):
+        return _no_gradient_sync(module)
+    if hasattr(module, "no_sync"):
         return module.no_sync()
     return contextlib.nullcontext()
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor gathered whole (collective), or the tensor itself; detached, on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+
+def full_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters as whole CPU tensors, by name (for saving the adapter).
+
+    Under FSDP this is a collective: every rank calls it, in the same order, and every rank gets them.
+    """
+    return {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` with sharded state tensors gathered whole (collective under FSDP).
+
+    The result is what an unsharded run saves: state keyed by parameter index, so a checkpoint does not
+    depend on how many processes wrote it. LoRA state is small; every rank holds it whole for a moment.
+    """
+    sd = optimizer.state_dict()
+    state = {i: {k: _whole(v) if torch.is_tensor(v) else v for k, v in sorted(sd["state"][i].items())}
+             for i in sorted(sd["state"])}  # fmt: skip
+    return {**sd, "state": state}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After `optimizer.load_state_dict(whole state)` on sharded parameters: keep each rank's rows.
+
+    Every rank read the same whole tensors, so each takes its own shard locally (no communication).
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if not isinstance(p, DTensor):
+                continue
+            for k, v in state.items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    state[k] = distribute_tensor(
+                        v.to(p.device), p.device_mesh, p.placements, src_data_rank=None
+                    )
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """clip_grad_norm_'s result as a float; with sharded gradients it is a DTensor, made whole first."""
+    from torch.distributed.tensor import DTensor
+
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)

@@ -109,6 +109,7 @@ class Job:
     eval_stats: TokenStats | None
     adapted: list[str]
     dist: Dist = Dist()
+    sharded: bool = False  # FSDP2 (training_config.fsdp under torchrun)
 
 
 def load_data(
@@ -184,6 +185,12 @@ def prepare(
     precision = t.mixed_precision(bf16_is_fast(device))
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("training_config.fp16: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32")
+    sharded = t.fsdp and dist.enabled
+    if t.fsdp and not dist.enabled:
+        log.warning(
+            "warning: training_config.fsdp shards the model across processes, and this is one process: "
+            "training unsharded. To shard, launch with torchrun --nproc_per_node N (or lorafit train --nproc N)"
+        )
     m = run.model
     tokenizer = tokenizer or load_tokenizer(
         m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision
@@ -193,7 +200,8 @@ def prepare(
     loaded_here = model is None  # a model passed in is not recast behind its owner's back
     if model is None:
         try:
-            model = load_model(m, device=device, training=True)
+            # sharded on GPUs: load on the CPU; fully_shard moves each rank's shards to its GPU
+            model = load_model(m, device=torch.device("cpu") if sharded else device, training=True)
         except LorafitError:
             raise
         except Exception as e:  # e.g. a truncated or corrupt model.safetensors
@@ -220,6 +228,7 @@ def prepare(
         eval_stats,
         adapted,
         dist,
+        sharded,
     )
 
 
@@ -426,25 +435,28 @@ def run(
     steps_per_epoch = math.ceil(bpe / accum)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     warmup = t.warmup_steps_for(total_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Everything a checkpoint restores is read and applied here, in memory, before anything is written:
+    # the adapter onto the model before it is sharded, the training state after the optimizer exists.
+    if ckpt is not None:
+        state, training_state = restore_adapter(ckpt, model)
+    cdtype = compute_dtype(job.precision, model)
+    loss_module, loss_scale = distributed.wrap(d, model, cdtype, device=device, fsdp=job.sharded)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP: the shards (DTensors)
     optimizer = make_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.lr_scheduler_type, warmup, total_steps)
     )
     scaler = torch.amp.GradScaler(device.type) if job.precision == "fp16" else None
-    cdtype = compute_dtype(job.precision, model)
-    loss_module, loss_scale = distributed.wrap(d, model, cdtype, device=device)
     eval_every = t.eval_every()
     max_skips = t.skip_nonfinite_batches
     fingerprint = data_fingerprint(data)
     say = (tqdm.write if progress else log.info) if main else (lambda *a, **k: None)
 
-    # Everything a checkpoint restores is read and applied here, in memory, before anything is written.
     start_step, tokens_seen, targets_seen, skipped, history = 0, 0, 0, 0, []
     window = {"loss": 0.0, "targets": 0, "tokens": 0}
     eval_before = None
     if ckpt is not None:
-        state = restore_checkpoint(ckpt, model, optimizer, scheduler, scaler, rank=d.rank)
+        restore_training_state(ckpt, training_state, optimizer, scheduler, scaler, rank=d.rank)
         start_step, tokens_seen, targets_seen = state["step"], state["tokens"], state["targets"]
         skipped = state.get("skipped", 0)
         window = {**window, **state.get("window", {})}
@@ -461,6 +473,9 @@ def run(
                 f"warning: the run now has {total_steps} steps, the checkpoint's had {state['total_steps']}"
             )
 
+    # every rank has checked the output directory and the checkpoint before rank 0 writes the first byte
+    # (DDP's constructor is a collective and met here anyway; FSDP's fully_shard is not)
+    distributed.barrier(d)
     if main:
         make_output_dir(out)
     with output_lock(out) if main else contextlib.nullcontext(), Stop(d) as stop:
@@ -487,11 +502,18 @@ def run(
             res = eval_loss(
                 model, job.eval_data, batch_size=t.per_device_eval_batch_size, max_seq_length=t.max_seq_length,
                 pad_id=pad_id, device=device, precision=job.precision, packing=t.packing, dist=d,
+                module=loss_module if job.sharded else None,
             )  # fmt: skip
             emit({"step": step, "epoch": round(step / steps_per_epoch, 4), **res})
             return res
 
         say(trainable_summary(model, job.adapted))
+        if job.sharded:
+            held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+            total = sum(p.numel() for p in model.parameters())
+            say(
+                f"sharded (FSDP2) over {d.world_size} processes: each holds {held:,} of the {total:,} parameters"
+            )
         s = job.train_stats
         say(
             f"data: {s.conversations} conversations, {s.tokens:,} tokens ({s.supervised_tokens:,} trained), "
@@ -520,23 +542,22 @@ def run(
             return epoch_cache[epoch][j * accum : (j + 1) * accum]
 
         def save_checkpoint(step: int) -> Path:
-            rngs = distributed.gather_objects(d, torch.get_rng_state())  # collective: every rank calls this
+            # collectives, which every rank calls: RNG states, and (FSDP) the whole LoRA and AdamW tensors
+            rngs = distributed.gather_objects(d, torch.get_rng_state())
+            values = distributed.full_values(model) if job.sharded or main else {}
+            opt_state = distributed.full_optimizer_state(optimizer) if job.sharded else optimizer.state_dict()
             final = out / f"checkpoint-{step}"
             if not main:
                 return final
-            bad = [
-                n
-                for n, p in model.named_parameters()
-                if p.requires_grad and not bool(torch.isfinite(p).all())
-            ]
+            bad = [n for n, v in values.items() if not bool(torch.isfinite(v).all())]
             if bad:  # never reached while the non-finite guard stands, but a NaN checkpoint is never written
                 raise NonFiniteError(
                     f"step {step}: {bad[0]} holds NaN/Inf values; not writing checkpoint-{step}"
                 )
             with atomic_dir(final) as tmp:
-                lora.save_adapter(model, tmp, **adapter_kwargs(job))
+                lora.save_adapter(model, tmp, values=values, **adapter_kwargs(job))
                 ts = {
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": opt_state,
                     "scheduler": scheduler.state_dict(),
                     "rng_cpu": torch.get_rng_state(),
                 }
@@ -605,7 +626,7 @@ def run(
             else:
                 if scaler:
                     scaler.unscale_(optimizer)
-                grad_norm = float(
+                grad_norm = distributed.grad_norm_value(
                     torch.nn.utils.clip_grad_norm_(
                         params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                     )
@@ -689,9 +710,10 @@ def run(
         last_eval = evals[-1] if evals else None
         if job.eval_data is not None and (last_eval is None or last_eval["step"] != step):
             last_eval = evaluate_now(step)
+        values = distributed.full_values(model) if job.sharded or main else {}  # collective under FSDP
         if not main:
             return {"rank": d.rank, "steps": step}
-        lora.save_adapter(model, out, **adapter_kwargs(job))
+        lora.save_adapter(model, out, values=values, **adapter_kwargs(job))
         train_losses = [h for h in history if h.get("loss") is not None]
         results = {
             "train_loss": sum(h["loss"] for h in train_losses) / len(train_losses) if train_losses else None,
@@ -727,11 +749,12 @@ def stopping(stop: Stop) -> bool:
     return bool(all_sum(stop.dist, float(requested))[0]) if stop.dist.enabled else requested
 
 
-def restore_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler, rank: int = 0) -> dict:
-    """Load a checkpoint's adapter, optimizer, scheduler and RNG states; returns its trainer state.
+def restore_adapter(ckpt: Path, model) -> tuple[dict, dict]:
+    """Read and check a checkpoint and put its adapter onto the (not yet sharded) model.
 
-    Every file is read and checked before it is applied, and nothing is written; a damaged checkpoint
-    is a LorafitError naming the file and an older checkpoint to use instead.
+    Returns (trainer state, training state) for `restore_training_state`. Every file is read and
+    checked before anything is applied, and nothing is written; a damaged checkpoint is a
+    LorafitError naming the file and an older checkpoint to use instead.
     """
     fix = resume_fix(ckpt)
     state = read_trainer_state(ckpt, fix)
@@ -745,8 +768,18 @@ def restore_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler, rank: in
         lora.load_adapter(model, ckpt, trainable=True)
     except lora.LoraError as e:
         raise LorafitError(f"{ckpt}: cannot resume from this checkpoint: {e}\n{fix}") from e
+    return state, ts
+
+
+def restore_training_state(ckpt: Path, ts: dict, optimizer, scheduler, scaler, rank: int = 0) -> None:
+    """Load a checkpoint's optimizer, scheduler and RNG states (`ts`, read by `restore_adapter`).
+
+    The optimizer state is saved whole; on sharded parameters each rank keeps its own rows of it.
+    """
+    fix = resume_fix(ckpt)
     try:
         optimizer.load_state_dict(ts["optimizer"])
+        distributed.shard_optimizer_state(optimizer)
         scheduler.load_state_dict(ts["scheduler"])
         ranks = ts.get("rng_cpu_ranks")  # a distributed run keeps every rank's RNG (dropout masks)
         torch.set_rng_state(ranks[rank] if ranks and rank < len(ranks) else ts["rng_cpu"])
@@ -759,7 +792,6 @@ def restore_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler, rank: in
             f"{ckpt / TRAINING_STATE_FILE}: does not fit this run ({type(e).__name__}: {e}); was the "
             f"checkpoint written with other peft_config or optimizer settings? {fix}"
         ) from e
-    return state
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -53,3 +53,13 @@ def test_quick_benchmark_runs(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| lorafit |" in report and "TRL SFTTrainer + PEFT" in report
+
+
+@pytest.mark.slow
+def test_sharding_benchmark_runs(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.sharding", "--size", "demo", "--steps", "1", "--seq", "128",
+         "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "| 2 x FSDP | 1 |" in r.stdout

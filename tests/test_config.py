@@ -522,6 +522,60 @@ def test_eval_every_and_mixed_precision():
     assert TrainingConfig(fp16=True).mixed_precision(bf16_fast=True) == "fp16"
 
 
+# ------------------------------------------------------------------------------------------------ fsdp
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, True), (False, False), (None, False), ("", False), ("full_shard", True), ("FULL_SHARD", True),
+        ("full_shard auto_wrap", True), (["full_shard", "auto_wrap"], True), ([], False),
+    ],
+)  # fmt: skip
+def test_fsdp_takes_hugging_face_forms(value, expected):
+    assert TrainingConfig.from_dict({"fsdp": value}).fsdp is expected
+    assert TrainingConfig().fsdp is False
+
+
+def test_fsdp_from_overrides_and_round_trip(tmp_path):
+    assert load_config(overrides=["training_config.fsdp=full_shard"]).training_config.fsdp is True
+    assert load_config(overrides=["training_config.fsdp="]).training_config.fsdp is False
+    cfg = load_config(overrides=["training_config.fsdp=true"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml").training_config.fsdp is True
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("full_shard offload", "'offload' is not supported (CPU offload is not implemented); use true"),
+        ("shard_grad_op", "'shard_grad_op' is not supported (only full sharding is implemented)"),
+        ("no_shard", "for plain data parallel training leave fsdp off (false)"),
+        ("yes", "expected true, false, 'full_shard' or 'full_shard auto_wrap', got 'yes' (str)"),
+        (2, "got 2 (int)"),
+        (["auto_wrap"], "got ['auto_wrap'] (list)"),
+    ],
+)
+def test_fsdp_bad_values_name_the_key_and_the_fix(value, expected):
+    message = error_of(TrainingConfig.from_dict, {"fsdp": value})
+    assert "training_config.fsdp: " in message and expected in message
+
+
+def test_fsdp_with_fp16_is_refused():
+    message = error_of(TrainingConfig.from_dict, {"fsdp": True, "fp16": True})
+    assert (
+        "training_config.fp16: fp16 loss scaling is not supported with fsdp" in message
+        and "use bf16" in message
+    )
+
+
+def test_fsdp_config_is_ignored_with_a_warning():
+    with pytest.warns(
+        ConfigWarning, match=r"training_config.fsdp_config is ignored: lorafit shards each decoder"
+    ):
+        TrainingConfig.from_dict({"fsdp": "full_shard", "fsdp_config": {"min_num_params": 0}})
+
+
 # --------------------------------------------------------------------------------------- save and load
 
 

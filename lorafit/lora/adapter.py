@@ -146,13 +146,19 @@ def _slices_from_block(b: torch.Tensor, spec: dict) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- model -> files
 
 
-def model_loras(model: nn.Module) -> dict[str, ModuleLora]:
-    """The LoRA factors of every LoRA layer of `model` (detached CPU tensors), by module name."""
+def model_loras(model: nn.Module, values: Mapping[str, torch.Tensor] | None = None) -> dict[str, ModuleLora]:
+    """The LoRA factors of every LoRA layer of `model` (detached CPU tensors), by module name.
+
+    `values` (parameter name -> tensor) are taken instead of the layers' own factors where given: whole
+    tensors gathered from a model whose parameters are sharded across processes.
+    """
+    values = values or {}
     out: dict[str, ModuleLora] = {}
     for name, layer in lora_modules(model).items():
         if layer.merged:
             raise LoraError(f"{name} is merged; unmerge the model before saving an adapter")
-        a, b = layer.lora_A.detach().cpu().contiguous(), layer.lora_B.detach().cpu().contiguous()
+        a = values.get(_join(name, "lora_A"), layer.lora_A).detach().cpu().contiguous()
+        b = values.get(_join(name, "lora_B"), layer.lora_B).detach().cpu().contiguous()
         if isinstance(layer, MergedLinear):
             slices = {"split_sizes": list(layer.split_sizes), "enable_lora": list(layer.enable_lora)}
             out[name] = ModuleLora("linear", a, b, layer.r, layer.lora_alpha, slices)
@@ -261,23 +267,27 @@ def save_adapter(
     task_type: str = "CAUSAL_LM",
     revision: str | None = None,
     extra_metadata: dict | None = None,
+    values: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model's LoRA layers (+ the parameters of `modules_to_save`) as a PEFT adapter folder.
 
     With `bias="all"` or `"lora_only"` the trainable biases are written too, under their own names
-    (`base_model.model.<module>.bias`), so the trained biases are not lost.
+    (`base_model.model.<module>.bias`), so the trained biases are not lost. `values` (parameter name ->
+    tensor) replace the model's own parameters where given, e.g. whole tensors gathered from shards.
     """
-    loras = model_loras(model)
+    values = values or {}
+    loras = model_loras(model, values)
     named = dict(model.named_modules())
     full = {}
     if bias != "none":
         for pname, p in model.named_parameters():
             if p.requires_grad and pname.rsplit(".", 1)[-1] == "bias" and "lora_" not in pname:
-                full[pname] = p
+                full[pname] = values.get(pname, p)
     for mod_name in modules_to_save or []:
         for pname, p in named[mod_name].named_parameters():
             if "lora_" not in pname:  # LoRA factors inside a fully trained module are saved as LoRA
-                full[f"{mod_name}.{pname}"] = p
+                key = f"{mod_name}.{pname}"
+                full[key] = values.get(key, p)
     use_rslora = any(getattr(layer, "use_rslora", False) for layer in lora_modules(model).values())
     shapes = {n: list(_base_weight(named[n]).shape) for n in loras}
     return write_adapter(
