@@ -147,6 +147,10 @@ def render(results: dict) -> str:
     add(f"started {results['started']}, took {results['duration_min']:.1f} min. Every number below comes from "
         "that run (raw data: `results.json` in the run's workdir). How to run it: [bench/README.md](bench/README.md).")  # fmt: skip
     add("")
+    add("Other benchmarks, each from its own command: several processes (`python -m bench.sharding`, "
+        "[BENCHMARKS-sharding.md](BENCHMARKS-sharding.md)) and a 4-bit base (`python -m bench.qlora`, "
+        "[BENCHMARKS-qlora.md](BENCHMARKS-qlora.md)).")  # fmt: skip
+    add("")
     add("## Machine")
     add("")
     fast = results["precision"] == "bf16"
