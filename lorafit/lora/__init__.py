@@ -18,7 +18,7 @@ This package imports only torch and safetensors, never transformers or the rest 
 
 from .adapter import load_adapter, read_adapter, save_adapter
 from .inject import inject
-from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear
+from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear, WrappedLinear
 from .state import (
     LoraError,
     LoRALayer,
@@ -36,6 +36,7 @@ __all__ = [
     "LoRALayer",
     "Linear",
     "MergedLinear",
+    "WrappedLinear",
     "Embedding",
     "ConvLoRA",
     "Conv1d",
