@@ -106,7 +106,7 @@ def _no_match_error(target: TargetSpec, exclude: TargetSpec, layers: Mapping[str
     if not layers:
         return LoraError(
             f"inject(): target_modules={target!r} matched nothing: this model has no layer LoRA can adapt "
-            "(nn.Linear, nn.Embedding, nn.Conv1d/2d/3d)."
+            "(nn.Linear, nn.Embedding, nn.Conv1d/2d/3d; quantized linear layers need wrap=(their type,))."
         )
     suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers if isinstance(layers[n], nn.Linear)))
     suffixes = suffixes[:2] or [next(iter(layers)).rsplit(".", 1)[-1]]
