@@ -323,6 +323,10 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
 def trainable_summary(model: nn.Module, adapted: list[str]) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():  # a quantized layer's weight is packed: count the weights it stands for
+        w = getattr(m, "weight", None)
+        if quant.is_quantized_layer(m) and w is not None:
+            total += m.in_features * m.out_features - w.numel()
     groups: dict[str, int] = {}
     for name in adapted:
         key = ".".join("*" if part.isdigit() else part for part in name.split("."))

@@ -115,11 +115,15 @@ def keep_packed_layout(model: nn.Module) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+def is_quantized_layer(m: nn.Module) -> bool:
+    """A bitsandbytes quantized linear layer (checked by name: a model cannot hold one unless
+    bitsandbytes is imported already, and otherwise this must not import it)."""
+    return type(m).__name__ in ("Linear4bit", "Linear8bitLt") and "bitsandbytes" in type(m).__module__
+
+
 def is_quantized(model: nn.Module) -> bool:
-    """True when any module of `model` is a bitsandbytes quantized linear layer (bitsandbytes not imported
-    otherwise: a model cannot hold its layers without it)."""
-    names = {"Linear4bit", "Linear8bitLt"}
-    return any(type(m).__name__ in names and "bitsandbytes" in type(m).__module__ for m in model.modules())
+    """True when any module of `model` is a bitsandbytes quantized linear layer."""
+    return any(is_quantized_layer(m) for m in model.modules())
 
 
 def method_of(layer: nn.Module) -> str:

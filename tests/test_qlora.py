@@ -207,6 +207,8 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
     reloaded, _ = load(str(base_dir), out, dtype="bf16", device="cpu", quantization="nf4")
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits.float(), want)
+    # loading into existing wrapped layers (what --resume does) checks their slices and shapes
+    assert lora.load_adapter(reloaded, out, trainable=True) == sorted(lora.lora_modules(reloaded))
 
     merged_dir = merge_to_hf(None, out, tmp_path / "merged")  # the adapter records base and quantization
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
@@ -226,3 +228,14 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
     assert report["method"] == "nf4" and report["base_weights"] == "dequantized"
     assert report["summary"]["layers"] == 4 * 4  # qkv, o, gate_up, down in each of 4 layers
     assert 0.05 < report["summary"]["relative_error_overall"] < 0.3
+
+    # --base-weights original: merged into the unquantized checkpoint, the error report computed by
+    # quantizing each weight again (the same numbers as measured on the loaded 4-bit layers)
+    original_dir = merge_to_hf(None, out, tmp_path / "original", base_weights="original")
+    original = AutoModelForCausalLM.from_pretrained(original_dir)
+    with torch.no_grad():
+        assert float((original(input_ids=ids).logits.float() - far).norm() / far.norm()) < near_err
+    again = json.loads((original_dir / ERROR_REPORT).read_text())
+    assert again["base_weights"] == "original" and again["layers"].keys() == report["layers"].keys()
+    for name, layer in report["layers"].items():
+        assert again["layers"][name]["relative_error"] == pytest.approx(layer["relative_error"], rel=0.01)

@@ -3,6 +3,8 @@
 The new layers reuse the original ``weight``/``bias`` Parameter objects (no copy, no re-initialisation),
 so parameter names stay the same and the original checkpoint still loads — for convolutions the base
 keys become loralib's ``X.conv.weight``, and plain ``X.weight`` keys are still accepted on load.
+Quantized linear layers (``wrap=``) are not rebuilt but wrapped whole in a ``WrappedLinear``: their
+own state-dict format (packed weight + quantization state) moves under ``X.base_layer.``.
 """
 
 from __future__ import annotations

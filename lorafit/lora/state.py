@@ -237,7 +237,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
         if "lora_" in k:
             out[k] = v
             stem = k.split("lora_")[0]
-            for bias_key in (stem + "bias", stem + "conv.bias"):
+            for bias_key in (stem + "bias", stem + "conv.bias", stem + "base_layer.bias"):
                 if bias_key in sd:
                     out[bias_key] = sd[bias_key]
     return out
