@@ -72,7 +72,7 @@ __all__ = [
     "save_config",
 ]
 
-# Example configs shipped with lorafit (phi3-mini-lora.yaml, sample_finetune.yaml).
+# Example configs shipped with lorafit (phi3-mini-lora.yaml, phi3-mini-qlora.yaml, sample_finetune.yaml).
 SHIPPED_CONFIGS_DIR = Path(__file__).parent / "resources" / "configs"
 
 

@@ -11,6 +11,8 @@ weight in all) or ``Linear8bitLt`` (int8 rows, one fp32 scale per row). Embeddin
 ``lm_head`` stay in the model dtype: on a small vocab-heavy model they are most of the memory
 (BENCHMARKS-qlora.md). On CPU this is bitsandbytes' own CPU backend (checked with 0.50.2: nf4, fp4
 and int8 forward and backward; a 4-bit matmul dequantizes to the compute dtype and calls torch).
+bitsandbytes rather than torchao's NF4 tensor: one library and one code path (transformers'
+BitsAndBytesConfig) for CUDA and CPU, with fp4 and int8 as well as nf4, and nothing written by hand.
 
 Training: :func:`lorafit.model.apply_lora` passes :func:`quantized_types` to ``lora.inject`` as
 ``wrap``, so each targeted quantized layer is wrapped in a ``lora.WrappedLinear``
@@ -124,12 +126,6 @@ def is_quantized_layer(m: nn.Module) -> bool:
 def is_quantized(model: nn.Module) -> bool:
     """True when any module of `model` is a bitsandbytes quantized linear layer."""
     return any(is_quantized_layer(m) for m in model.modules())
-
-
-def method_of(layer: nn.Module) -> str:
-    """nf4, fp4 or int8: how a bitsandbytes layer stores its weight."""
-    state = getattr(layer.weight, "quant_state", None)
-    return state.quant_type if state is not None else "int8"
 
 
 def _dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
