@@ -213,6 +213,7 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
         use_packed_sdpa(model)  # sdpa -> lorafit_sdpa: attention per packed conversation
     if quantized:
         quant.keep_packed_layout(model)
+        quant.release_checkpoint(model)
     else:
         model.to(device)
     return model

@@ -117,6 +117,26 @@ def keep_packed_layout(model: nn.Module) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+@torch.no_grad()
+def release_checkpoint(model: nn.Module) -> None:
+    """Copy the weights that stay unquantized (embeddings, lm_head, norms, biases) into memory of their own.
+
+    transformers leaves them as views of the memory-mapped checkpoint file, which keeps the whole
+    mapping alive: every page read while quantizing stays resident, so a 4-bit model would hold the
+    full bf16 file in its RSS (medium bench model: 2.4 GB after loading, 1.1 GB after this copy).
+    """
+    seen: set[int] = set()
+    for m in model.modules():
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is None or id(t) in seen or not t.is_floating_point():
+                continue
+            seen.add(id(t))
+            if name in m._parameters:
+                t.data = t.data.clone()
+            else:
+                m._buffers[name] = t.clone()
+
+
 def is_quantized_layer(m: nn.Module) -> bool:
     """A bitsandbytes quantized linear layer (checked by name: a model cannot hold one unless
     bitsandbytes is imported already, and otherwise this must not import it)."""
