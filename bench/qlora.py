@@ -258,10 +258,12 @@ def render(results: dict) -> str:
         "scale per 64 weights + one fp32 scale per 256 scales). Embeddings and lm_head (32,064 x hidden each) "
         "stay bf16, so the whole-model ratio falls with size: about 0.6x for small, 0.36x for medium, 0.30x "
         "for Phi-3-mini, where the linear layers are 95% of the weights.",
-        "- RSS after load includes bitsandbytes itself (its import adds ~115 MB) and load-time buffers the "
-        "allocator keeps after quantizing. Peak RSS is reached in training (activations, the chunked loss head, "
-        "optimizer state) and is about the same for both bases on the small model; it reflects the weights "
-        "only once they dominate (medium, and more so Phi-3-mini).",
+        "- RSS: the bf16 checkpoint is memory-mapped, so a bf16 base enters the RSS page by page as training "
+        "first reads it (its RSS after load is low, its peak RSS includes it); a 4-bit load reads every weight to "
+        "quantize it, and then holds the 4-bit copy, the bf16 embeddings/lm_head and bitsandbytes itself (~115 MB "
+        "for its import). Peak RSS is set in training by activations (batch 4 x 512 tokens, no gradient "
+        "checkpointing), the loss head and the optimizer, which are the same for both bases: here they are "
+        "several GB, so the saving in weights is a small part of the peak on these models.",
         "- Speed on this CPU: bf16 matmuls are fast (AVX512-BF16), and bitsandbytes' CPU backend dequantizes "
         "each 4-bit weight to bf16 before every matmul (forward, and again in backward), so a 4-bit step "
         "costs more than a bf16 one. On CUDA the dequantization is a fused kernel. The machine is shared "

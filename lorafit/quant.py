@@ -124,11 +124,12 @@ def release_checkpoint(model: nn.Module) -> None:
     transformers leaves them as views of the memory-mapped checkpoint file, which keeps the whole
     mapping alive: every page read while quantizing stays resident, so a 4-bit model would hold the
     full bf16 file in its RSS (medium bench model: 2.4 GB after loading, 1.1 GB after this copy).
+    Tensors on a GPU were copied there already and are left alone.
     """
     seen: set[int] = set()
     for m in model.modules():
         for name, t in list(m._parameters.items()) + list(m._buffers.items()):
-            if t is None or id(t) in seen or not t.is_floating_point():
+            if t is None or id(t) in seen or not t.is_floating_point() or t.device.type != "cpu":
                 continue
             seen.add(id(t))
             if name in m._parameters:
