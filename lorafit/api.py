@@ -122,6 +122,7 @@ def evaluate(
     train_on: str = "assistant",
     dtype: str = "auto",
     device: str = "auto",
+    quantization: str = "none",
 ) -> dict:
     """Eval loss and perplexity of base (+ adapter) on a chat data file: {eval_loss, eval_perplexity, ...}."""
     from lorafit.attention import use_packed_sdpa
@@ -135,7 +136,7 @@ def evaluate(
 
         raise ConfigError("evaluate needs data=FILE (a chat JSONL/JSON/Parquet file)")
     convs = load_conversations(data)
-    net, tok = _load(model, adapter, dtype=dtype, device=device)
+    net, tok = _load(model, adapter, dtype=dtype, device=device, quantization=quantization)
     use_packed_sdpa(net)  # the attention training's eval uses, so both give the same eval loss
     tokens, stats = tokenize(
         tok, convs, max_seq_length=max_seq_length, end_of_turn=end_of_turn(tok), train_on=train_on
@@ -158,11 +159,22 @@ def merge_adapter(
     *,
     dtype: str = "auto",
     overwrite: bool = False,
+    quantization: str | None = None,
+    base_weights: str = "dequantized",
 ) -> Path:
-    """Merge `adapter` into `model` (default: its recorded base) and write a plain Hugging Face model folder."""
+    """Merge `adapter` into `model` (default: its recorded base) and write a plain Hugging Face model folder.
+    A QLoRA adapter merges into the dequantized base by default (see lorafit.export.merge_to_hf)."""
     from lorafit.export import merge_to_hf
 
-    return merge_to_hf(model, adapter, output_dir, dtype, overwrite=overwrite)
+    return merge_to_hf(
+        model,
+        adapter,
+        output_dir,
+        dtype,
+        overwrite=overwrite,
+        quantization=quantization,
+        base_weights=base_weights,
+    )
 
 
 def export_adapter(adapter: str | Path, output_dir: str | Path, layout: str = "fused", base_model: str | None = None,

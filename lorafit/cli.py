@@ -4,11 +4,13 @@
                   [--config run.yaml] [--set section.key=value ...] [--resume [PATH]] [--overwrite]
     lorafit check-data --model M --data FILE [--max-seq-length N] [--train-on assistant|all] [--json]
     lorafit eval --model M [--adapter A] --data FILE          prints JSON
+                 (eval, generate, chat: [--quantization nf4|fp4|int8] for a QLoRA adapter's base)
     lorafit generate --model M [--adapter A] --prompt TEXT [--system TEXT] [--max-new-tokens N]
     lorafit chat --model M [--adapter A] [--system TEXT]
     lorafit tiny-model OUT [--size demo|tiny|small|medium]
     lorafit demo [--output-dir OUT]
     lorafit merge [--model BASE] --adapter A --output-dir OUT [--dtype auto|bf16|fp16|fp32]
+                  [--quantization nf4|fp4|int8] [--base-weights dequantized|original]
     lorafit export --adapter A --output-dir OUT [--layout fused|split|loralib] [--base-model M]
 
 Exit status: 0 success; 2 bad input or a failed run, with a one-paragraph message on stderr (no
@@ -37,6 +39,8 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"],
+                   help="load the base quantized (bitsandbytes), as a QLoRA adapter was trained")  # fmt: skip
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -104,7 +108,7 @@ def cmd_eval(a) -> int:
 
     res = evaluate(
         a.model, a.data, a.adapter, max_seq_length=a.max_seq_length, batch_size=a.batch_size, dtype=a.dtype,
-        device=a.device,
+        device=a.device, quantization=a.quantization,
     )  # fmt: skip
     print(json.dumps(res, indent=2))
     return 0
@@ -113,7 +117,7 @@ def cmd_eval(a) -> int:
 def cmd_generate(a) -> int:
     from lorafit.generate import generate, load
 
-    model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device)
+    model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device, quantization=a.quantization)
     print(
         generate(
             model, tok, a.prompt, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature
@@ -125,7 +129,7 @@ def cmd_generate(a) -> int:
 def cmd_chat(a) -> int:
     from lorafit.generate import chat, load
 
-    model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device)
+    model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device, quantization=a.quantization)
     chat(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature)
     return 0
 
@@ -148,8 +152,18 @@ def cmd_demo(a) -> int:
 def cmd_merge(a) -> int:
     from lorafit.export import merge_to_hf
 
-    out = merge_to_hf(a.model, a.adapter, a.output_dir, a.dtype, overwrite=a.overwrite)
+    out = merge_to_hf(
+        a.model, a.adapter, a.output_dir, a.dtype, overwrite=a.overwrite, quantization=a.quantization,
+        base_weights=a.base_weights,
+    )  # fmt: skip
     print(f"wrote the merged model to {out}")
+    report = out / "quantization_error.json"
+    if report.is_file():
+        s = json.loads(report.read_text())["summary"]
+        print(
+            f"quantized base: relative weight error {s['relative_error_overall']:.4f} overall, "
+            f"max {s['relative_error_max']:.4f} ({s['worst_layer']}); per layer in {report}"
+        )
     return 0
 
 
@@ -261,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                     help="dtype of the merged weights (auto: the base checkpoint's)")  # fmt: skip
     mg.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    mg.add_argument(
+        "--quantization",
+        default=None,
+        choices=["none", "nf4", "fp4", "int8"],
+        help="how the base was quantized in training (default: what the adapter records)",
+    )
+    mg.add_argument("--base-weights", default="dequantized", choices=["dequantized", "original"],
+                    help="QLoRA: merge into the dequantized base the adapter was trained on (default; "
+                    "written in bf16), or into the original unquantized weights")  # fmt: skip
     mg.set_defaults(func=cmd_merge)
 
     x = sub.add_parser(

@@ -72,7 +72,7 @@ __all__ = [
     "save_config",
 ]
 
-# Example configs shipped with lorafit (phi3-mini-lora.yaml, sample_finetune.yaml).
+# Example configs shipped with lorafit (phi3-mini-lora.yaml, phi3-mini-qlora.yaml, sample_finetune.yaml).
 SHIPPED_CONFIGS_DIR = Path(__file__).parent / "resources" / "configs"
 
 
@@ -601,6 +601,17 @@ class ModelConfig(_Section):
     trust_remote_code: bool = _opt(False, _bool())
     # Hub branch, tag or commit of the base model; null = the default branch.
     revision: str | None = _opt(None, _str(allow_none=True))
+    # QLoRA: hold the base model's linear layers (all but lm_head) quantized, through bitsandbytes
+    # (CUDA, or its CPU backend; `pip install 'lorafit[qlora]'`): none, nf4 (4-bit NormalFloat, QLoRA's
+    # choice), fp4 (4-bit float) or int8 (LLM.int8). LoRA trains on top; see lorafit/quant.py.
+    quantization: str = _opt("none", _choice(("none", "nf4", "fp4", "int8"), false_means="none"))
+    # 4-bit only: also quantize the per-block scales (~0.4 bit/parameter saved, QLoRA's "double quant").
+    bnb_4bit_use_double_quant: bool = _opt(True, _bool())
+    # 4-bit only: dtype the 4-bit weights are dequantized to for each matmul. auto: bf16 where it is
+    # fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp16 on CUDA and fp32 on CPU.
+    bnb_4bit_compute_dtype: str = _opt(
+        "auto", _choice(("auto", "bf16", "fp16", "fp32"), aliases=_DTYPE_ALIASES)
+    )
 
 
 @dataclass

@@ -321,6 +321,8 @@ def export_adapter(
 
 def _plain(layer: nn.Module) -> nn.Module:
     """A plain nn.Linear / nn.Embedding holding the (merged) weight and bias of a LoRA layer."""
+    if isinstance(layer, lora.WrappedLinear):  # merged: its base is a float nn.Linear (dequantized)
+        return layer.base_layer
     if isinstance(layer, nn.Linear):
         new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         new.bias = layer.bias
@@ -357,6 +359,20 @@ def merge_into_base(model: nn.Module) -> list[str]:
     return names
 
 
+BASE_WEIGHTS = ("dequantized", "original")
+ERROR_REPORT = "quantization_error.json"
+
+
+def _adapter_quantization(src: Path) -> dict:
+    """The quantization a lorafit adapter was trained with ({} when none or not recorded)."""
+    if src.is_file():
+        return {}
+    try:
+        return dict(lora.read_adapter(src).meta.get("quantization") or {})
+    except lora.LoraError:
+        return {}
+
+
 def merge_to_hf(
     model: str | None,
     adapter: str | Path,
@@ -365,10 +381,21 @@ def merge_to_hf(
     *,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    quantization: str | None = None,
+    double_quant: bool | None = None,
+    base_weights: str = "dequantized",
 ) -> Path:
     """Write base + adapter as one plain Hugging Face model folder (safetensors, config, tokenizer with
     its chat template, generation_config) that `AutoModelForCausalLM.from_pretrained` loads without
     lorafit. `dtype` "auto" keeps the base checkpoint's dtype. `model=None`: the adapter's recorded base.
+
+    An adapter trained on a quantized base (QLoRA; `quantization` nf4/fp4/int8, by default what the
+    adapter records) is merged, by default (`base_weights="dequantized"`), into the base as it was
+    trained on: quantized as in training, dequantized in fp32, LoRA added in fp32, written in bf16
+    ("auto"). `base_weights="original"` merges into the unquantized checkpoint weights instead. Either
+    way OUT/quantization_error.json gives the relative error of each dequantized base weight against
+    the original (lorafit.quant.error_report): by that much the export differs from the original
+    base + adapter ("dequantized"), or from the model that was trained ("original").
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -376,6 +403,8 @@ def merge_to_hf(
 
     if dtype != "auto" and dtype not in DTYPES:
         raise AdapterError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    if base_weights not in BASE_WEIGHTS:
+        raise AdapterError(f"base_weights must be one of {BASE_WEIGHTS}, got {base_weights!r}")
     src, out = Path(adapter).expanduser(), Path(output_dir).expanduser()
     try:  # a broken adapter fails before the base model is loaded
         recorded = _sidecar(src).get("base_model") if src.is_file() else lora.read_adapter(src).base_model
@@ -386,22 +415,63 @@ def merge_to_hf(
         if not model:
             raise AdapterError(f"{src}: the adapter records no base model. Fix: pass --model BASE")
     _check_output(out, overwrite, [src, Path(model).expanduser()])
+    trained = _adapter_quantization(src)
+    method = quantization or trained.get("method") or "none"
+    if double_quant is None:
+        double_quant = bool(trained.get("double_quant", True))
+    kwargs: dict = {"dtype": "auto" if dtype == "auto" else DTYPES[dtype]}
+    if method != "none":
+        from lorafit import quant
+
+        kwargs["dtype"] = torch.bfloat16 if dtype == "auto" else DTYPES[dtype]
+        if base_weights == "dequantized":
+            kwargs.update(
+                quantization_config=quant.bnb_config(method, double_quant=double_quant),
+                device_map={"": "cpu"},
+            )
+        else:
+            kwargs["dtype"] = torch.float32  # the original weights, merged in fp32, written in bf16
     try:
-        net = AutoModelForCausalLM.from_pretrained(
-            model, dtype="auto" if dtype == "auto" else DTYPES[dtype], trust_remote_code=trust_remote_code
-        )
+        net = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code, **kwargs)
         tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise AdapterError(
             f"cannot load base model {model!r}: {e}\nFix: pass --model with a model folder"
         ) from e
     load_any_adapter(net, src)
+    report = None
+    if method != "none":
+        report = _quantization_error(net, model, method, double_quant, base_weights)
+        quant.dequantize(net)  # quantized layers -> nn.Linear in fp32 (nothing to do for "original")
     merge_into_base(net)
     leftover = [k for k in net.state_dict() if "lora_" in k]
     if leftover:  # pragma: no cover - merge_into_base replaces every LoRA layer
         raise AdapterError(f"merge left LoRA weights behind: {leftover[:3]}")
+    if method != "none":
+        net.to(torch.bfloat16 if dtype == "auto" else DTYPES[dtype])
     net.config.use_cache = True
     with atomic_dir(out) as tmp:
         net.save_pretrained(tmp, max_shard_size="5GB")  # shards the size Phi-3's own repository uses
         tok.save_pretrained(tmp)
+        if report is not None:
+            report["base_weights"] = base_weights
+            (tmp / ERROR_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return out
+
+
+def _quantization_error(
+    net: nn.Module, model: str, method: str, double_quant: bool, base_weights: str
+) -> dict:
+    """The per-layer quantization error report: loaded quantized layers against the checkpoint, or (for
+    base_weights="original") each linear weight but the output head quantized and dequantized again."""
+    from lorafit import quant
+
+    if base_weights == "dequantized":
+        pairs = quant.dequantized_pairs(net, model)
+    else:
+        head = net.get_output_embeddings()
+        linears = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear) and m is not head]
+        pairs = (
+            (n, m.weight, quant.roundtrip(m.weight, method, double_quant=double_quant)) for n, m in linears
+        )
+    return quant.error_report(pairs, method=method, double_quant=double_quant)

@@ -33,10 +33,12 @@ def load(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    quantization: str = "none",
 ):
     """Load a base model (hub id or folder) and optionally an adapter onto it; returns (model, tokenizer).
 
-    With `model=None` the base recorded in the adapter's config is used.
+    With `model=None` the base recorded in the adapter's config is used. `quantization` (nf4, fp4,
+    int8) loads the base quantized, as a QLoRA adapter was trained (lorafit/quant.py).
     """
     if model is None:
         if adapter is None:
@@ -44,7 +46,7 @@ def load(
         model = adapter_base(adapter)
     cfg = ModelConfig(
         name_or_path=str(model), dtype=dtype, device=device, attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code, revision=revision,
+        trust_remote_code=trust_remote_code, revision=revision, quantization=quantization,
     )  # fmt: skip
     tokenizer = load_tokenizer(cfg.name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     net = load_model(cfg, device=resolve_device(device), training=False)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafit import lora
+from lorafit import lora, quant
 from lorafit.attention import use_packed_sdpa
 from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError, LorafitError
@@ -191,17 +191,31 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
         raise ConfigError(
             "model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa (the default)"
         )
+    quantized = {}
+    if cfg.quantization != "none":  # see lorafit/quant.py; lm_head and embeddings keep `dtype`
+        compute = quant.compute_dtype(cfg.bnb_4bit_compute_dtype, device)
+        quantized = {
+            "quantization_config": quant.bnb_config(
+                cfg.quantization, double_quant=cfg.bnb_4bit_use_double_quant, compute=compute
+            ),
+            "device_map": {"": device},  # quantized weights are placed on load, never moved after
+        }
     model = AutoModelForCausalLM.from_pretrained(
         cfg.name_or_path,
         dtype=dtype,
         attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
+        **quantized,
     )
     model.config.use_cache = not training
     if training:
         use_packed_sdpa(model)  # sdpa -> lorafit_sdpa: attention per packed conversation
-    model.to(device)
+    if quantized:
+        quant.keep_packed_layout(model)
+        quant.release_checkpoint(model)
+    else:
+        model.to(device)
     return model
 
 
@@ -268,6 +282,8 @@ def lora_dtype(peft: PeftConfig, model) -> torch.dtype:
 def apply_lora(model, peft: PeftConfig) -> list[str]:
     """Put LoRA layers on the model as `peft` asks; freeze everything else. Returns adapted names."""
     plan = plan_lora(model, peft.target_modules)
+    # quantized linear layers get LoRA around them (lora.WrappedLinear), see lorafit/quant.py
+    wrap = quant.quantized_types() if quant.is_quantized(model) else ()
     try:
         names = lora.inject(
             model,
@@ -280,6 +296,7 @@ def apply_lora(model, peft: PeftConfig) -> list[str]:
             use_rslora=peft.use_rslora,
             init_lora_weights="gaussian" if peft.init_lora_weights == "gaussian" else "default",
             lora_dtype=lora_dtype(peft, model),
+            wrap=wrap,
         )
     except lora.LoraError as e:
         raise ConfigError(f"peft_config.target_modules: {e}") from e
@@ -335,6 +352,10 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
 def trainable_summary(model: nn.Module, adapted: list[str]) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():  # a quantized layer's weight is packed: count the weights it stands for
+        w = getattr(m, "weight", None)
+        if quant.is_quantized_layer(m) and w is not None:
+            total += m.in_features * m.out_features - w.numel()
     groups: dict[str, int] = {}
     for name in adapted:
         key = ".".join("*" if part.isdigit() else part for part in name.split("."))

@@ -216,6 +216,8 @@ def prepare(
     if t.gradient_checkpointing:
         kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs.get("use_reentrant", True):  # reentrant checkpoints only backprop into inputs needing grad
+            model.enable_input_require_grads()
     return Job(
         run,
         model,
@@ -402,7 +404,16 @@ def adapter_kwargs(job: Job) -> dict:
         bias=p.bias,
         modules_to_save=[module_name(job.model, n) for n in p.modules_to_save or []] or None,
         revision=job.run.model.revision,
+        extra_metadata=quantization_metadata(job.run.model),
     )
+
+
+def quantization_metadata(m) -> dict | None:
+    """What the adapter's base was quantized with (lorafit merge reads it back), or None."""
+    if m.quantization == "none":
+        return None
+    double = m.bnb_4bit_use_double_quant if m.quantization != "int8" else None
+    return {"quantization": {"method": m.quantization, "double_quant": double}}
 
 
 class NonFiniteError(LorafitError):

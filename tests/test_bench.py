@@ -63,3 +63,34 @@ def test_sharding_benchmark_runs(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "| 2 x FSDP | 1 |" in r.stdout
+
+
+def test_qlora_phi3_mini_estimate_counts_its_shapes():
+    from bench.qlora import phi3_mini_estimate
+
+    e = phi3_mini_estimate(0.5166)  # 4 bits + an 8-bit scale per 64 weights + an fp32 scale per 256 scales
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                     num_attention_heads=32, tie_word_embeddings=False)  # fmt: skip
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(cfg)
+    linear = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
+    assert e["linear_weights"] == linear
+    assert e["linear_weights"] + e["other_weights"] == sum(p.numel() for p in model.parameters())
+    assert 0.29 < e["ratio"] < 0.30
+
+
+@pytest.mark.slow
+def test_quick_qlora_benchmark_runs(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.qlora", "--quick", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "| nf4 |" in (tmp_path / "BENCHMARKS-qlora.md").read_text()

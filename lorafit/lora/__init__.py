@@ -8,7 +8,8 @@ Code written for loralib runs with ``import lorafit as lora`` or ``from lorafit 
 
 and loralib checkpoints load into lorafit layers (and back) with the same outputs. On top of loralib:
 :func:`inject` puts LoRA into an existing model, :func:`merge`/:func:`unmerge` merge explicitly and
-exactly (``eval()`` never merges), and every layer has ``delta_weight()`` for export. See
+exactly (``eval()`` never merges), and every layer has ``delta_weight()`` for export.
+:class:`WrappedLinear` adds LoRA around any linear-like module, e.g. a quantized one (QLoRA). See
 :mod:`lorafit.lora.layers` for what differs from loralib on purpose.
 
 :func:`save_adapter`/:func:`load_adapter` read and write PEFT's adapter folder format.
@@ -18,7 +19,7 @@ This package imports only torch and safetensors, never transformers or the rest 
 
 from .adapter import load_adapter, read_adapter, save_adapter
 from .inject import inject
-from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear
+from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear, WrappedLinear
 from .state import (
     LoraError,
     LoRALayer,
@@ -36,6 +37,7 @@ __all__ = [
     "LoRALayer",
     "Linear",
     "MergedLinear",
+    "WrappedLinear",
     "Embedding",
     "ConvLoRA",
     "Conv1d",

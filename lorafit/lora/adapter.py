@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorafit.lora.inject import inject
-from lorafit.lora.layers import Embedding, Linear, MergedLinear
+from lorafit.lora.layers import Embedding, Linear, MergedLinear, WrappedLinear
 from lorafit.lora.state import LoraError, LoRALayer, lora_modules
 
 CONFIG_NAME = "adapter_config.json"
@@ -159,10 +159,9 @@ def model_loras(model: nn.Module, values: Mapping[str, torch.Tensor] | None = No
             raise LoraError(f"{name} is merged; unmerge the model before saving an adapter")
         a = values.get(_join(name, "lora_A"), layer.lora_A).detach().cpu().contiguous()
         b = values.get(_join(name, "lora_B"), layer.lora_B).detach().cpu().contiguous()
-        if isinstance(layer, MergedLinear):
-            slices = {"split_sizes": list(layer.split_sizes), "enable_lora": list(layer.enable_lora)}
-            out[name] = ModuleLora("linear", a, b, layer.r, layer.lora_alpha, slices)
-        elif isinstance(layer, Linear):
+        if _slices(layer) is not None:
+            out[name] = ModuleLora("linear", a, b, layer.r, layer.lora_alpha, _slices(layer))
+        elif isinstance(layer, (Linear, WrappedLinear)):
             if layer.fan_in_fan_out:
                 raise LoraError(f"{name}: fan_in_fan_out layers are not written in PEFT format")
             out[name] = ModuleLora("linear", a, b, layer.r, layer.lora_alpha)
@@ -176,10 +175,23 @@ def model_loras(model: nn.Module, values: Mapping[str, torch.Tensor] | None = No
     return out
 
 
-def _base_weight(module: nn.Module | None) -> torch.Tensor | None:
+def _slices(layer: nn.Module) -> dict | None:
+    """{"split_sizes", "enable_lora"} of a LoRA layer that adapts slices of a fused module, else None."""
+    if isinstance(layer, MergedLinear) or getattr(layer, "enable_lora", None) is not None:
+        return {"split_sizes": list(layer.split_sizes), "enable_lora": list(layer.enable_lora)}
+    return None
+
+
+def _base_shape(module: nn.Module | None) -> list[int] | None:
+    """The (out, in) shape of a linear layer's weight (also when it is stored quantized and packed), the
+    weight's shape otherwise; None when there is no module or weight."""
     if isinstance(module, LoRALayer):
-        return module._base_weight()
-    return getattr(module, "weight", None) if module is not None else None
+        module = module._base_module()
+    if module is None or getattr(module, "weight", None) is None:
+        return None
+    if isinstance(module, nn.Linear) and not getattr(module, "fan_in_fan_out", False):
+        return [module.out_features, module.in_features]
+    return list(module.weight.shape)
 
 
 def write_adapter(
@@ -289,7 +301,7 @@ def save_adapter(
                 key = f"{mod_name}.{pname}"
                 full[key] = values.get(key, p)
     use_rslora = any(getattr(layer, "use_rslora", False) for layer in lora_modules(model).values())
-    shapes = {n: list(_base_weight(named[n]).shape) for n in loras}
+    shapes = {n: _base_shape(named[n]) for n in loras}
     return write_adapter(
         out_dir, loras, full, use_rslora=use_rslora, base_model_name_or_path=base_model_name_or_path,
         base_shapes=shapes, lora_dropout=lora_dropout, bias=bias, modules_to_save=modules_to_save,
@@ -565,8 +577,8 @@ def _fit_problems(name: str, m: ModuleLora, mod: nn.Module, use_rslora: bool) ->
     """Why `m` cannot go onto module `mod` (empty if it fits)."""
     shapes = f"lora_A {tuple(m.A.shape)}, lora_B {tuple(m.B.shape)}"
     if isinstance(mod, LoRALayer) and mod._active:  # a LoRA layer already there (e.g. resuming training)
-        if isinstance(mod, MergedLinear):
-            mine = {"split_sizes": list(mod.split_sizes), "enable_lora": list(mod.enable_lora)}
+        mine = _slices(mod)
+        if mine is not None:
             if m.slices != mine:
                 return [
                     f"{name}: the model's layer adapts slices {mine}, the adapter has {m.slices or 'the whole module'}"
@@ -636,9 +648,9 @@ def apply_loras(
     base = base_model or "an unrecorded base model"
     mine = _model_name(model)
     diffs = [
-        f"{n}: adapter {list(s)}, model {list(_base_weight(named[n]).shape)}"
+        f"{n}: adapter {list(s)}, model {_base_shape(named[n])}"
         for n, s in (base_shapes or {}).items()
-        if _base_weight(named.get(n)) is not None and list(_base_weight(named[n]).shape) != list(s)
+        if _base_shape(named.get(n)) is not None and _base_shape(named[n]) != list(s)
     ]
     if diffs:
         more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
@@ -684,6 +696,17 @@ def apply_loras(
             f"adapter {source} (trained on {base}) does not fit this model ({mine}): {len(problems)} "
             f"problem(s):\n{listing}{more}\nFix: load it onto the base model it was trained on ({base})."
         )
+    # The adapter names its modules, so a named nn.Linear subclass with its own forward (a quantized
+    # layer, e.g. bitsandbytes' Linear4bit) is adapted by wrapping it (lora.WrappedLinear).
+    wrap = tuple(
+        {
+            type(mod)
+            for n in loras
+            if isinstance(mod := named.get(n), nn.Linear)
+            and not isinstance(mod, LoRALayer)
+            and type(mod).forward is not nn.Linear.forward
+        }
+    )
     by_shape: dict[tuple, list[str]] = {}
     for name, m in loras.items():
         if name not in existing:
@@ -695,12 +718,12 @@ def apply_loras(
             if loras[n].slices
         }
         inject(model, [n for n in names if n not in slices], r=r, lora_alpha=alpha, slices=slices or None,
-               use_rslora=use_rslora, lora_dtype=dtype or torch.float32)  # fmt: skip
+               use_rslora=use_rslora, lora_dtype=dtype or torch.float32, wrap=wrap)  # fmt: skip
     layers = lora_modules(model)
     with torch.no_grad():
         for name, m in loras.items():
             layer = layers[name]
-            a, b = (m.A, m.B) if isinstance(layer, MergedLinear) else m.whole(use_rslora)[:2]
+            a, b = (m.A, m.B) if _slices(layer) is not None else m.whole(use_rslora)[:2]
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
         for key, t in (full or {}).items():

@@ -3,6 +3,8 @@
 The new layers reuse the original ``weight``/``bias`` Parameter objects (no copy, no re-initialisation),
 so parameter names stay the same and the original checkpoint still loads — for convolutions the base
 keys become loralib's ``X.conv.weight``, and plain ``X.weight`` keys are still accepted on load.
+Quantized linear layers (``wrap=``) are not rebuilt but wrapped whole in a ``WrappedLinear``: their
+own state-dict format (packed weight + quantization state) moves under ``X.base_layer.``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear
+from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear, WrappedLinear
 from .state import LoraError, LoRALayer
 
 __all__ = ["inject"]
@@ -29,9 +31,10 @@ def _supported(m: nn.Module) -> bool:
     return any(isinstance(m, base) and type(m).forward is base.forward for base in _SUPPORTED)
 
 
-def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
-    """Layers LoRA can be put into, by name. Skips existing LoRA layers and anything inside them, and the
-    insides of nn.MultiheadAttention (it reads ``out_proj.weight`` directly, never calling its forward)."""
+def _adaptable(model: nn.Module, wrap: tuple[type[nn.Module], ...] = ()) -> dict[str, nn.Module]:
+    """Layers LoRA can be put into, by name: supported plain layers and instances of the ``wrap`` types.
+    Skips existing LoRA layers and anything inside them, and the insides of nn.MultiheadAttention (it
+    reads ``out_proj.weight`` directly, never calling its forward)."""
     found: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, m in model.named_modules():
@@ -39,7 +42,7 @@ def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(m, (LoRALayer, nn.MultiheadAttention)):
             skip.append(name + ".")
-        elif name and _supported(m):
+        elif name and (_supported(m) or isinstance(m, wrap)):
             found[name] = m
     return found
 
@@ -65,13 +68,15 @@ def _tied_to_input(model: nn.Module, layers: Mapping[str, nn.Module]) -> set[str
     return out
 
 
-def _matcher(spec: TargetSpec, what: str, model: nn.Module, layers) -> Callable[[str, nn.Module], bool]:
+def _matcher(
+    spec: TargetSpec, what: str, model: nn.Module, layers, wrap: tuple[type[nn.Module], ...] = ()
+) -> Callable[[str, nn.Module], bool]:
     if spec is None:
         return lambda name, m: False
     if isinstance(spec, str):
         if spec == "all-linear":
             heads = _tied_to_input(model, layers)
-            return lambda name, m: isinstance(m, nn.Linear) and name not in heads
+            return lambda name, m: isinstance(m, (nn.Linear, *wrap)) and name not in heads
         try:
             rx = re.compile(spec)
         except re.error as e:
@@ -103,7 +108,7 @@ def _no_match_error(target: TargetSpec, exclude: TargetSpec, layers: Mapping[str
     if not layers:
         return LoraError(
             f"inject(): target_modules={target!r} matched nothing: this model has no layer LoRA can adapt "
-            "(nn.Linear, nn.Embedding, nn.Conv1d/2d/3d)."
+            "(nn.Linear, nn.Embedding, nn.Conv1d/2d/3d; quantized linear layers need wrap=(their type,))."
         )
     suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers if isinstance(layers[n], nn.Linear)))
     suffixes = suffixes[:2] or [next(iter(layers)).rsplit(".", 1)[-1]]
@@ -118,9 +123,21 @@ def _no_match_error(target: TargetSpec, exclude: TargetSpec, layers: Mapping[str
     )
 
 
-def _build(m: nn.Module, spec: tuple[list[int], list[bool]] | None, lora_kw: dict) -> LoRALayer:
+def _build(
+    m: nn.Module,
+    spec: tuple[list[int], list[bool]] | None,
+    lora_kw: dict,
+    wrap: tuple[type[nn.Module], ...] = (),
+) -> LoRALayer:
     """A LoRA layer built around ``m``'s own Parameters (the module is created on 'meta' first so no
-    full-size weight is allocated or initialised, then the originals are put in)."""
+    full-size weight is allocated or initialised, then the originals are put in); a ``wrap`` type is
+    wrapped whole in a :class:`WrappedLinear`."""
+    if isinstance(m, wrap):
+        sizes, enable = spec if spec is not None else (None, None)
+        wrapped = WrappedLinear(m, enable_lora=enable, split_sizes=sizes, **lora_kw)
+        m.weight.requires_grad = False
+        wrapped.train(m.training)
+        return wrapped
     w = m.weight
     kw = {**lora_kw, "device": "meta", "dtype": w.dtype}
     if spec is not None:
@@ -174,10 +191,11 @@ def _check_slices(slices: Mapping, layers: Mapping[str, nn.Module]) -> None:
             )
         for n in hits:
             m = layers[n]
-            if not isinstance(m, nn.Linear) or sum(sizes) != m.out_features or len(sizes) != len(enable):
+            out = getattr(m, "out_features", None)
+            if isinstance(m, nn.Embedding) or sum(sizes) != out or len(sizes) != len(enable):
                 raise LoraError(
-                    f"inject(): slices[{key!r}] = ({sizes}, {enable}) does not fit {n} ({m!r}): it must be an "
-                    "nn.Linear whose out_features equals sum(split_sizes), with one enable flag per slice"
+                    f"inject(): slices[{key!r}] = ({sizes}, {enable}) does not fit {n} ({m!r}): it must be a "
+                    "linear layer whose out_features equals sum(split_sizes), with one enable flag per slice"
                 )
 
 
@@ -193,6 +211,7 @@ def inject(
     use_rslora: bool = False,
     init_lora_weights: str = "default",
     lora_dtype: torch.dtype | None = None,
+    wrap: tuple[type[nn.Module], ...] = (),
 ) -> list[str]:
     """Replace the matched ``nn.Linear``/``nn.Embedding``/``nn.Conv1d/2d/3d`` of ``model`` in place by
     LoRA layers and return the replaced module names, sorted.
@@ -212,12 +231,18 @@ def inject(
     as they are — call :func:`mark_only_lora_as_trainable` next. LoRA parameters are created on the base
     weight's device, in ``lora_dtype`` or else the base weight's dtype.
 
+    ``wrap``: linear-like module types (``in_features``/``out_features``, forward ``x @ W.T + b``) whose
+    forward LoRA must not replace, such as quantized layers (bitsandbytes ``Linear4bit``,
+    ``Linear8bitLt``): a matched instance is wrapped in a :class:`WrappedLinear`, slices included, and
+    ``"all-linear"`` matches them too. Without ``wrap`` such subclasses of nn.Linear are left alone.
+
     Raises :class:`LoraError` when nothing matches (the message lists the model's layers, with layer
     indices collapsed to ``*``), when a ``slices`` key matches no layer, or when a slice spec does not fit.
     """
-    layers = _adaptable(model)
-    target = _matcher(target_modules, "target_modules", model, layers)
-    exclude = _matcher(exclude_modules, "exclude_modules", model, layers)
+    wrap = tuple(wrap)
+    layers = _adaptable(model, wrap)
+    target = _matcher(target_modules, "target_modules", model, layers, wrap)
+    exclude = _matcher(exclude_modules, "exclude_modules", model, layers, wrap)
     slices = dict(slices or {})
     _check_slices(slices, layers)
 
@@ -241,7 +266,7 @@ def inject(
                 parents.setdefault(id(child), []).append((parent, child_name))
     for name, spec in chosen.items():
         old = layers[name]
-        new = _build(old, spec, lora)
+        new = _build(old, spec, lora, wrap)
         for parent, child_name in parents.get(id(old), []):
             setattr(parent, child_name, new)
     return sorted(chosen)

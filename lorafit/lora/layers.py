@@ -235,22 +235,7 @@ class MergedLinear(nn.Linear, LoRALayer):
             init_lora_weights=init_lora_weights,
             lora_dtype=lora_dtype,
         )
-        enable_lora = [bool(e) for e in enable_lora]
-        if not enable_lora:
-            raise LoraError("enable_lora must have one flag per output slice, got an empty list")
-        if split_sizes is None:
-            if out_features % len(enable_lora):
-                raise LoraError(
-                    f"len(enable_lora)={len(enable_lora)} must divide out_features={out_features}; "
-                    "pass split_sizes=[...] for unequal slices"
-                )
-            split_sizes = [out_features // len(enable_lora)] * len(enable_lora)
-        split_sizes = [int(s) for s in split_sizes]
-        if len(split_sizes) != len(enable_lora) or sum(split_sizes) != out_features or min(split_sizes) <= 0:
-            raise LoraError(
-                f"split_sizes={split_sizes} must be positive, one per enable_lora flag "
-                f"({len(enable_lora)}), and sum to out_features={out_features}"
-            )
+        enable_lora, split_sizes = _check_slices(out_features, enable_lora, split_sizes)
         self.enable_lora = enable_lora
         self.split_sizes = split_sizes
         self.fan_in_fan_out = fan_in_fan_out
@@ -276,11 +261,7 @@ class MergedLinear(nn.Linear, LoRALayer):
             self.reset_lora_parameters()
 
     def _b_block(self) -> torch.Tensor:
-        """(out, r*k) block-diagonal matrix: slice i's B block at its output rows and its r columns of h."""
-        pieces = iter(self.lora_B.split(self._enabled_sizes()))
-        empty = self.lora_B.new_zeros
-        blocks = [next(pieces) if e else empty(s, 0) for s, e in zip(self.split_sizes, self.enable_lora)]
-        return torch.block_diag(*blocks)
+        return _b_block(self.lora_B, self.split_sizes, self.enable_lora)
 
     def merge_AB(self) -> torch.Tensor:
         """loralib's unscaled dense ΔW/scaling in the weight's layout (for compatibility; not used in forward)."""
@@ -299,6 +280,136 @@ class MergedLinear(nn.Linear, LoRALayer):
             return torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
         delta = self._b_block().float() @ self.lora_A.float() * self.scaling  # (out, in)
         return _transpose_if(delta, self.fan_in_fan_out)
+
+
+def _b_block(lora_B: torch.Tensor, split_sizes: Sequence[int], enable_lora: Sequence[bool]) -> torch.Tensor:
+    """(out, r*k) block-diagonal matrix: slice i's B block at its output rows and its r columns of h."""
+    pieces = iter(lora_B.split([s for s, e in zip(split_sizes, enable_lora) if e]))
+    blocks = [next(pieces) if e else lora_B.new_zeros(s, 0) for s, e in zip(split_sizes, enable_lora)]
+    return torch.block_diag(*blocks)
+
+
+def _check_slices(out_features: int, enable_lora: Sequence[bool], split_sizes: Sequence[int] | None):
+    """(enable_lora, split_sizes) as lists, checked against out_features (equal slices by default)."""
+    enable_lora = [bool(e) for e in enable_lora]
+    if not enable_lora:
+        raise LoraError("enable_lora must have one flag per output slice, got an empty list")
+    if split_sizes is None:
+        if out_features % len(enable_lora):
+            raise LoraError(
+                f"len(enable_lora)={len(enable_lora)} must divide out_features={out_features}; "
+                "pass split_sizes=[...] for unequal slices"
+            )
+        split_sizes = [out_features // len(enable_lora)] * len(enable_lora)
+    split_sizes = [int(s) for s in split_sizes]
+    if len(split_sizes) != len(enable_lora) or sum(split_sizes) != out_features or min(split_sizes) <= 0:
+        raise LoraError(
+            f"split_sizes={split_sizes} must be positive, one per enable_lora flag "
+            f"({len(enable_lora)}), and sum to out_features={out_features}"
+        )
+    return enable_lora, split_sizes
+
+
+class WrappedLinear(nn.Module, LoRALayer):
+    """LoRA around any linear-like module: ``y = base_layer(x) + (dropout(x) @ A.T) @ B.T * scaling``.
+
+    For layers whose forward LoRA must not re-implement: quantized linear layers (bitsandbytes
+    ``Linear4bit``/``Linear8bitLt``, whose ``weight`` is packed 4-bit or int8 data, not an (out, in)
+    float matrix). ``base_layer`` needs ``in_features``/``out_features`` and must compute
+    ``x @ W.T + b`` for some (out, in) ``W``; it runs unchanged, the LoRA output is added to its output.
+    Shapes are :class:`Linear`'s — ``lora_A`` (r, in), ``lora_B`` (out, r) — or, with ``enable_lora``
+    (and ``split_sizes``), :class:`MergedLinear`'s slices of a fused projection, so adapters and
+    checkpoints do not depend on whether the base was quantized.
+
+    The base module keeps its own state-dict format under ``base_layer.`` (for a 4-bit layer the packed
+    weight and its quantization state); the LoRA factors are ``lora_A``/``lora_B`` as everywhere.
+    LoRA factors default to fp32 when the base weight is not a float tensor.
+    :meth:`merge` needs a float base weight: a quantized weight cannot absorb ΔW, so dequantize the
+    base layer first (``lorafit.quant.dequantize`` puts an ``nn.Linear`` there).
+    """
+
+    _weight_key = "base_layer.weight"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: Sequence[bool] | None = None,
+        split_sizes: Sequence[int] | None = None,
+        *,
+        use_rslora: bool = False,
+        init_lora_weights: str = "default",
+        lora_dtype: torch.dtype | None = None,
+    ):
+        nn.Module.__init__(self)
+        in_features, out_features = (
+            getattr(base_layer, "in_features", None),
+            getattr(base_layer, "out_features", None),
+        )
+        if not isinstance(in_features, int) or not isinstance(out_features, int):
+            raise LoraError(
+                f"WrappedLinear needs a module with int in_features/out_features, got {base_layer!r}"
+            )
+        self.base_layer = base_layer
+        w = self._base_weight()
+        if lora_dtype is None and not w.is_floating_point():
+            lora_dtype = torch.float32
+        LoRALayer.__init__(
+            self,
+            r,
+            lora_alpha,
+            lora_dropout,
+            True,
+            use_rslora=use_rslora,
+            init_lora_weights=init_lora_weights,
+            lora_dtype=lora_dtype,
+        )
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = False  # the base's own forward decides its layout
+        self.enable_lora: list[bool] | None = None
+        self.split_sizes: list[int] | None = None
+        rows = out_features
+        if enable_lora is not None:
+            self.enable_lora, self.split_sizes = _check_slices(out_features, enable_lora, split_sizes)
+            rows = sum(s for s, e in zip(self.split_sizes, self.enable_lora) if e)
+        k = 1 if self.enable_lora is None else sum(self.enable_lora)
+        if r > 0 and k > 0:
+            self._create_lora((r * k, in_features), (rows, r))
+            self.reset_lora_parameters()
+
+    def _base_weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    def _base_module(self) -> nn.Module:
+        return self.base_layer
+
+    def _b(self) -> torch.Tensor:
+        if self.enable_lora is None:
+            return self.lora_B
+        return _b_block(self.lora_B, self.split_sizes, self.enable_lora)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if not self._active or self.merged:
+            return result
+        h = F.linear(self._lora_input(x), self.lora_A)  # (..., r*k)
+        return result + F.linear(h * self.scaling, self._b()).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        if not self._active:
+            return torch.zeros((self.out_features, self.in_features), dtype=torch.float32)
+        return self._b().float() @ self.lora_A.float() * self.scaling  # (out, in)
+
+    def merge(self) -> None:
+        w = self._base_weight()
+        if self._active and not self.merged and not w.is_floating_point():
+            raise LoraError(
+                f"cannot merge LoRA into a quantized {type(self.base_layer).__name__} ({w.dtype} weight): "
+                "dequantize the base layer first (lorafit.quant.dequantize), then merge"
+            )
+        LoRALayer.merge(self)
 
 
 class ConvLoRA(nn.Module, LoRALayer):

@@ -95,8 +95,8 @@ class LoRALayer:
         and freeze the base weight (as loralib)."""
         w = self._base_weight()
         dtype = self.lora_dtype or w.dtype
-        self.lora_A = nn.Parameter(w.new_zeros(a_shape, dtype=dtype))
-        self.lora_B = nn.Parameter(w.new_zeros(b_shape, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=w.device))
         w.requires_grad = False
         self._active = True
 
@@ -237,7 +237,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
         if "lora_" in k:
             out[k] = v
             stem = k.split("lora_")[0]
-            for bias_key in (stem + "bias", stem + "conv.bias"):
+            for bias_key in (stem + "bias", stem + "conv.bias", stem + "base_layer.bias"):
                 if bias_key in sd:
                     out[bias_key] = sd[bias_key]
     return out
