@@ -44,24 +44,24 @@ def test_flops_parameter_count_matches_the_model():
     assert f["total"] == f["linear"] + f["lora"] + f["attention"] + f["head"]
 
 
+def _bench(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m bench.<module> ARGS` from the repository root; asserts it succeeded."""
+    r = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
 @pytest.mark.slow
 def test_quick_benchmark_runs(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
-        text=True, timeout=900,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _bench("run", "--quick", "--workdir", str(tmp_path))
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| lorafit |" in report and "TRL SFTTrainer + PEFT" in report
 
 
 @pytest.mark.slow
 def test_sharding_benchmark_runs(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.sharding", "--size", "demo", "--steps", "1", "--seq", "128",
-         "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = _bench("sharding", "--size", "demo", "--steps", "1", "--seq", "128", "--workdir", str(tmp_path))
     assert "| 2 x FSDP | 1 |" in r.stdout
 
 
@@ -88,9 +88,5 @@ def test_qlora_phi3_mini_estimate_counts_its_shapes():
 
 @pytest.mark.slow
 def test_quick_qlora_benchmark_runs(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.qlora", "--quick", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
-        text=True, timeout=900,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _bench("qlora", "--quick", "--workdir", str(tmp_path))
     assert "| nf4 |" in (tmp_path / "BENCHMARKS-qlora.md").read_text()
