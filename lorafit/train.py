@@ -212,7 +212,7 @@ def prepare(
             ) from e
     adapted = apply_lora(model, run.peft_config)
     if loaded_here and precision in ("bf16", "fp16"):
-        hold_frozen_linears_in(model, torch.bfloat16 if precision == "bf16" else torch.float16)
+        hold_frozen_linears_in(model, compute_dtype(precision, model))
     if t.gradient_checkpointing:
         kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -50,6 +50,34 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
+def _assert_losses_match(one: Path, other: Path, run: subprocess.CompletedProcess, batch: str) -> None:
+    """`other`'s per-step losses equal `one`'s (4 logged steps) and `run` printed its effective batch."""
+    a, b = _losses(one), _losses(other)
+    assert len(a) == len(b) == 4
+    assert a == pytest.approx(b, rel=TOL)
+    assert f"effective batch {batch} = 4 rows" in run.stderr + run.stdout
+
+
+def _assert_adapters_close(one: Path, other: Path, atol: float) -> dict:
+    """Both adapters hold the same tensors to `atol`; returns `one`'s."""
+    a = load_file(str(one / "adapter_model.safetensors"))
+    b = load_file(str(other / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=0, atol=atol), k
+    return a
+
+
+def _assert_same_files(one: Path, other: Path, *subdirs: str) -> None:
+    """The same file names (in the run folder and `subdirs`) and as many metrics lines: rank 0 wrote alone."""
+    names = lambda p: sorted(x.name for x in p.iterdir())  # noqa: E731
+    for sub in ("", *subdirs):
+        assert names(one / sub) == names(other / sub)
+    lines_one = (one / "metrics.jsonl").read_text().splitlines()
+    lines = (other / "metrics.jsonl").read_text().splitlines()
+    assert len(lines_one) == len(lines)  # no duplicated log lines from rank 1
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
@@ -63,30 +91,19 @@ def runs(tmp_path_factory):
 
 def test_two_ranks_give_the_single_process_losses(runs):
     root, _, two = runs
-    a, b = _losses(root / "one"), _losses(root / "two")
-    assert len(a) == len(b) == 4
-    assert a == pytest.approx(b, rel=TOL)
-    assert "effective batch 2 x 1 accumulation x 2 processes = 4 rows" in two.stderr + two.stdout
+    _assert_losses_match(root / "one", root / "two", two, "2 x 1 accumulation x 2 processes")
 
 
 def test_only_rank_zero_writes(runs):
     root, _, _ = runs
-    names = lambda p: sorted(x.name for x in p.iterdir())  # noqa: E731
-    assert names(root / "one") == names(root / "two")
-    lines_one = (root / "one" / "metrics.jsonl").read_text().splitlines()
-    lines_two = (root / "two" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines_one) == len(lines_two)  # no duplicated log lines from rank 1
+    _assert_same_files(root / "one", root / "two")
 
 
 def test_the_distributed_adapter_matches(runs):
     root, _, _ = runs
-    a = load_file(str(root / "one" / "adapter_model.safetensors"))
-    b = load_file(str(root / "two" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
     # weights are O(0.1); fp32 sums in another order differ in the last bits and Adam's first steps
     # (about lr * sign(g)) amplify that on near-zero gradients: measured max |diff| 6.7e-6
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=0, atol=2e-5), k
+    _assert_adapters_close(root / "one", root / "two", atol=2e-5)
     res_one = json.loads((root / "one" / "results.json").read_text())
     res_two = json.loads((root / "two" / "results.json").read_text())
     assert res_two["eval_loss"] == pytest.approx(res_one["eval_loss"], rel=1e-4)
@@ -140,10 +157,7 @@ def sharded(runs):
 
 def test_sharded_ranks_give_the_single_process_losses(sharded):
     root, run, _ = sharded
-    a, b = _losses(root / "one"), _losses(root / "fsdp")
-    assert len(a) == len(b) == 4
-    assert a == pytest.approx(b, rel=TOL)  # measured: 1.3e-7
-    assert "effective batch 1 x 2 accumulation x 2 processes = 4 rows" in run.stderr + run.stdout
+    _assert_losses_match(root / "one", root / "fsdp", run, "1 x 2 accumulation x 2 processes")  # 1.3e-7
     assert "sharded (FSDP2) over 2 processes: each holds 435,008 of the 870,016 parameters" in run.stderr
     res_one = json.loads((root / "one" / "results.json").read_text())
     res = json.loads((root / "fsdp" / "results.json").read_text())
@@ -155,11 +169,8 @@ def test_sharded_ranks_give_the_single_process_losses(sharded):
 
 def test_the_sharded_adapter_is_whole_and_matches(sharded, tmp_path):
     root, _, _ = sharded
-    a = load_file(str(root / "one" / "adapter_model.safetensors"))
-    b = load_file(str(root / "fsdp" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:  # as DDP's, with 2 micro-batches summed per rank on top: measured max |diff| 1.6e-5
-        assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=0, atol=SHARDED_ATOL), k
+    # as DDP's, with 2 micro-batches summed per rank on top: measured max |diff| 1.6e-5
+    a = _assert_adapters_close(root / "one", root / "fsdp", atol=SHARDED_ATOL)
     from lorafit import lora
     from lorafit.config import ModelConfig
     from lorafit.model import load_model
@@ -173,13 +184,8 @@ def test_the_sharded_adapter_is_whole_and_matches(sharded, tmp_path):
 
 
 def test_only_rank_zero_writes_when_sharded(sharded):
-    root, run, _ = sharded
-    names = lambda p: sorted(x.name for x in p.iterdir())  # noqa: E731
-    assert names(root / "one") == names(root / "fsdp")
-    assert names(root / "one" / "checkpoint-2") == names(root / "fsdp" / "checkpoint-2")
-    lines_one = (root / "one" / "metrics.jsonl").read_text().splitlines()
-    lines = (root / "fsdp" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines_one) == len(lines)
+    root, _, _ = sharded
+    _assert_same_files(root / "one", root / "fsdp", "checkpoint-2")
 
 
 def test_sharded_resume_matches_the_uninterrupted_run(sharded):
@@ -200,9 +206,7 @@ def test_a_sharded_checkpoint_resumes_in_one_process(sharded):
                         "--resume", str(root / "fsdp" / "checkpoint-2")])  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     assert _losses(root / "fsdp-then-one") == pytest.approx(_losses(root / "fsdp"), rel=TOL)
-    a = load_file(str(root / "fsdp" / "adapter_model.safetensors"))
-    b = load_file(str(root / "fsdp-then-one" / "adapter_model.safetensors"))
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=SHARDED_ATOL) for k in a)
+    _assert_adapters_close(root / "fsdp", root / "fsdp-then-one", atol=SHARDED_ATOL)
 
 
 def test_sharded_bf16_trains(runs):
