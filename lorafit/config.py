@@ -373,7 +373,8 @@ def _target_modules(value: Any) -> Any:
     if names is not None:
         return names
     raise _Bad(
-        f"expected 'all-linear', a regular expression (string) or a non-empty list of module names, "
+        f"expected 'all-linear', a module name, a regular expression (string) or a non-empty list of "
+        f"module names, "
         f"got {_show(value)}"
     )
 

@@ -27,6 +27,7 @@ from lorafit import lora, quant
 from lorafit.attention import use_packed_sdpa
 from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError, LorafitError
+from lorafit.lora.inject import target_names
 
 log = logging.getLogger("lorafit")
 
@@ -250,8 +251,10 @@ def plan_lora(model, target_modules: str | list[str]) -> LoraPlan:
     A model that really has a `q_proj` module keeps normal matching; only names that do not exist
     but address a slice of an existing fused module are translated.
     """
-    if isinstance(target_modules, str):
+    names = target_names(target_modules)
+    if names is None:
         return LoraPlan(target_modules, {})
+    target_modules = names
     leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     sizes = fused_split_sizes(model)
     plain: list[str] = []

@@ -130,8 +130,18 @@ def test_regex_is_fullmatched_against_full_names():
     assert lora.inject(model, r"model\.layers\.[01]\.mlp\.(gate_up|down)_proj") == sorted(
         _names("mlp.gate_up_proj")[:2] + _names("mlp.down_proj")[:2]
     )
-    with pytest.raises(lora.LoraError, match="matched no layer"):
-        lora.inject(_tiny(), "o_proj")  # a str is a regex, and it must match the whole name
+    with pytest.raises(lora.LoraError, match="matched no layer") as err:
+        lora.inject(_tiny(), "o_proj|down_proj")  # a regex must match the whole name
+    assert r'r".*\.(?:o_proj|down_proj)" would match 6 layers' in str(err.value)
+
+
+def test_a_plain_name_string_matches_like_a_one_entry_list():
+    assert lora.inject(_tiny(), "o_proj") == _names("self_attn.o_proj")
+    assert lora.inject(_tiny(), "mlp.down_proj") == _names("mlp.down_proj")
+    assert lora.inject(_tiny(), "model.layers.1.self_attn.o_proj") == ["model.layers.1.self_attn.o_proj"]
+    assert lora.inject(_tiny(), ["o_proj"], exclude_modules="layers.2.self_attn.o_proj") == _names(
+        "self_attn.o_proj"
+    )[:2]
 
 
 def test_exclude_modules_list_and_regex():

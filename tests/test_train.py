@@ -125,6 +125,15 @@ def test_fused_and_slice_names_together_is_an_error(tok):
         plan_lora(build_model(tok), ["qkv_proj", "q_proj"])
 
 
+def test_one_module_name_as_a_string_targets_that_module_or_slice(tok):
+    model = build_model(tok)
+    n = model.config.num_hidden_layers
+    names = apply_lora(model, PeftConfig(r=4, target_modules="qkv_proj"))
+    assert names == [f"model.layers.{i}.self_attn.qkv_proj" for i in range(n)]
+    assert type(model.model.layers[0].self_attn.qkv_proj) is lora.Linear
+    assert plan_lora(build_model(tok), "q_proj").slices["qkv_proj"][1] == [True, False, False]
+
+
 def test_all_linear_on_phi3_is_the_four_fused_modules(tok):
     model = build_model(tok)
     names = apply_lora(model, PeftConfig())

@@ -18,7 +18,7 @@ import torch.nn as nn
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear, WrappedLinear
 from .state import LoraError, LoRALayer
 
-__all__ = ["inject"]
+__all__ = ["inject", "target_names"]
 
 _CONVS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
 _SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -47,6 +47,24 @@ def _adaptable(model: nn.Module, wrap: tuple[type[nn.Module], ...] = ()) -> dict
     return found
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+
+
+def target_names(spec: TargetSpec) -> list[str] | None:
+    """The module names a target spec lists, or None when it is ``"all-linear"``, a regex or None.
+
+    A string made only of name characters and dots (``"qkv_proj"``, ``"self_attn.o_proj"``) is a module
+    name, matched like a one-entry list: the full name or a dotted-name suffix. Any other string is a
+    regex fullmatched against full names. (PEFT fullmatches every string as a regex, so its
+    ``target_modules="qkv_proj"`` matches nothing; here it matches every ``...qkv_proj``.)
+    """
+    if spec is None or (isinstance(spec, str) and spec == "all-linear"):
+        return None
+    if isinstance(spec, str):
+        return [spec] if _PLAIN_NAME.fullmatch(spec) else None
+    return list(spec)
+
+
 def _name_matches(name: str, entry: str) -> bool:
     """A list entry matches a full dotted name exactly or as a dotted-name suffix."""
     return name == entry or name.endswith("." + entry)
@@ -73,19 +91,20 @@ def _matcher(
 ) -> Callable[[str, nn.Module], bool]:
     if spec is None:
         return lambda name, m: False
-    if isinstance(spec, str):
-        if spec == "all-linear":
-            heads = _tied_to_input(model, layers)
-            return lambda name, m: isinstance(m, (nn.Linear, *wrap)) and name not in heads
+    if spec == "all-linear":
+        heads = _tied_to_input(model, layers)
+        return lambda name, m: isinstance(m, (nn.Linear, *wrap)) and name not in heads
+    if isinstance(spec, str) and target_names(spec) is None:
         try:
             rx = re.compile(spec)
         except re.error as e:
             raise LoraError(f"{what}={spec!r} is not a valid regular expression: {e}") from None
         return lambda name, m: rx.fullmatch(name) is not None
-    entries = list(spec)
+    entries = target_names(spec)
     if not all(isinstance(e, str) for e in entries):
         raise LoraError(
-            f"{what} must be a str (regex or 'all-linear') or a list of module names, got {spec!r}"
+            f"{what} must be a str (a module name, a regex or 'all-linear') or a list of module names, "
+            f"got {spec!r}"
         )
     return lambda name, m: any(_name_matches(name, e) for e in entries)
 
@@ -114,8 +133,18 @@ def _no_match_error(target: TargetSpec, exclude: TargetSpec, layers: Mapping[str
     suffixes = suffixes[:2] or [next(iter(layers)).rsplit(".", 1)[-1]]
     after = f" after exclude_modules={exclude!r}" if exclude else ""
     regex = ".*\\.(" + "|".join(suffixes) + ")"
+    hint = ""
+    if isinstance(target, str) and target_names(target) is None and target != "all-linear":
+        as_suffix = rf".*\.(?:{target})"
+        hits = [n for n in layers if re.fullmatch(as_suffix, n)]
+        if hits:
+            hint = (
+                f"A regex is fullmatched against full names such as {next(iter(layers))!r}; "
+                f'r"{as_suffix}" would match {len(hits)} layers (e.g. {hits[0]!r}).\n'
+            )
     return LoraError(
         f"inject(): target_modules={target!r} matched no layer LoRA can adapt{after}.\n"
+        f"{hint}"
         f"Layers in this model (layer indices collapsed to *):\n{_layer_listing(layers)}\n"
         f"Fix: pass target_modules as a list of full names or dotted-name suffixes from this list "
         f'(e.g. {suffixes!r}), as one regex fullmatched against full names (e.g. r"{regex}"), '
@@ -218,9 +247,10 @@ def inject(
 
     ``target_modules``: ``"all-linear"`` (every nn.Linear except the output head — a module named
     ``lm_head``, ``model.get_output_embeddings()``, or a Linear whose weight is tied to an nn.Embedding),
-    any other str is a regex fullmatched against the full dotted module name, and a list matches each
-    entry as an exact full name or a dotted-name suffix (``"qkv_proj"`` matches
-    ``model.layers.0.self_attn.qkv_proj``). ``exclude_modules`` uses the same rules and wins.
+    a list matches each entry as an exact full name or a dotted-name suffix (``"qkv_proj"`` matches
+    ``model.layers.0.self_attn.qkv_proj``), a str of name characters and dots is such a name, and any
+    other str is a regex fullmatched against the full dotted module name (see :func:`target_names`).
+    ``exclude_modules`` uses the same rules and wins.
 
     ``slices``: ``{name_or_suffix: (split_sizes, enable_lora)}`` turns a matched Linear into a
     :class:`MergedLinear` adapting only the enabled output slices, e.g. Phi-3's fused qkv_proj with
