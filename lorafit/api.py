@@ -96,7 +96,7 @@ def finetune(
 
 def load(model: str | None = None, adapter: str | Path | None = None, **kwargs):
     """(model, tokenizer): a base model with an adapter on it, ready to generate."""
-    from lorafit.generate import load as _load
+    from lorafit.generation import load as _load
 
     return _load(model, adapter, **kwargs)
 
@@ -104,7 +104,7 @@ def load(model: str | None = None, adapter: str | Path | None = None, **kwargs):
 def generate(model, tokenizer, prompt: str, *, system: str | None = None, max_new_tokens: int = 256,
              temperature: float = 0.0) -> str:  # fmt: skip
     """The model's reply to one prompt, through the chat template, stopping at end-of-turn."""
-    from lorafit.generate import generate as _generate
+    from lorafit.generation import generate as _generate
 
     return _generate(
         model, tokenizer, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature
@@ -127,8 +127,8 @@ def evaluate(
     """Eval loss and perplexity of base (+ adapter) on a chat data file: {eval_loss, eval_perplexity, ...}."""
     from lorafit.attention import use_packed_sdpa
     from lorafit.data import load_conversations, tokenize
-    from lorafit.evaluate import eval_loss
-    from lorafit.generate import load as _load
+    from lorafit.evaluation import eval_loss
+    from lorafit.generation import load as _load
     from lorafit.model import bf16_is_fast, end_of_turn
 
     if data is None:

@@ -115,7 +115,7 @@ def cmd_eval(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from lorafit.generate import generate, load
+    from lorafit.generation import generate, load
 
     model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device, quantization=a.quantization)
     print(
@@ -127,7 +127,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_chat(a) -> int:
-    from lorafit.generate import chat, load
+    from lorafit.generation import chat, load
 
     model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device, quantization=a.quantization)
     chat(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature)

@@ -98,7 +98,7 @@ def demo_data_dir() -> Path:
 
 
 def _answers(model, tokenizer, rows: list[dict]) -> list[str]:
-    from lorafit.generate import generate_batch
+    from lorafit.generation import generate_batch
 
     prompts = [r["messages"][:-1] for r in rows]
     out: list[str] = []
@@ -119,7 +119,7 @@ def _score(rows: list[dict], answers: list[str]) -> dict:
 def run_demo(output_dir: str | Path = "lorafit-demo", *, progress: bool = True, say=print) -> dict:
     """Run the demo; returns a summary (also written to OUT/demo_results.json)."""
     from lorafit.api import finetune
-    from lorafit.generate import load
+    from lorafit.generation import load
     from lorafit.tiny import write_tiny_model
 
     t0 = time.perf_counter()

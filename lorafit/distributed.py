@@ -36,7 +36,7 @@ format as an unsharded run's: resuming puts the adapter onto the model before it
 re-shards the optimizer state (`shard_optimizer_state`), so it resumes sharded or not (tested: 2 ranks
 and 1 process).
 The forward of a sharded model is a collective too: evaluation runs as many batches on every rank
-(`lorafit.evaluate.eval_loss`).
+(`lorafit.evaluation.eval_loss`).
 """
 
 from __future__ import annotations

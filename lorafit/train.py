@@ -75,7 +75,7 @@ from lorafit.config import RunConfig, save_config
 from lorafit.data import TokenizedData, TokenStats, load_conversations, split_eval, tokenize
 from lorafit.distributed import Dist, all_sum
 from lorafit.errors import ConfigError, LorafitError
-from lorafit.evaluate import autocast, compute_dtype, eval_loss, rows_for
+from lorafit.evaluation import autocast, compute_dtype, eval_loss, rows_for
 from lorafit.model import (
     apply_lora,
     bf16_is_fast,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafit.generate import chat
+from lorafit.generation import chat
 from lorafit.tiny import build_model, build_tokenizer
 
 

@@ -241,7 +241,7 @@ def test_foreign_split_adapter_needs_the_fused_layout(trained, base, tmp_path):
 
 
 def test_generate_load_reads_split_adapters(trained, base, base_dir, ids, tmp_path):
-    from lorafit.generate import load
+    from lorafit.generation import load
 
     model, folder = trained
     export_adapter(folder, tmp_path / "split", layout="split")

@@ -195,7 +195,7 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
     from transformers import AutoModelForCausalLM
 
     from lorafit.export import ERROR_REPORT, merge_to_hf
-    from lorafit.generate import load
+    from lorafit.generation import load
 
     job, _, _, out = trained
     meta = lora.read_adapter(out).meta
