@@ -139,9 +139,10 @@ def test_a_plain_name_string_matches_like_a_one_entry_list():
     assert lora.inject(_tiny(), "o_proj") == _names("self_attn.o_proj")
     assert lora.inject(_tiny(), "mlp.down_proj") == _names("mlp.down_proj")
     assert lora.inject(_tiny(), "model.layers.1.self_attn.o_proj") == ["model.layers.1.self_attn.o_proj"]
-    assert lora.inject(_tiny(), ["o_proj"], exclude_modules="layers.2.self_attn.o_proj") == _names(
-        "self_attn.o_proj"
-    )[:2]
+    assert (
+        lora.inject(_tiny(), ["o_proj"], exclude_modules="layers.2.self_attn.o_proj")
+        == _names("self_attn.o_proj")[:2]
+    )
 
 
 def test_exclude_modules_list_and_regex():
