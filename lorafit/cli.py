@@ -44,9 +44,8 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """`lorafit train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m lorafit train ...`."""
-    import subprocess
-
+    """`lorafit train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m lorafit train ...`,
+    run in this process; its exit status is the first failed rank's."""
     rest, skip = [], False
     for arg in argv:
         if skip:
@@ -55,10 +54,19 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "lorafit", *rest]  # fmt: skip
-    print("launching: " + " ".join(cmd[1:]), file=sys.stderr)
-    return subprocess.call(cmd)
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    cmd = ["--standalone", f"--nproc_per_node={nproc}", "-m", "lorafit", *rest]
+    print("launching: torchrun " + " ".join(cmd), file=sys.stderr)
+    # The ranks print their own errors; torchrun's agent would add a traceback and exit 1 over them.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(cmd))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        return next((c for c in codes if c > 0), 1)  # a rank's own status (2: bad input); killed: 1
+    return 0
 
 
 def cmd_train(a) -> int:
