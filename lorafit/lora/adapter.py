@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from lorafit.lora.inject import inject
@@ -112,6 +112,22 @@ def _replace_atomic(write, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file as bytes, the same bytes for the same tensors and metadata in every process.
+
+    safetensors writes its header metadata in hash-map order, which changes from process to process;
+    here the header is rewritten with the metadata keys sorted (tensor entries and data stay as
+    safetensors lays them out: sorted by dtype and name).
+    """
+    raw = safetensors_bytes(dict(tensors), metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
 
 
 def _block_b(b: torch.Tensor, r: int, sizes: Sequence[int], enable: Sequence[bool]) -> torch.Tensor:
@@ -260,8 +276,8 @@ def write_adapter(
         "slices": {n: {**m.slices, "r": m.r, "lora_alpha": m.alpha} for n, m in loras.items() if m.slices},
         **(extra_metadata or {}),
     }
-    _replace_atomic(lambda p: save_file(tensors, str(p), metadata={"format": "pt", "lorafit": json.dumps(meta)}),
-                    out / WEIGHTS_NAME)  # fmt: skip
+    data = _safetensors_bytes(tensors, {"format": "pt", "lorafit": json.dumps(meta, sort_keys=True)})
+    _replace_atomic(lambda p: p.write_bytes(data), out / WEIGHTS_NAME)
     _replace_atomic(
         lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"), out / CONFIG_NAME
     )
