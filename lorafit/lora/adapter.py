@@ -62,6 +62,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter",
+    "base_reference",
     "AdapterFiles",
     "ModuleLora",
     "model_loras",
@@ -97,6 +98,16 @@ class ModuleLora:
         k = sum(enable)
         factor = math.sqrt(k) if use_rslora else k
         return self.A, _block_b(self.B, self.r, sizes, enable), self.r * k, self.alpha * factor
+
+
+def base_reference(name: str | os.PathLike | None) -> str | None:
+    """How an adapter records its base model: an existing local folder (or file) as its absolute,
+    resolved path, so the adapter finds its base from any working directory; anything else (a hub id
+    such as ``microsoft/Phi-3-mini-4k-instruct``) unchanged. A leading ``~`` is expanded."""
+    if name is None:
+        return None
+    path = Path(os.path.expanduser(os.fspath(name)))
+    return str(path.resolve()) if path.exists() else os.fspath(name)
 
 
 def _scale(alpha: float, r: int, use_rslora: bool) -> float:
@@ -225,11 +236,16 @@ def write_adapter(
     revision: str | None = None,
     extra_metadata: dict | None = None,
 ) -> Path:
-    """Write LoRA factors (+ full parameters, keyed by parameter name) as a PEFT adapter folder."""
+    """Write LoRA factors (+ full parameters, keyed by parameter name) as a PEFT adapter folder.
+
+    `base_model_name_or_path` is recorded through :func:`base_reference`: a local folder as its
+    absolute path, a hub id as the id.
+    """
     if not loras:
         raise LoraError("there are no LoRA layers to save; call lora.inject(...) first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    base_model_name_or_path = base_reference(base_model_name_or_path)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
     for name, m in loras.items():
@@ -653,6 +669,7 @@ def apply_loras(
     source: str | Path = "adapter",
     base_model: str | None = None,
     base_shapes: Mapping[str, Sequence[int]] | None = None,
+    lora_dropout: float = 0.0,
 ) -> list[str]:
     """Put LoRA factors onto `model`, injecting LoRA layers where needed; returns the adapted names.
 
@@ -733,8 +750,8 @@ def apply_loras(
             for n in names
             if loras[n].slices
         }
-        inject(model, [n for n in names if n not in slices], r=r, lora_alpha=alpha, slices=slices or None,
-               use_rslora=use_rslora, lora_dtype=dtype or torch.float32, wrap=wrap)  # fmt: skip
+        inject(model, [n for n in names if n not in slices], r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
+               slices=slices or None, use_rslora=use_rslora, lora_dtype=dtype or torch.float32, wrap=wrap)  # fmt: skip
     layers = lora_modules(model)
     with torch.no_grad():
         for name, m in loras.items():
@@ -757,12 +774,14 @@ def load_adapter(
     trainable: bool = False,
     dtype: torch.dtype | None = None,
     fused: FusedLayout | None = None,
+    lora_dropout: float = 0.0,
 ) -> list[str]:
     """Put the adapter at `path` onto `model` (injecting LoRA layers as needed); returns adapted names.
 
     Strict: a different base model is refused, and every missing, unexpected and wrong-shape key is
     reported at once in one LoraError, before the model is changed. `dtype` is the LoRA weight dtype
-    (default fp32). LoRA parameters train only if `trainable`. Split-layout adapters (`q_proj`, ...)
+    (default fp32), `lora_dropout` the dropout of the LoRA layers it injects (for training further).
+    LoRA parameters train only if `trainable`. Split-layout adapters (`q_proj`, ...)
     load onto fused modules given `fused` (lorafit's own split exports record it in their metadata).
     """
     files = read_adapter(path)
@@ -772,4 +791,5 @@ def load_adapter(
     return apply_loras(
         model, loras, full, use_rslora=files.use_rslora, trainable=trainable, dtype=dtype, fused=layout,
         problems=problems, source=files.path, base_model=files.base_model, base_shapes=files.meta.get("base_shapes"),
+        lora_dropout=lora_dropout,
     )  # fmt: skip
