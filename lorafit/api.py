@@ -38,6 +38,7 @@ def build_config(
     output_dir: str | Path | None = None,
     config: str | Path | None = None,
     overrides: list[str] | tuple = (),
+    adapter: str | Path | None = None,
 ):
     """Resolve a RunConfig: defaults < config file < arguments < overrides ("section.key=value")."""
     from lorafit.config import load_config
@@ -46,6 +47,8 @@ def build_config(
                   "peft_config": _section(peft_config) or {}}  # fmt: skip
     if isinstance(model, (str, Path)):
         base["model"]["name_or_path"] = str(model)
+    if adapter is not None:
+        base["model"]["adapter"] = str(adapter)
     if train_data is not None:
         base["data"]["train"] = str(train_data)
     if eval_data is not None:
@@ -69,6 +72,7 @@ def finetune(
     resume: bool | str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    adapter: str | Path | None = None,
 ) -> dict:
     """Fine-tune `model` with LoRA on `train_data`; returns the results (also in OUT/results.json).
 
@@ -76,12 +80,18 @@ def finetune(
     `training_config` / `peft_config` are the guide's two dicts (Hugging Face TrainingArguments and
     PEFT LoraConfig names). `resume=True` continues from the newest checkpoint in the output
     directory; `overwrite=True` replaces a previous run there.
+
+    `adapter` (config key `model.adapter`) trains an existing adapter further: a PEFT or lorafit adapter
+    folder (fused or split keys, slice adapters) or a loralib export. Its LoRA shape (ranks, alphas,
+    rank_pattern/alpha_pattern, rsLoRA, target modules) is used; a peft_config value set to something
+    else than the default that disagrees with it is an error (lorafit.model.continue_lora). Its base
+    must fit the model. The optimizer and the learning-rate schedule start fresh (step 0).
     """
     from lorafit.train import prepare, run
 
     cfg = build_config(
         model=model, train_data=train_data, eval_data=eval_data, training_config=training_config,
-        peft_config=peft_config, output_dir=output_dir, config=config, overrides=overrides,
+        peft_config=peft_config, output_dir=output_dir, config=config, overrides=overrides, adapter=adapter,
     )  # fmt: skip
     loaded = None if isinstance(model, (str, Path)) or model is None else model
     if loaded is not None and tokenizer is None:
@@ -123,8 +133,12 @@ def evaluate(
     dtype: str = "auto",
     device: str = "auto",
     quantization: str = "none",
+    lora_alpha: float | None = None,
+    target_modules: list[str] | None = None,
 ) -> dict:
-    """Eval loss and perplexity of base (+ adapter) on a chat data file: {eval_loss, eval_perplexity, ...}."""
+    """Eval loss and perplexity of base (+ adapter) on a chat data file: {eval_loss, eval_perplexity, ...}.
+
+    `adapter`: any layout `lorafit.load` reads (`lora_alpha`/`target_modules` for a bare loralib file)."""
     from lorafit.attention import use_packed_sdpa
     from lorafit.data import load_conversations, tokenize
     from lorafit.evaluation import eval_loss
@@ -136,7 +150,8 @@ def evaluate(
 
         raise ConfigError("evaluate needs data=FILE (a chat JSONL/JSON/Parquet file)")
     convs = load_conversations(data)
-    net, tok = _load(model, adapter, dtype=dtype, device=device, quantization=quantization)
+    net, tok = _load(model, adapter, dtype=dtype, device=device, quantization=quantization, lora_alpha=lora_alpha,
+                     target_modules=target_modules)  # fmt: skip
     use_packed_sdpa(net)  # the attention training's eval uses, so both give the same eval loss
     tokens, stats = tokenize(
         tok, convs, max_seq_length=max_seq_length, end_of_turn=end_of_turn(tok), train_on=train_on
@@ -161,6 +176,8 @@ def merge_adapter(
     overwrite: bool = False,
     quantization: str | None = None,
     base_weights: str = "dequantized",
+    lora_alpha: float | None = None,
+    target_modules: list[str] | None = None,
 ) -> Path:
     """Merge `adapter` into `model` (default: its recorded base) and write a plain Hugging Face model folder.
     A QLoRA adapter merges into the dequantized base by default (see lorafit.export.merge_to_hf)."""
@@ -174,6 +191,8 @@ def merge_adapter(
         overwrite=overwrite,
         quantization=quantization,
         base_weights=base_weights,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules,
     )
 
 

@@ -1,6 +1,6 @@
 """The `lorafit` command line. Thin: each subcommand parses flags and calls one public function.
 
-    lorafit train --model M --data TRAIN.jsonl [--eval-data EVAL.jsonl] [--output-dir OUT]
+    lorafit train --model M --data TRAIN.jsonl [--eval-data EVAL.jsonl] [--output-dir OUT] [--adapter DIR]
                   [--config run.yaml] [--set section.key=value ...] [--resume [PATH]] [--overwrite]
     lorafit check-data --model M --data FILE [--max-seq-length N] [--train-on assistant|all] [--json]
     lorafit eval --model M [--adapter A] --data FILE          prints JSON
@@ -36,11 +36,20 @@ def _one_line_warnings() -> None:
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="base model: hub id or local folder")
-    p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--adapter", help="adapter folder (PEFT format, fused or split keys), a loralib .pt file, or "
+                   "the folder `lorafit export --layout loralib` writes")  # fmt: skip
+    _loralib_args(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"],
                    help="load the base quantized (bitsandbytes), as a QLoRA adapter was trained")  # fmt: skip
+
+
+def _loralib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora-alpha", type=float,
+                   help="lora_alpha of a bare loralib .pt checkpoint (it does not record it)")  # fmt: skip
+    p.add_argument("--target-modules", nargs="+", metavar="NAME",
+                   help="which fused pieces a bare loralib checkpoint adapts, e.g. q_proj v_proj")  # fmt: skip
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -80,6 +89,7 @@ def cmd_train(a) -> int:
         res = finetune(
             model=a.model, train_data=a.data, eval_data=a.eval_data, output_dir=a.output_dir, config=a.config,
             overrides=a.set or [], resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
+            adapter=a.adapter,
         )  # fmt: skip
         clean = True
     finally:
@@ -116,7 +126,7 @@ def cmd_eval(a) -> int:
 
     res = evaluate(
         a.model, a.data, a.adapter, max_seq_length=a.max_seq_length, batch_size=a.batch_size, dtype=a.dtype,
-        device=a.device, quantization=a.quantization,
+        device=a.device, quantization=a.quantization, lora_alpha=a.lora_alpha, target_modules=a.target_modules,
     )  # fmt: skip
     print(json.dumps(res, indent=2))
     return 0
@@ -125,7 +135,8 @@ def cmd_eval(a) -> int:
 def cmd_generate(a) -> int:
     from lorafit.generation import generate, load
 
-    model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device, quantization=a.quantization)
+    model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device, quantization=a.quantization,
+                      lora_alpha=a.lora_alpha, target_modules=a.target_modules)  # fmt: skip
     print(
         generate(
             model, tok, a.prompt, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature
@@ -137,7 +148,8 @@ def cmd_generate(a) -> int:
 def cmd_chat(a) -> int:
     from lorafit.generation import chat, load
 
-    model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device, quantization=a.quantization)
+    model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device, quantization=a.quantization,
+                      lora_alpha=a.lora_alpha, target_modules=a.target_modules)  # fmt: skip
     chat(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature)
     return 0
 
@@ -162,7 +174,7 @@ def cmd_merge(a) -> int:
 
     out = merge_to_hf(
         a.model, a.adapter, a.output_dir, a.dtype, overwrite=a.overwrite, quantization=a.quantization,
-        base_weights=a.base_weights,
+        base_weights=a.base_weights, lora_alpha=a.lora_alpha, target_modules=a.target_modules,
     )  # fmt: skip
     print(f"wrote the merged model to {out}")
     report = out / "quantization_error.json"
@@ -200,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--output-dir", help="where the adapter, checkpoints and metrics go (training_config.output_dir)"
     )
+    t.add_argument("--adapter", metavar="DIR",
+                   help="train this adapter further (PEFT or lorafit folder, or loralib export; model.adapter): "
+                   "its LoRA shape is used, the optimizer starts fresh")  # fmt: skip
     t.add_argument("--config", help="YAML or JSON run config with model, data, training_config, peft_config")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set training_config.learning_rate=1e-4 (repeatable)")  # fmt: skip
@@ -276,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument(
         "--model", help="base model: hub id or local folder (default: the adapter's recorded base)"
     )
-    mg.add_argument(
-        "--adapter", required=True, help="adapter folder (fused or split keys) or loralib .pt file"
-    )
+    mg.add_argument("--adapter", required=True,
+                    help="adapter folder (fused or split keys), loralib .pt file or loralib export folder")  # fmt: skip
+    _loralib_args(mg)
     mg.add_argument("--output-dir", required=True, help="folder for the merged model")
     mg.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                     help="dtype of the merged weights (auto: the base checkpoint's)")  # fmt: skip
@@ -300,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         "gate_proj/up_proj keys, for runtimes that load Phi-3 as Llama (vLLM). loralib: OUT/adapter_lora.pt with "
         "lora_state_dict keys. --adapter may also be a loralib .pt file (then --base-model is needed).",
     )  # fmt: skip
-    x.add_argument("--adapter", required=True, help="adapter folder, or a loralib lora_state_dict .pt file")
+    x.add_argument("--adapter", required=True,
+                   help="adapter folder, a loralib lora_state_dict .pt file, or a loralib export folder")  # fmt: skip
     x.add_argument("--output-dir", required=True, help="folder for the converted adapter")
     x.add_argument("--layout", default="fused", choices=["fused", "split", "loralib"])
     x.add_argument("--base-model", help="base model folder or hub id (default: the adapter's recorded base)")

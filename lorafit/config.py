@@ -28,7 +28,7 @@ Checking:
   strings are accepted for number fields; and a bare ``no`` is read as ``false``, so ``eval_strategy: no``
   and ``save_strategy: no`` work.
 
-Paths (``model.name_or_path``, ``data.train``, ``data.eval``, ``training_config.output_dir``): a leading
+Paths (``model.name_or_path``, ``model.adapter``, ``data.train``, ``data.eval``, ``training_config.output_dir``): a leading
 ``~`` is expanded and nothing else (no environment variables, no globbing). A relative path is relative to
 the current working directory, not to the config file's directory, as with any command-line tool.
 """
@@ -588,8 +588,11 @@ class ModelConfig(_Section):
 
     SECTION = "model"
 
-    # A Hugging Face Hub id or a local directory.
+    # A Hugging Face Hub id or a local directory (recorded by its absolute path when training).
     name_or_path: str = _opt("microsoft/Phi-3-mini-4k-instruct", _str(path=True))
+    # Train further from this adapter (a PEFT or lorafit adapter folder, or a loralib export) instead of
+    # a new one: its LoRA shape is used (see lorafit.model.continue_lora), the optimizer starts fresh.
+    adapter: str | None = _opt(None, _str(allow_none=True, path=True))
     # Dtype of the base weights: auto (the checkpoint's own dtype, like transformers' dtype="auto"),
     # bf16, fp16 or fp32. bfloat16/float16/float32 are accepted and stored as bf16/fp16/fp32.
     dtype: str = _opt("auto", _choice(("auto", "bf16", "fp16", "fp32"), aliases=_DTYPE_ALIASES))

@@ -24,8 +24,10 @@ from lorafit import lora
 from lorafit.checkpoint import atomic_dir
 from lorafit.errors import AdapterError
 from lorafit.lora.adapter import (
+    WEIGHTS_NAME,
     ModuleLora,
     apply_loras,
+    base_reference,
     fuse_loras,
     parse_adapter,
     split_loras,
@@ -99,6 +101,26 @@ def _layout_for(loras: dict, recorded: dict, base: str | None, split: bool, trus
 
 
 # ----------------------------------------------------------------------------- loralib checkpoints
+
+
+def loralib_file(path: str | Path) -> Path | None:
+    """The loralib checkpoint an adapter path stands for: the .pt file itself, or the `adapter_lora.pt`
+    in a folder written by `lorafit export --layout loralib`; None for a PEFT adapter folder."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir() and not (path / WEIGHTS_NAME).exists() and (path / LORALIB_NAME).is_file():
+        return path / LORALIB_NAME
+    return None
+
+
+def recorded_base(adapter: str | Path) -> str | None:
+    """The base model an adapter records (PEFT folder: adapter_config.json; loralib: the JSON beside the .pt)."""
+    pt = loralib_file(adapter)
+    try:
+        return _sidecar(pt).get("base_model") if pt else lora.read_adapter(adapter).base_model
+    except lora.LoraError as e:
+        raise AdapterError(str(e)) from e
 
 
 def _sidecar(pt: Path) -> dict:
@@ -211,7 +233,7 @@ def write_loralib(
     modules = {
         n: {"kind": m.kind, "r": m.r, "lora_alpha": m.alpha, **(m.slices or {})} for n, m in loras.items()
     }
-    info = {"format": LORALIB_FORMAT, "base_model": base_model, "use_rslora": use_rslora,
+    info = {"format": LORALIB_FORMAT, "base_model": base_reference(base_model), "use_rslora": use_rslora,
             "base_shapes": base_shapes or {}, "modules": modules}  # fmt: skip
     (out_dir / LORALIB_NAME).with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return out_dir / LORALIB_NAME
@@ -222,19 +244,24 @@ def write_loralib(
 
 def load_any_adapter(
     model: nn.Module, adapter: str | Path, *, trainable: bool = False, dtype=None, lora_alpha=None,
-    target_modules=None,
+    target_modules=None, lora_dropout: float = 0.0,
 ) -> list[str]:  # fmt: skip
-    """Load an adapter of any layout onto `model`: a PEFT folder (fused or split keys) or a loralib file."""
+    """Load an adapter of any layout onto `model`: a PEFT folder (fused or split keys), a loralib file, or
+    the folder `lorafit export --layout loralib` writes (its adapter_lora.json gives alpha, ranks and base;
+    a bare loralib file needs `lora_alpha`). `lora_dropout` is the dropout of the injected layers."""
     path = Path(adapter).expanduser()
     try:
-        if not path.is_file():
-            return lora.load_adapter(model, path, trainable=trainable, dtype=dtype, fused=fused_layout(model))
+        pt = loralib_file(path)
+        if pt is None:
+            return lora.load_adapter(model, path, trainable=trainable, dtype=dtype, fused=fused_layout(model),
+                                     lora_dropout=lora_dropout)  # fmt: skip
         loras, full, problems, info = read_loralib(
-            path, model, lora_alpha=lora_alpha, target_modules=target_modules
+            pt, model, lora_alpha=lora_alpha, target_modules=target_modules
         )
         return apply_loras(
             model, loras, full, use_rslora=bool(info.get("use_rslora")), trainable=trainable, dtype=dtype,
-            problems=problems, source=path, base_model=info.get("base_model"), base_shapes=info.get("base_shapes"),
+            problems=problems, source=pt, base_model=info.get("base_model"), base_shapes=info.get("base_shapes"),
+            lora_dropout=lora_dropout,
         )  # fmt: skip
     except lora.LoraError as e:
         raise AdapterError(str(e)) from e
@@ -271,6 +298,7 @@ def export_adapter(
         raise AdapterError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     src, out = Path(adapter).expanduser(), Path(output_dir).expanduser()
     _check_output(out, overwrite, [src])
+    src = loralib_file(src) or src
     cfg: dict = {}
     try:
         if src.is_file():
@@ -365,7 +393,7 @@ ERROR_REPORT = "quantization_error.json"
 
 def _adapter_quantization(src: Path) -> dict:
     """The quantization a lorafit adapter was trained with ({} when none or not recorded)."""
-    if src.is_file():
+    if loralib_file(src) is not None:
         return {}
     try:
         return dict(lora.read_adapter(src).meta.get("quantization") or {})
@@ -384,10 +412,14 @@ def merge_to_hf(
     quantization: str | None = None,
     double_quant: bool | None = None,
     base_weights: str = "dequantized",
+    lora_alpha: float | None = None,
+    target_modules: list[str] | None = None,
 ) -> Path:
     """Write base + adapter as one plain Hugging Face model folder (safetensors, config, tokenizer with
     its chat template, generation_config) that `AutoModelForCausalLM.from_pretrained` loads without
     lorafit. `dtype` "auto" keeps the base checkpoint's dtype. `model=None`: the adapter's recorded base.
+    `adapter` may be any layout `load_any_adapter` reads (`lora_alpha`, `target_modules`: for a bare
+    loralib checkpoint).
 
     An adapter trained on a quantized base (QLoRA; `quantization` nf4/fp4/int8, by default what the
     adapter records) is merged, by default (`base_weights="dequantized"`), into the base as it was
@@ -406,10 +438,7 @@ def merge_to_hf(
     if base_weights not in BASE_WEIGHTS:
         raise AdapterError(f"base_weights must be one of {BASE_WEIGHTS}, got {base_weights!r}")
     src, out = Path(adapter).expanduser(), Path(output_dir).expanduser()
-    try:  # a broken adapter fails before the base model is loaded
-        recorded = _sidecar(src).get("base_model") if src.is_file() else lora.read_adapter(src).base_model
-    except lora.LoraError as e:
-        raise AdapterError(str(e)) from e
+    recorded = recorded_base(src)  # a broken adapter fails before the base model is loaded
     if model is None:
         model = recorded
         if not model:
@@ -438,7 +467,7 @@ def merge_to_hf(
         raise AdapterError(
             f"cannot load base model {model!r}: {e}\nFix: pass --model with a model folder"
         ) from e
-    load_any_adapter(net, src)
+    load_any_adapter(net, src, lora_alpha=lora_alpha, target_modules=target_modules)
     report = None
     if method != "none":
         report = _quantization_error(net, model, method, double_quant, base_weights)

@@ -11,17 +11,19 @@ from pathlib import Path
 
 import torch
 
-from lorafit import lora
 from lorafit.config import ModelConfig
 from lorafit.errors import AdapterError
 from lorafit.model import load_model, load_tokenizer, resolve_device, stop_token_ids
 
 
 def adapter_base(adapter: str | Path) -> str:
-    files = lora.read_adapter(adapter)
-    if not files.base_model:
-        raise AdapterError(f"{adapter}: adapter_config.json records no base model. Fix: pass --model BASE")
-    return files.base_model
+    """The base model an adapter (any layout lorafit reads) records; an AdapterError if it records none."""
+    from lorafit.export import recorded_base
+
+    base = recorded_base(adapter)
+    if not base:
+        raise AdapterError(f"{adapter}: the adapter records no base model. Fix: pass --model BASE")
+    return base
 
 
 def load(
@@ -34,11 +36,16 @@ def load(
     trust_remote_code: bool = False,
     revision: str | None = None,
     quantization: str = "none",
+    lora_alpha: float | None = None,
+    target_modules: list[str] | None = None,
 ):
     """Load a base model (hub id or folder) and optionally an adapter onto it; returns (model, tokenizer).
 
-    With `model=None` the base recorded in the adapter's config is used. `quantization` (nf4, fp4,
-    int8) loads the base quantized, as a QLoRA adapter was trained (lorafit/quant.py).
+    With `model=None` the base recorded in the adapter is used. The adapter is a PEFT folder (fused or
+    split keys), a loralib `.pt` file or the folder `lorafit export --layout loralib` writes; a bare
+    loralib file records no alpha: pass `lora_alpha` (and `target_modules` when its slices are
+    ambiguous). `quantization` (nf4, fp4, int8) loads the base quantized, as a QLoRA adapter was
+    trained (lorafit/quant.py).
     """
     if model is None:
         if adapter is None:
@@ -53,7 +60,7 @@ def load(
     if adapter is not None:
         from lorafit.export import load_any_adapter  # fused or split PEFT keys, or a loralib file
 
-        load_any_adapter(net, adapter)
+        load_any_adapter(net, adapter, lora_alpha=lora_alpha, target_modules=target_modules)
     net.eval()
     return net, tokenizer
 

@@ -76,9 +76,11 @@ from lorafit.data import TokenizedData, TokenStats, load_conversations, split_ev
 from lorafit.distributed import Dist, all_sum
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.evaluation import autocast, compute_dtype, eval_loss, rows_for
+from lorafit.lora.adapter import base_reference
 from lorafit.model import (
     apply_lora,
     bf16_is_fast,
+    continue_lora,
     end_of_turn,
     hold_frozen_linears_in,
     load_model,
@@ -177,6 +179,8 @@ def prepare(
     a refused run fails in a second, before any model is loaded.
     """
     t = run.training_config
+    # a local base folder is recorded (adapter, config.yaml, checkpoints) by its absolute path, a hub id as is
+    run.model.name_or_path = base_reference(run.model.name_or_path)
     preflight_output_dir(Path(t.output_dir).expanduser())
     check_output_dir(Path(t.output_dir).expanduser(), resume=resume, overwrite=overwrite)
     device = resolve_device(run.model.device)
@@ -210,7 +214,11 @@ def prepare(
                 "Fix: check the model folder (a damaged or partly downloaded *.safetensors file? download it "
                 "again), or pass another --model."
             ) from e
-    adapted = apply_lora(model, run.peft_config)
+    if m.adapter:  # train an existing adapter further: its LoRA shape, a fresh optimizer
+        m.adapter = base_reference(m.adapter)
+        adapted = continue_lora(model, run.peft_config, m.adapter)
+    else:
+        adapted = apply_lora(model, run.peft_config)
     if loaded_here and precision in ("bf16", "fp16"):
         hold_frozen_linears_in(model, compute_dtype(precision, model))
     if t.gradient_checkpointing:

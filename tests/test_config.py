@@ -171,7 +171,7 @@ def test_unknown_key_lists_valid_keys():
     message = error_of(RunConfig.from_dict, {"model": {"nme_or_path": "x"}}, source="cfg.yaml")
     assert message == (
         "invalid config: cfg.yaml: model.nme_or_path: unknown key (did you mean 'name_or_path'?); "
-        "valid keys: attn_implementation, bnb_4bit_compute_dtype, bnb_4bit_use_double_quant, device, dtype, "
+        "valid keys: adapter, attn_implementation, bnb_4bit_compute_dtype, bnb_4bit_use_double_quant, device, dtype, "
         "name_or_path, quantization, revision, trust_remote_code"
     )
     message = error_of(TrainingConfig.from_dict, {"learnig_rate": 1e-4})

@@ -2,7 +2,7 @@
 
 A run that is interrupted -- SIGKILL at any moment, also in the middle of a checkpoint write, or
 SIGINT/SIGTERM -- and then continued with `--resume` must end with the same adapter BIT FOR BIT
-(every safetensors tensor torch.equal) and the same metrics.jsonl as one uninterrupted run. Compared
+(every safetensors tensor torch.equal, and the file byte for byte) and the same metrics.jsonl as one uninterrupted run. Compared
 with timing fields left out: "tokens_per_sec" in metrics.jsonl, "runtime_sec"/"tokens_per_sec" and
 the run-specific "resumed_from"/"output_dir" in results.json.
 
@@ -80,6 +80,7 @@ def snapshot(out: Path) -> dict:
     results = json.loads((out / "results.json").read_text())
     return {
         "adapter": load_file(out / "adapter_model.safetensors"),
+        "adapter_bytes": (out / "adapter_model.safetensors").read_bytes(),
         "metrics": [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in metrics],
         "results": {k: v for k, v in results.items() if k not in RUN_SPECIFIC_RESULTS},
     }
@@ -90,6 +91,7 @@ def assert_same_run(out: Path, ref: dict) -> None:
     assert got["adapter"].keys() == ref["adapter"].keys()
     differ = [k for k in ref["adapter"] if not torch.equal(got["adapter"][k], ref["adapter"][k])]
     assert not differ, f"{len(differ)} adapter tensors differ, e.g. {differ[0]}"
+    assert got["adapter_bytes"] == ref["adapter_bytes"], "same tensors, but the adapter files differ in bytes"
     assert got["metrics"] == ref["metrics"]
     assert got["results"] == ref["results"]
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from lorafit.lora.inject import inject
@@ -62,6 +62,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter",
+    "base_reference",
     "AdapterFiles",
     "ModuleLora",
     "model_loras",
@@ -99,6 +100,16 @@ class ModuleLora:
         return self.A, _block_b(self.B, self.r, sizes, enable), self.r * k, self.alpha * factor
 
 
+def base_reference(name: str | os.PathLike | None) -> str | None:
+    """How an adapter records its base model: an existing local folder (or file) as its absolute,
+    resolved path, so the adapter finds its base from any working directory; anything else (a hub id
+    such as ``microsoft/Phi-3-mini-4k-instruct``) unchanged. A leading ``~`` is expanded."""
+    if name is None:
+        return None
+    path = Path(os.path.expanduser(os.fspath(name)))
+    return str(path.resolve()) if path.exists() else os.fspath(name)
+
+
 def _scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / (math.sqrt(r) if use_rslora else r)
 
@@ -112,6 +123,22 @@ def _replace_atomic(write, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file as bytes, the same bytes for the same tensors and metadata in every process.
+
+    safetensors writes its header metadata in hash-map order, which changes from process to process;
+    here the header is rewritten with the metadata keys sorted (tensor entries and data stay as
+    safetensors lays them out: sorted by dtype and name).
+    """
+    raw = safetensors_bytes(dict(tensors), metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
 
 
 def _block_b(b: torch.Tensor, r: int, sizes: Sequence[int], enable: Sequence[bool]) -> torch.Tensor:
@@ -209,11 +236,16 @@ def write_adapter(
     revision: str | None = None,
     extra_metadata: dict | None = None,
 ) -> Path:
-    """Write LoRA factors (+ full parameters, keyed by parameter name) as a PEFT adapter folder."""
+    """Write LoRA factors (+ full parameters, keyed by parameter name) as a PEFT adapter folder.
+
+    `base_model_name_or_path` is recorded through :func:`base_reference`: a local folder as its
+    absolute path, a hub id as the id.
+    """
     if not loras:
         raise LoraError("there are no LoRA layers to save; call lora.inject(...) first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    base_model_name_or_path = base_reference(base_model_name_or_path)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
     for name, m in loras.items():
@@ -260,8 +292,8 @@ def write_adapter(
         "slices": {n: {**m.slices, "r": m.r, "lora_alpha": m.alpha} for n, m in loras.items() if m.slices},
         **(extra_metadata or {}),
     }
-    _replace_atomic(lambda p: save_file(tensors, str(p), metadata={"format": "pt", "lorafit": json.dumps(meta)}),
-                    out / WEIGHTS_NAME)  # fmt: skip
+    data = _safetensors_bytes(tensors, {"format": "pt", "lorafit": json.dumps(meta, sort_keys=True)})
+    _replace_atomic(lambda p: p.write_bytes(data), out / WEIGHTS_NAME)
     _replace_atomic(
         lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"), out / CONFIG_NAME
     )
@@ -637,6 +669,7 @@ def apply_loras(
     source: str | Path = "adapter",
     base_model: str | None = None,
     base_shapes: Mapping[str, Sequence[int]] | None = None,
+    lora_dropout: float = 0.0,
 ) -> list[str]:
     """Put LoRA factors onto `model`, injecting LoRA layers where needed; returns the adapted names.
 
@@ -717,8 +750,8 @@ def apply_loras(
             for n in names
             if loras[n].slices
         }
-        inject(model, [n for n in names if n not in slices], r=r, lora_alpha=alpha, slices=slices or None,
-               use_rslora=use_rslora, lora_dtype=dtype or torch.float32, wrap=wrap)  # fmt: skip
+        inject(model, [n for n in names if n not in slices], r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
+               slices=slices or None, use_rslora=use_rslora, lora_dtype=dtype or torch.float32, wrap=wrap)  # fmt: skip
     layers = lora_modules(model)
     with torch.no_grad():
         for name, m in loras.items():
@@ -741,12 +774,14 @@ def load_adapter(
     trainable: bool = False,
     dtype: torch.dtype | None = None,
     fused: FusedLayout | None = None,
+    lora_dropout: float = 0.0,
 ) -> list[str]:
     """Put the adapter at `path` onto `model` (injecting LoRA layers as needed); returns adapted names.
 
     Strict: a different base model is refused, and every missing, unexpected and wrong-shape key is
     reported at once in one LoraError, before the model is changed. `dtype` is the LoRA weight dtype
-    (default fp32). LoRA parameters train only if `trainable`. Split-layout adapters (`q_proj`, ...)
+    (default fp32), `lora_dropout` the dropout of the LoRA layers it injects (for training further).
+    LoRA parameters train only if `trainable`. Split-layout adapters (`q_proj`, ...)
     load onto fused modules given `fused` (lorafit's own split exports record it in their metadata).
     """
     files = read_adapter(path)
@@ -756,4 +791,5 @@ def load_adapter(
     return apply_loras(
         model, loras, full, use_rslora=files.use_rslora, trainable=trainable, dtype=dtype, fused=layout,
         problems=problems, source=files.path, base_model=files.base_model, base_shapes=files.meta.get("base_shapes"),
+        lora_dropout=lora_dropout,
     )  # fmt: skip
