@@ -72,6 +72,7 @@ def cmd_train(a) -> int:
         res = finetune(
             model=a.model, train_data=a.data, eval_data=a.eval_data, output_dir=a.output_dir, config=a.config,
             overrides=a.set or [], resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
+            source="command line",
         )  # fmt: skip
         clean = True
     finally:

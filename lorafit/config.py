@@ -844,8 +844,14 @@ class RunConfig:
 
     @classmethod
     def _from_dict(
-        cls, d: Any, source: str, origins: Mapping[str, str], problems: list[_Problem]
+        cls,
+        d: Any,
+        source: str,
+        origins: Mapping[str, str],
+        problems: list[_Problem],
+        replaced: Iterable[str] = (),
     ) -> RunConfig:
+        """`replaced`: one-line notes on values a higher layer replaced, warned when the config is valid."""
         problems = list(problems)
         if d is None:
             d = {}
@@ -875,8 +881,14 @@ class RunConfig:
                 problems += e.problems  # type: ignore[attr-defined]
         if problems:
             raise _config_error(problems, source, origins)
-        _warn_ignored(notes, source, origins)
+        _warn([f"{_where(key, origins, source)}: {message}" for key, message in notes] + list(replaced))
+        cfg._origins = {k: v for k, v in origins.items() if k}
         return cfg
+
+    def origin(self, key: str) -> str:
+        """Where the value of `key` ("model.device") came from: "file:line", "command line", "--set ...",
+        or "default" (also for a RunConfig built directly)."""
+        return _where(key, getattr(self, "_origins", {}), "") or "default"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -907,12 +919,17 @@ def _config_error(problems: list[_Problem], source: str, origins: Mapping[str, s
 
 
 def _warn_ignored(notes: list[tuple[str, str]], source: str, origins: Mapping[str, str]) -> None:
-    """One ConfigWarning per ignored key, attributed to the first caller outside this module."""
+    """One ConfigWarning per ignored key, prefixed with where it came from."""
+    _warn([f"{_where(key, origins, source)}: {message}" for key, message in notes])
+
+
+def _warn(messages: Iterable[str]) -> None:
+    """One ConfigWarning per message, attributed to the first caller outside this module."""
     frame, level = sys._getframe(), 1
     while frame is not None and frame.f_globals.get("__name__") == __name__:
         frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    for key, message in notes:
-        warnings.warn(f"{_where(key, origins, source)}: {message}", ConfigWarning, stacklevel=level)
+    for message in messages:
+        warnings.warn(message, ConfigWarning, stacklevel=level)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -998,8 +1015,11 @@ def _merge_layer(
     origin_of: Callable[[str], str],
     origins: dict[str, str],
     problems: list[_Problem],
+    layers: dict[str, int] | None = None,
+    rank: int = 0,
 ) -> None:
-    """Merge one layer (a file's or base's dict of sections) into `merged`, key by key."""
+    """Merge one layer (a file's or base's dict of sections) into `merged`, key by key; `layers[key]` is
+    set to `rank` for every section.key the layer sets."""
     if layer is None:
         return
     if not isinstance(layer, Mapping):
@@ -1026,10 +1046,17 @@ def _merge_layer(
         for key, value in body.items():
             target[key] = copy.deepcopy(value)
             origins[f"{section}.{key}"] = origin_of(f"{section}.{written[key]}")
+            if layers is not None:
+                layers[f"{section}.{key}"] = rank
 
 
 def _apply_override(
-    item: Any, merged: dict[Any, Any], origins: dict[str, str], problems: list[_Problem]
+    item: Any,
+    merged: dict[Any, Any],
+    origins: dict[str, str],
+    problems: list[_Problem],
+    layers: dict[str, int] | None = None,
+    rank: int = 0,
 ) -> None:
     """Apply one --set section.key[.subkey]=value (value read as YAML) to `merged`."""
     where = f"--set {item}"
@@ -1068,12 +1095,66 @@ def _apply_override(
         node = child
     node[parts[-1]] = value
     origins[".".join(parts[:2])] = where
+    if layers is not None:
+        layers[".".join(parts[:2])] = rank
+
+
+# Layers of a config, lowest first: the defaults, the file, command-line flags (base), --set overrides.
+_FILE, _BASE, _SET = 1, 2, 3
+
+# data keys that choose the eval data in ways that exclude each other: eval_split holds part of train out,
+# eval / eval_split_name name the eval data. (eval and eval_split_name go together: a split of a Hub id.)
+_EVAL_SPLIT, _EVAL_NAMED = "data.eval_split", ("data.eval", "data.eval_split_name")
+
+
+def _eval_source_precedence(
+    merged: dict[Any, Any], origins: dict[str, str], layers: Mapping[str, int]
+) -> list[str]:
+    """Let the higher layer choose the eval data; the notes on what it replaced.
+
+    data.eval_split and data.eval (or data.eval_split_name) both choose the eval data. Given in different
+    layers (`--eval-data` over a file's `eval_split: 0.05`), the higher layer's wins and the other key goes
+    back to its default, with a note. Given in the same layer they stay an error (DataConfig's cross-check).
+    """
+    data = merged.get("data")
+    if not isinstance(data, dict):
+        return []
+    try:
+        split = _float(ge=0, lt=1)(data.get("eval_split", 0.0))
+    except _Bad:
+        return []  # reported as a bad value
+    named = [k for k in _EVAL_NAMED if data.get(k.split(".")[1]) is not None]
+    if not split or not named:
+        return []
+    split_layer = layers.get(_EVAL_SPLIT, 0)
+    top = max(layers.get(k, 0) for k in named)
+    if top > split_layer:
+        losers, winner = [_EVAL_SPLIT], max(named, key=lambda k: layers.get(k, 0))
+    elif all(layers.get(k, 0) < split_layer for k in named):
+        losers, winner = named, _EVAL_SPLIT
+    else:
+        return []
+
+    def named_by(origin: str) -> str:
+        return "the command line" if origin == "command line" else origin
+
+    notes = []
+    for key in losers:
+        name = key.split(".")[1]
+        notes.append(
+            f"{winner} from {named_by(origins.get(winner, 'command line'))} replaces "
+            f"{key}={data[name]!r} from {named_by(origins.get(key, 'command line'))}"
+        )
+        del data[name]
+        origins.pop(key, None)
+    return notes
 
 
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] = (),
     base: Mapping[str, Any] | None = None,
+    base_origin: str | Mapping[str, str] = "command line",
 ) -> RunConfig:
     """Load a run config: defaults < the file at `path` < `base` < `overrides`.
 
@@ -1081,9 +1162,17 @@ def load_config(
     base: values from command-line flags, as a dict of sections, e.g.
         {"model": {"name_or_path": "..."}, "data": {"train": "..."}}; a None value means "flag not given"
         and is skipped (set null with an override instead).
+    base_origin: how errors and warnings name where a `base` value came from: one label, or a dict from
+        "section.key" or "section" to a label (missing ones: "command line"), e.g.
+        {"training_config": "finetune(training_config=...)"}.
     overrides: "section.key=value" strings (--set); the value is read as YAML, so 1e-4, true, null,
         [q_proj,v_proj] and {use_reentrant: false} work; "section.key.subkey=value" sets one key of a
         dict value such as gradient_checkpointing_kwargs.
+
+    A higher layer's choice of eval data replaces a lower one's: data.eval (or data.eval_split_name) and
+    data.eval_split exclude each other, and when they come from different layers the higher one wins and
+    a ConfigWarning says what it replaced (`--eval-data` over a file's `eval_split: 0.05`). Both in the same
+    layer is an error.
 
     Raises ConfigError listing every problem, each with where the value came from.
     """
@@ -1091,6 +1180,7 @@ def load_config(
         raise TypeError("overrides must be a list of 'section.key=value' strings, not one string")
     problems: list[_Problem] = []
     origins: dict[str, str] = {}
+    layers: dict[str, int] = {}
     merged: dict[Any, Any] = {}
     source = "command line"
     if path is not None:
@@ -1102,7 +1192,7 @@ def load_config(
             line = lines.get(key) or lines.get(key.split(".")[0])
             return f"{file}:{line}" if line else str(file)
 
-        _merge_layer(merged, data, file_origin, origins, problems)
+        _merge_layer(merged, data, file_origin, origins, problems, layers, _FILE)
     if base is not None:
         if not isinstance(base, Mapping):
             raise TypeError(f"base must be a dict of sections, got {_show(base)}")
@@ -1110,10 +1200,16 @@ def load_config(
             s: ({k: v for k, v in body.items() if v is not None} if isinstance(body, Mapping) else body)
             for s, body in base.items()
         }
-        _merge_layer(merged, given, lambda key: "command line", origins, problems)
+        labels = {"": base_origin} if isinstance(base_origin, str) else dict(base_origin)
+
+        def base_origin_of(key: str) -> str:
+            return labels.get(key) or labels.get(key.split(".")[0]) or labels.get("") or "command line"
+
+        _merge_layer(merged, given, base_origin_of, origins, problems, layers, _BASE)
     for item in overrides:
-        _apply_override(item, merged, origins, problems)
-    return RunConfig._from_dict(merged, source, origins, problems)
+        _apply_override(item, merged, origins, problems, layers, _SET)
+    replaced = _eval_source_precedence(merged, origins, layers)
+    return RunConfig._from_dict(merged, source, origins, problems, replaced)
 
 
 _SAVE_HEADER = "# lorafit run config, resolved (defaults < config file < command line < --set)\n"

@@ -629,3 +629,96 @@ def test_shipped_configs_parse():
     )
     assert (phi3.training_config.learning_rate, phi3.training_config.max_seq_length) == (2e-4, 2048)
     assert phi3.training_config.packing and phi3.training_config.bf16
+
+
+# ---------------------------------------------------------------------------------------- eval data by layer
+
+
+def test_a_higher_layers_eval_data_replaces_the_files_eval_split(tmp_path):
+    path = write(tmp_path / "run.yaml", "data:\n  train: t.jsonl\n  eval: null\n  eval_split: 0.05\n")
+    with pytest.warns(ConfigWarning) as record:
+        cfg = load_config(path, base={"data": {"eval": "e.jsonl"}})
+    assert (cfg.data.eval, cfg.data.eval_split) == ("e.jsonl", 0.0)
+    assert config_warnings(record) == [
+        f"data.eval from the command line replaces data.eval_split=0.05 from {path}:4"
+    ]
+    # --set over the file, either way round
+    with pytest.warns(ConfigWarning) as record:
+        cfg = load_config(path, overrides=["data.eval=x.jsonl"])
+    assert (cfg.data.eval, cfg.data.eval_split) == ("x.jsonl", 0.0)
+    assert config_warnings(record) == [
+        f"data.eval from --set data.eval=x.jsonl replaces data.eval_split=0.05 from {path}:4"
+    ]
+    named = write(tmp_path / "named.yaml", "data:\n  eval: e.jsonl\n")
+    with pytest.warns(ConfigWarning) as record:
+        cfg = load_config(named, overrides=["data.eval_split=0.1"])
+    assert (cfg.data.eval, cfg.data.eval_split) == (None, 0.1)
+    assert config_warnings(record) == [
+        f"data.eval_split from --set data.eval_split=0.1 replaces data.eval='e.jsonl' from {named}:2"
+    ]
+    # eval_split_name is replaced the same way; eval_split=0 (off) replaces nothing
+    with pytest.warns(
+        ConfigWarning, match="data.eval_split_name from the command line replaces data.eval_split"
+    ):
+        cfg = load_config(path, base={"data": {"eval_split_name": "test"}})
+    assert (cfg.data.eval_split_name, cfg.data.eval_split) == ("test", 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config(named, overrides=["data.eval_split=0"])
+    assert (cfg.data.eval, cfg.data.eval_split) == ("e.jsonl", 0.0)
+
+
+def test_eval_and_eval_split_in_the_same_layer_stay_an_error(tmp_path):
+    path = write(tmp_path / "both.yaml", "data:\n  eval: e.jsonl\n  eval_split: 0.05\n")
+    assert f"{path}:3: data.eval_split: is only used when eval is null" in error_of(load_config, path)
+    message = error_of(load_config, None, overrides=["data.eval=e.jsonl", "data.eval_split=0.1"])
+    assert "--set data.eval_split=0.1: data.eval_split: is only used when eval is null" in message
+    message = error_of(load_config, None, base={"data": {"eval": "e.jsonl", "eval_split": 0.1}})
+    assert "command line: data.eval_split: is only used when eval is null" in message
+    # a bad eval_split is reported as such, not resolved
+    message = error_of(load_config, None, base={"data": {"eval": "e.jsonl"}}, overrides=["data.eval_split=x"])
+    assert "data.eval_split: expected a float in [0, 1), got 'x' (str)" in message
+
+
+def test_shipped_configs_take_eval_data_from_the_command_line():
+    from lorafit.api import build_config
+
+    for name, line in (("phi3-mini-lora.yaml", 17), ("phi3-mini-qlora.yaml", 21)):
+        path = SHIPPED_CONFIGS_DIR / name
+        with pytest.warns(ConfigWarning) as record:
+            cfg = build_config(config=path, model="m", train_data="t.jsonl", eval_data="e.jsonl",
+                               source="command line")  # fmt: skip
+        assert (cfg.data.eval, cfg.data.eval_split) == ("e.jsonl", 0.0)
+        assert config_warnings(record) == [
+            f"data.eval from the command line replaces data.eval_split=0.05 from {path}:{line}"
+        ]
+
+
+def test_python_api_values_are_named_by_their_argument():
+    from lorafit.api import build_config
+
+    with pytest.warns(ConfigWarning) as record:
+        build_config(
+            training_config={"do_eval": True, "learning_rate": 1e-4}, peft_config={"inference_mode": False}
+        )
+    assert config_warnings(record) == [
+        f"finetune(training_config=...): training_config.do_eval is ignored: {IGNORED_TRAINING_KEYS['do_eval']}",
+        f"finetune(peft_config=...): peft_config.inference_mode is ignored: {IGNORED_PEFT_KEYS['inference_mode']}",
+    ]
+    message = error_of(build_config, training_config={"max_steps": 0}, output_dir=" ")
+    assert "finetune(training_config=...): training_config.max_steps: expected -1 or an integer" in message
+    assert "finetune(output_dir=...): training_config.output_dir: expected a non-empty string" in message
+    message = error_of(build_config, eval_data="e.jsonl", overrides=["data.eval_split=0.1", "data.eval=e2"])
+    assert "--set data.eval_split=0.1: data.eval_split: is only used when eval is null" in message
+    with pytest.warns(ConfigWarning) as record:
+        build_config(training_config={"do_eval": True}, source="command line")
+    assert config_warnings(record)[0].startswith("command line: training_config.do_eval is ignored")
+
+
+def test_origin_of_a_value(tmp_path):
+    path = write(tmp_path / "run.yaml", "model:\n  dtype: bf16\n  device: cuda\n")
+    cfg = load_config(path, base={"model": {"name_or_path": "m"}}, overrides=["peft_config.r=4"])
+    assert cfg.origin("model.device") == f"{path}:3"
+    assert cfg.origin("model.name_or_path") == "command line"
+    assert cfg.origin("peft_config.r") == "--set peft_config.r=4"
+    assert cfg.origin("training_config.seed") == "default" and RunConfig().origin("model.device") == "default"
