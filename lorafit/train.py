@@ -179,7 +179,7 @@ def prepare(
     t = run.training_config
     preflight_output_dir(Path(t.output_dir).expanduser())
     check_output_dir(Path(t.output_dir).expanduser(), resume=resume, overwrite=overwrite)
-    device = resolve_device(run.model.device)
+    device = resolve_device(run.model.device, "model.device", run.origin("model.device"))
     dist = distributed.init(device.type)  # one process: a no-op; under torchrun: join the group
     device = distributed.device_for(dist, device)
     precision = t.mixed_precision(bf16_is_fast(device))

@@ -15,6 +15,7 @@ import pytest
 
 from lorafit.cli import main
 from lorafit.demo import demo_data_dir
+from lorafit.errors import ConfigError
 from lorafit.tiny import write_tiny_model
 
 GOOD = {
@@ -297,3 +298,55 @@ def test_output_directory_that_is_a_file(model, tmp_path, capsys):
     out.write_text("mine")
     err = fails(capsys, train(model, demo_data_dir() / "train.jsonl", out))
     assert f"output directory {out} is a file" in err and out.read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_a_device_that_is_not_there_fails_before_anything_loads(model, tmp_path, capsys, monkeypatch):
+    import lorafit.train
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded before the device was checked")
+
+    monkeypatch.setattr(lorafit.train, "load_model", must_not_load)
+    monkeypatch.setattr(lorafit.train, "load_tokenizer", must_not_load)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model:\n  dtype: bf16\n  device: cuda:99\n")
+    err = fails(capsys, train(model, demo_data_dir() / "train.jsonl", tmp_path / "out", "--config", str(cfg)))
+    assert err.startswith(f"error: {cfg}:3: model.device: 'cuda:99' is not available: ")
+    assert "Fix: set model.device to 'auto'" in err and "or 'cpu', e.g. --set model.device=auto" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_device_missing_says_why(monkeypatch):
+    import torch
+
+    from lorafit.model import device_missing, resolve_device
+
+    assert device_missing("cpu") is None
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    assert device_missing("cuda") == "this PyTorch was built without CUDA"
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert device_missing("cuda:0").startswith("no CUDA GPU is visible")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_missing("cuda") is None and device_missing("cuda:1") is None
+    assert device_missing("cuda:3") == "there are 2 CUDA GPUs (cuda:0..cuda:1)"
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert device_missing("mps") == "MPS (Apple GPU) is not available on this machine"
+    with pytest.raises(
+        ConfigError, match=r"^--set model.device=cuda:3: model.device: 'cuda:3' is not available"
+    ):
+        resolve_device("cuda:3", "model.device", "--set model.device=cuda:3")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_generate_on_a_device_that_is_not_there(model, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    err = fails(capsys, ["generate", "--model", str(model), "--device", "cuda", "--prompt", "hi"])
+    assert err.startswith("error: device: 'cuda' is not available: this PyTorch was built without CUDA.")
+    assert "Fix: set device to 'auto'" in err

@@ -620,6 +620,7 @@ def test_shipped_configs_parse():
             cfg = load_config(path)
         assert isinstance(cfg, RunConfig)
         assert RunConfig.from_dict(cfg.to_dict()) == cfg
+        assert cfg.model.device == "auto", path  # runs wherever it is: cuda, then mps, then cpu
     phi3 = load_config(SHIPPED_CONFIGS_DIR / "phi3-mini-lora.yaml")
     assert phi3.model.name_or_path == "microsoft/Phi-3-mini-4k-instruct" and phi3.model.dtype == "bf16"
     assert (phi3.peft_config.r, phi3.peft_config.lora_alpha, phi3.peft_config.target_modules) == (
