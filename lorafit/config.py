@@ -280,11 +280,19 @@ def _float(
                 v = int(text)
             elif _FLOAT_RE.fullmatch(text):
                 v = float(text)
-        if _is_number(v) and math.isfinite(v) and _in_range(v, ge, gt, le, lt):
+        if _is_number(v) and _finite(v) and _in_range(v, ge, gt, le, lt):
             return v if keep_int and isinstance(v, int) else float(v)
         raise _Bad(f"expected {what}, got {_show(value)}")
 
     return check
+
+
+def _finite(v: float) -> bool:
+    """A finite float, or an int that fits one (math.isfinite(10**400) raises OverflowError)."""
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _bool(*, allow_none: bool = False) -> Check:
@@ -792,6 +800,64 @@ class PeftConfig(_Section):
     lora_dtype: str = _opt("auto", _choice(("auto", "fp32", "bf16", "fp16"), aliases=_DTYPE_ALIASES))
 
 
+# Largest finite value of each LoRA weight dtype (lora_dtype auto = fp32), and fp32's smallest normal one.
+_DTYPE_MAX = {"auto": 3.4028234663852886e38, "fp32": 3.4028234663852886e38, "bf16": 3.3895313892515355e38,
+              "fp16": 65504.0}  # fmt: skip
+_FP32_TINY = 1.1754943508222875e-38
+
+
+def _numeric_range_checks(t: TrainingConfig, p: PeftConfig) -> list[tuple[str, str]]:
+    """Numbers that are valid alone but do not fit the arithmetic they feed (as (key, message)).
+
+    AdamW (torch) turns learning_rate / (1 - adam_beta1) (its first step's size), 1 - learning_rate *
+    weight_decay and adam_epsilon into scalars of the LoRA weights' dtype: a value beyond that dtype's
+    largest number stops training with "value cannot be converted to type float without overflow", and a
+    learning rate or epsilon below fp32's smallest normal number rounds to 0 (no update; 0/0 = NaN on the
+    first step, when lora_A's gradient is 0). LoRA's scale lora_alpha / r multiplies the adapter output.
+    """
+    name = "fp32" if p.lora_dtype == "auto" else p.lora_dtype
+    top = _DTYPE_MAX[p.lora_dtype]
+    beyond = f"beyond the largest {name} number ({top:.4g}) the LoRA weights and AdamW's state hold"
+    problems = []
+    lr, first_step = t.learning_rate, t.learning_rate / (1 - t.adam_beta1)
+    if first_step > top:
+        problems.append((
+            "training_config.learning_rate",
+            f"{lr:g} is too large: AdamW's first step is learning_rate / (1 - adam_beta1) = {first_step:.4g}, "
+            f"{beyond}. Fix: a learning rate such as 2e-4 (LoRA trains well at 1e-4..3e-4)",
+        ))  # fmt: skip
+    elif lr < _FP32_TINY:
+        problems.append((
+            "training_config.learning_rate",
+            f"{lr:g} is below the smallest normal fp32 number ({_FP32_TINY:.4g}), so the weights would not "
+            "change. Fix: a learning rate such as 2e-4 (LoRA trains well at 1e-4..3e-4)",
+        ))  # fmt: skip
+    if first_step <= top and lr * t.weight_decay >= 1:
+        problems.append((
+            "training_config.weight_decay",
+            f"{t.weight_decay:g} with learning_rate {lr:g} is too large: AdamW multiplies the weights by "
+            f"1 - learning_rate * weight_decay = {1 - lr * t.weight_decay:.4g} every step (it must stay in "
+            "(0, 1]). Fix: a weight decay such as 0.01, or 0 (the default; it suits LoRA)",
+        ))  # fmt: skip
+    if t.adam_epsilon > top or t.adam_epsilon < _FP32_TINY:
+        where = (
+            beyond if t.adam_epsilon > top else f"below the smallest normal fp32 number ({_FP32_TINY:.4g})"
+        )
+        problems.append((
+            "training_config.adam_epsilon",
+            f"{t.adam_epsilon:g} is {where}. Fix: 1e-8 (the default)",
+        ))  # fmt: skip
+    scale = p.lora_alpha / (math.sqrt(p.r) if p.use_rslora else p.r)
+    if scale > top:
+        formula = "lora_alpha / sqrt(r)" if p.use_rslora else "lora_alpha / r"
+        problems.append((
+            "peft_config.lora_alpha",
+            f"{p.lora_alpha:g} is too large: LoRA's scale {formula} = {scale:.4g} is {beyond}. Fix: a lora_alpha "
+            "such as 2 * r (32 for r = 16)",
+        ))  # fmt: skip
+    return problems
+
+
 # The run config's sections, in order.
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig,
@@ -830,7 +896,7 @@ class RunConfig:
                     "data.eval_split_name, or set eval_strategy to 'no'",
                 )
             ]
-        return []
+        return _numeric_range_checks(t, self.peft_config)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """A plain JSON-able dict of all four sections; from_dict() reads it back to an equal RunConfig."""

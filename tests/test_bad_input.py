@@ -350,3 +350,28 @@ def test_generate_on_a_device_that_is_not_there(model, capsys, monkeypatch):
     err = fails(capsys, ["generate", "--model", str(model), "--device", "cuda", "--prompt", "hi"])
     assert err.startswith("error: device: 'cuda' is not available: this PyTorch was built without CUDA.")
     assert "Fix: set device to 'auto'" in err
+
+
+# ----------------------------------------------------------------------------- numbers and empty training sets
+
+
+def test_a_learning_rate_that_overflows_is_a_config_error(model, tmp_path, capsys):
+    err = fails(capsys, train(model, demo_data_dir() / "train.jsonl", tmp_path / "out",
+                              "--set", "training_config.learning_rate=1e38"))  # fmt: skip
+    assert err.startswith(
+        "error: invalid config: --set training_config.learning_rate=1e38: training_config.learning_rate: 1e+38 is "
+        "too large: AdamW's first step is learning_rate / (1 - adam_beta1) = 1e+39"
+    )
+    assert "Fix: a learning rate such as 2e-4" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_data_of_which_nothing_would_train(model, tmp_path, capsys):
+    long = {"messages": [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "even"}]}
+    data = jsonl(tmp_path / "long.jsonl", long, long, long)
+    err = fails(capsys, train(model, data, tmp_path / "out"))  # max_seq_length 64
+    assert err.startswith(
+        f"error: {data}: no example would train: all 3 conversation(s) are dropped: 3 are longer than "
+        "max_seq_length=64 and their trained tokens (the assistant replies) come after the cut. Fix: a larger"
+    )
+    assert not (tmp_path / "out").exists()

@@ -723,3 +723,63 @@ def test_origin_of_a_value(tmp_path):
     assert cfg.origin("model.name_or_path") == "command line"
     assert cfg.origin("peft_config.r") == "--set peft_config.r=4"
     assert cfg.origin("training_config.seed") == "default" and RunConfig().origin("model.device") == "default"
+
+
+# ---------------------------------------------------------------------------------------- numbers that must fit
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["training_config.learning_rate=1e38"],
+            "--set training_config.learning_rate=1e38: training_config.learning_rate: 1e+38 is too large: AdamW's "
+            "first step is learning_rate / (1 - adam_beta1) = 1e+39, beyond the largest fp32 number (3.403e+38)",
+        ),
+        (
+            ["training_config.learning_rate=1e4", "peft_config.lora_dtype=fp16"],
+            "training_config.learning_rate: 10000 is too large: AdamW's first step is learning_rate / "
+            "(1 - adam_beta1) = 1e+05, beyond the largest fp16 number (6.55e+04)",
+        ),
+        (
+            ["training_config.learning_rate=1e-50"],
+            "training_config.learning_rate: 1e-50 is below the smallest",
+        ),
+        (
+            ["training_config.weight_decay=1e300"],
+            "training_config.weight_decay: 1e+300 with learning_rate 0.0002 is too large: AdamW multiplies the "
+            "weights by 1 - learning_rate * weight_decay = -2e+296 every step",
+        ),
+        (
+            ["training_config.adam_epsilon=1e39"],
+            "training_config.adam_epsilon: 1e+39 is beyond the largest fp32",
+        ),
+        (
+            ["training_config.adam_epsilon=1e-45"],
+            "training_config.adam_epsilon: 1e-45 is below the smallest normal",
+        ),
+        (
+            ["peft_config.lora_alpha=1e39", "peft_config.r=1"],
+            "peft_config.lora_alpha: 1e+39 is too large: LoRA's scale lora_alpha / r = 1e+39 is beyond",
+        ),
+        (["peft_config.lora_alpha=" + "9" * 400], "peft_config.lora_alpha: expected a number > 0, got 9999"),
+        (
+            ["training_config.learning_rate=" + "9" * 400],
+            "training_config.learning_rate: expected a float > 0",
+        ),
+    ],
+)
+def test_numbers_that_do_not_fit_the_arithmetic_are_config_errors(overrides, expected):
+    message = error_of(load_config, None, overrides=overrides)
+    assert expected in message
+    assert "Fix: " in message or "expected a" in message  # a type error says what is expected instead
+
+
+def test_numbers_at_the_edge_still_fit():
+    cfg = load_config(None, overrides=["training_config.learning_rate=3e37"])
+    assert cfg.training_config.learning_rate == 3e37
+    cfg = load_config(None, overrides=["training_config.learning_rate=9", "training_config.weight_decay=0.1"])
+    assert cfg.training_config.weight_decay == 0.1  # 1 - 9 * 0.1 = 0.1 > 0
+    cfg = load_config(None, overrides=["training_config.learning_rate=1e38", "training_config.adam_beta1=0"])
+    assert cfg.training_config.learning_rate == 1e38
+    assert load_config(None, overrides=["peft_config.lora_alpha=1e39"]).peft_config.lora_alpha == 1e39  # /16
