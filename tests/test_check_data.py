@@ -148,3 +148,44 @@ def test_nothing_to_train_names_every_reason():
     )
     assert "; 3 have no token to train on with train_on='assistant'. Fix: a larger max_seq_length" in message
     assert message.endswith("or an assistant reply in each conversation, or train_on='all'")
+
+
+@pytest.mark.parametrize(
+    ("tty", "args", "env", "colored"),
+    [
+        (False, [], {}, False),  # a pipe or a file: [[...]]
+        (True, [], {}, True),  # a terminal: colour
+        (True, ["--no-color"], {}, False),
+        (True, [], {"NO_COLOR": "1"}, False),
+        (True, [], {"NO_COLOR": ""}, True),  # no-color.org: only a non-empty value counts
+    ],
+)
+def test_color_only_on_a_terminal(model, data, capsys, monkeypatch, tty, args, env, colored):
+    import sys
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
+    assert main(["check-data", "--model", str(model), "--data", str(data), *args]) == 0
+    out = capsys.readouterr().out
+    assert ("\x1b[1;32meven<|end|>\x1b[0m" in out) is colored
+    assert ("[[even<|end|>]]" in out) is not colored
+    assert ("the trained tokens highlighted" in out) is colored
+
+
+def test_check_data_help_says_how_tokens_are_marked():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "lorafit", "check-data", "--help"], capture_output=True, text=True
+    )
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0
+    assert (
+        "in [[...]] when the output is not a terminal" in text
+        and "coloured (bold green) on a terminal" in text
+    )
+    assert "--no-color" in text and "NO_COLOR" in text

@@ -91,6 +91,17 @@ def test_help_everywhere():
         assert r.returncode == 0 and "usage: lorafit" in r.stdout, cmd
 
 
+def test_model_flag_help_says_it_defaults_to_the_adapters_base():
+    for cmd in ("eval", "generate", "chat"):
+        r = subprocess.run([sys.executable, "-m", "lorafit", cmd, "--help"], capture_output=True, text=True)
+        text = " ".join(r.stdout.split())
+        assert r.returncode == 0, cmd
+        assert (
+            "--model MODEL base model: hub id or local folder (default: the base model recorded in the adapter"
+            in (text)
+        ), cmd
+
+
 def test_shipped_demo_data_is_the_generator_output(tmp_path):
     train, ev = make_demo_data(tmp_path)
     assert train.read_text() == (demo_data_dir() / "train.jsonl").read_text()
