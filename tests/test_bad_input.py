@@ -375,3 +375,12 @@ def test_training_data_of_which_nothing_would_train(model, tmp_path, capsys):
         "max_seq_length=64 and their trained tokens (the assistant replies) come after the cut. Fix: a larger"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_more_epochs_than_steps_can_count(model, tmp_path, capsys):
+    args = train(model, demo_data_dir() / "train.jsonl", tmp_path / "out")
+    args[args.index("training_config.max_steps=2")] = "training_config.num_train_epochs=1e308"
+    err = fails(capsys, args)
+    assert err.startswith("error: training_config.num_train_epochs: 1e+308 epochs of ")
+    assert "is more steps than can be counted. Fix: fewer epochs, or a number of steps with max_steps" in err
+    assert not (tmp_path / "out").exists()
