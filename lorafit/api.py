@@ -39,8 +39,13 @@ def build_config(
     config: str | Path | None = None,
     overrides: list[str] | tuple = (),
     adapter: str | Path | None = None,
+    source: str | None = None,
 ):
-    """Resolve a RunConfig: defaults < config file < arguments < overrides ("section.key=value")."""
+    """Resolve a RunConfig: defaults < config file < arguments < overrides ("section.key=value").
+
+    `source` names where the arguments came from in errors and warnings ("command line" for the CLI);
+    None names each by its argument, e.g. "finetune(training_config=...)".
+    """
     from lorafit.config import load_config
 
     base: dict = {"model": {}, "data": {}, "training_config": _section(training_config) or {},
@@ -55,7 +60,17 @@ def build_config(
         base["data"]["eval"] = str(eval_data)
     if output_dir is not None:
         base["training_config"]["output_dir"] = str(output_dir)
-    return load_config(config, overrides=list(overrides), base=base)
+    labels = source or {
+        "model": "finetune(model=...)",
+        "model.adapter": "finetune(adapter=...)",
+        "data.train": "finetune(train_data=...)",
+        "data.eval": "finetune(eval_data=...)",
+        "training_config": "finetune(training_config=...)",
+        "training_config.output_dir": "finetune(output_dir=...)" if output_dir is not None
+        else "finetune(training_config=...)",
+        "peft_config": "finetune(peft_config=...)",
+    }  # fmt: skip
+    return load_config(config, overrides=list(overrides), base=base, base_origin=labels)
 
 
 def finetune(
@@ -73,13 +88,17 @@ def finetune(
     overwrite: bool = False,
     progress: bool = True,
     adapter: str | Path | None = None,
+    source: str | None = None,
 ) -> dict:
     """Fine-tune `model` with LoRA on `train_data`; returns the results (also in OUT/results.json).
 
     `model` is a hub id or local folder (or an already loaded transformers model, with `tokenizer`).
     `training_config` / `peft_config` are the guide's two dicts (Hugging Face TrainingArguments and
     PEFT LoraConfig names). `resume=True` continues from the newest checkpoint in the output
-    directory; `overwrite=True` replaces a previous run there.
+    directory; `overwrite=True` replaces a previous run there. Precedence: defaults < `config` file <
+    the other arguments < `overrides`. Errors and warnings name an argument's value by the argument
+    ("finetune(training_config=...): training_config.do_eval is ignored: ..."), or by `source` when given
+    (the CLI passes "command line").
 
     `adapter` (config key `model.adapter`) trains an existing adapter further: a PEFT or lorafit adapter
     folder (fused or split keys, slice adapters) or a loralib export. Its LoRA shape (ranks, alphas,
@@ -92,6 +111,7 @@ def finetune(
     cfg = build_config(
         model=model, train_data=train_data, eval_data=eval_data, training_config=training_config,
         peft_config=peft_config, output_dir=output_dir, config=config, overrides=overrides, adapter=adapter,
+        source=source,
     )  # fmt: skip
     loaded = None if isinstance(model, (str, Path)) or model is None else model
     if loaded is not None and tokenizer is None:

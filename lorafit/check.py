@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.data import _render, encode, load_conversations, tokenize
-from lorafit.errors import ConfigError
+from lorafit.errors import ConfigError, DataError
 
 OPEN, CLOSE = "[[", "]]"
 COLOR_ON, COLOR_OFF = "\x1b[1;32m", "\x1b[0m"  # bold green
@@ -105,6 +105,8 @@ def check_data(
     _, stats = tokenize(
         tok, convs, max_seq_length=max_seq_length, end_of_turn=eot, train_on=train_on, truncation=truncation
     )
+    if stats.examples == 0:
+        raise DataError(nothing_to_train(data, stats, max_seq_length=max_seq_length, train_on=train_on))
     warnings = []
     if stats.truncated:
         warnings.append(
@@ -138,6 +140,33 @@ def check_data(
             "truncated_text": cut,
         },
     }
+
+
+def nothing_to_train(data, stats, *, max_seq_length: int, train_on: str) -> str:
+    """The message for data of which no example would train: every conversation dropped, and why.
+
+    A conversation is dropped when it has no trained token after its first one: its assistant replies
+    were all cut off at max_seq_length (it is counted as truncated too), or it has none to train on.
+    """
+    n = stats.conversations
+    reasons = []
+    if stats.truncated:
+        reasons.append(
+            f"{stats.truncated} are longer than max_seq_length={max_seq_length} and their trained tokens "
+            "(the assistant replies) come after the cut"
+        )
+    rest = stats.dropped - stats.truncated
+    if rest > 0:
+        reasons.append(f"{rest} have no token to train on with train_on={train_on!r}")
+    fixes = []
+    if stats.truncated:
+        fixes.append("a larger max_seq_length (--max-seq-length, training_config.max_seq_length)")
+    if rest > 0:
+        fixes.append("an assistant reply in each conversation, or train_on='all'")
+    return (
+        f"{data}: no example would train: all {n} conversation(s) are dropped: " + "; ".join(reasons) + ". "
+        "Fix: " + " or ".join(fixes)
+    )
 
 
 def marked(segments: list[tuple[str, bool]], color: bool = False) -> str:

@@ -3,10 +3,12 @@
     lorafit train --model M --data TRAIN.jsonl [--eval-data EVAL.jsonl] [--output-dir OUT] [--adapter DIR]
                   [--config run.yaml] [--set section.key=value ...] [--resume [PATH]] [--overwrite]
     lorafit check-data --model M --data FILE [--max-seq-length N] [--train-on assistant|all] [--json]
-    lorafit eval --model M [--adapter A] --data FILE          prints JSON
-                 (eval, generate, chat: [--quantization nf4|fp4|int8] for a QLoRA adapter's base)
-    lorafit generate --model M [--adapter A] --prompt TEXT [--system TEXT] [--max-new-tokens N]
-    lorafit chat --model M [--adapter A] [--system TEXT]
+                       [--no-color]    (trained tokens in [[...]]; coloured on a terminal)
+    lorafit eval [--model M] [--adapter A] --data FILE          prints JSON
+                 (eval, generate, chat: --model defaults to the adapter's recorded base model;
+                  [--quantization nf4|fp4|int8] for a QLoRA adapter's base)
+    lorafit generate [--model M] [--adapter A] --prompt TEXT [--system TEXT] [--max-new-tokens N]
+    lorafit chat [--model M] [--adapter A] [--system TEXT]
     lorafit tiny-model OUT [--size demo|tiny|small|medium]
     lorafit demo [--output-dir OUT]
     lorafit merge [--model BASE] --adapter A --output-dir OUT [--dtype auto|bf16|fp16|fp32]
@@ -35,9 +37,12 @@ def _one_line_warnings() -> None:
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="base model: hub id or local folder")
+    what = "base model: hub id or local folder"
+    if not required:
+        what += " (default: the base model recorded in the adapter, adapter_config.json's base_model_name_or_path)"
+    p.add_argument("--model", required=required, help=what)
     p.add_argument("--adapter", help="adapter folder (PEFT format, fused or split keys), a loralib .pt file, or "
-                   "the folder `lorafit export --layout loralib` writes")  # fmt: skip
+                   "the folder `lorafit export --layout loralib` writes; without it the base model alone runs")  # fmt: skip
     _loralib_args(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -90,6 +95,7 @@ def cmd_train(a) -> int:
             model=a.model, train_data=a.data, eval_data=a.eval_data, output_dir=a.output_dir, config=a.config,
             overrides=a.set or [], resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
             adapter=a.adapter,
+            source="command line",
         )  # fmt: skip
         clean = True
     finally:
@@ -116,9 +122,14 @@ def cmd_check_data(a) -> int:
     if a.json:
         print(json.dumps(report, indent=2))
     else:
-        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-        print(format_report(report, color=color))
+        print(format_report(report, color=use_color(sys.stdout, a.no_color, os.environ)))
     return 0
+
+
+def use_color(stream, no_color: bool, environ) -> bool:
+    """Colour only on a terminal, and not with --no-color or a non-empty NO_COLOR (no-color.org)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not no_color and not environ.get("NO_COLOR")
 
 
 def cmd_eval(a) -> int:
@@ -230,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     cd = sub.add_parser(
         "check-data",
         help="validate a dataset and show token statistics and the trained tokens, without training",
-    )
+        description="Validate a dataset with the model's tokenizer (no weights load) and show token statistics "
+        "and one conversation with its trained tokens marked: in [[...]] when the output is not a terminal "
+        "(a pipe or a file), with --no-color, or when NO_COLOR is set; coloured (bold green) on a terminal. "
+        "Exit status 2 when the data is invalid or no example would train.",
+    )  # fmt: skip
     cd.add_argument(
         "--model", required=True, help="model (or tokenizer) folder or hub id; only the tokenizer loads"
     )
@@ -241,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an over-long conversation is an error (data.truncation=false)")  # fmt: skip
     cd.add_argument("--example", type=int, default=0, help="which conversation to show (0-based)")
     cd.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    cd.add_argument("--no-color", action="store_true",
+                    help="mark the trained tokens with [[...]] even on a terminal (also: NO_COLOR=1)")  # fmt: skip
     cd.set_defaults(func=cmd_check_data)
 
     e = sub.add_parser(

@@ -280,11 +280,19 @@ def _float(
                 v = int(text)
             elif _FLOAT_RE.fullmatch(text):
                 v = float(text)
-        if _is_number(v) and math.isfinite(v) and _in_range(v, ge, gt, le, lt):
+        if _is_number(v) and _finite(v) and _in_range(v, ge, gt, le, lt):
             return v if keep_int and isinstance(v, int) else float(v)
         raise _Bad(f"expected {what}, got {_show(value)}")
 
     return check
+
+
+def _finite(v: float) -> bool:
+    """A finite float, or an int that fits one (math.isfinite(10**400) raises OverflowError)."""
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _bool(*, allow_none: bool = False) -> Check:
@@ -796,6 +804,64 @@ class PeftConfig(_Section):
     lora_dtype: str = _opt("auto", _choice(("auto", "fp32", "bf16", "fp16"), aliases=_DTYPE_ALIASES))
 
 
+# Largest finite value of each LoRA weight dtype (lora_dtype auto = fp32), and fp32's smallest normal one.
+_DTYPE_MAX = {"auto": 3.4028234663852886e38, "fp32": 3.4028234663852886e38, "bf16": 3.3895313892515355e38,
+              "fp16": 65504.0}  # fmt: skip
+_FP32_TINY = 1.1754943508222875e-38
+
+
+def _numeric_range_checks(t: TrainingConfig, p: PeftConfig) -> list[tuple[str, str]]:
+    """Numbers that are valid alone but do not fit the arithmetic they feed (as (key, message)).
+
+    AdamW (torch) turns learning_rate / (1 - adam_beta1) (its first step's size), 1 - learning_rate *
+    weight_decay and adam_epsilon into scalars of the LoRA weights' dtype: a value beyond that dtype's
+    largest number stops training with "value cannot be converted to type float without overflow", and a
+    learning rate or epsilon below fp32's smallest normal number rounds to 0 (no update; 0/0 = NaN on the
+    first step, when lora_A's gradient is 0). LoRA's scale lora_alpha / r multiplies the adapter output.
+    """
+    name = "fp32" if p.lora_dtype == "auto" else p.lora_dtype
+    top = _DTYPE_MAX[p.lora_dtype]
+    beyond = f"beyond the largest {name} number ({top:.4g}) the LoRA weights and AdamW's state hold"
+    problems = []
+    lr, first_step = t.learning_rate, t.learning_rate / (1 - t.adam_beta1)
+    if first_step > top:
+        problems.append((
+            "training_config.learning_rate",
+            f"{lr:g} is too large: AdamW's first step is learning_rate / (1 - adam_beta1) = {first_step:.4g}, "
+            f"{beyond}. Fix: a learning rate such as 2e-4 (LoRA trains well at 1e-4..3e-4)",
+        ))  # fmt: skip
+    elif lr < _FP32_TINY:
+        problems.append((
+            "training_config.learning_rate",
+            f"{lr:g} is below the smallest normal fp32 number ({_FP32_TINY:.4g}), so the weights would not "
+            "change. Fix: a learning rate such as 2e-4 (LoRA trains well at 1e-4..3e-4)",
+        ))  # fmt: skip
+    if first_step <= top and lr * t.weight_decay >= 1:
+        problems.append((
+            "training_config.weight_decay",
+            f"{t.weight_decay:g} with learning_rate {lr:g} is too large: AdamW multiplies the weights by "
+            f"1 - learning_rate * weight_decay = {1 - lr * t.weight_decay:.4g} every step (it must stay in "
+            "(0, 1]). Fix: a weight decay such as 0.01, or 0 (the default; it suits LoRA)",
+        ))  # fmt: skip
+    if t.adam_epsilon > top or t.adam_epsilon < _FP32_TINY:
+        where = (
+            beyond if t.adam_epsilon > top else f"below the smallest normal fp32 number ({_FP32_TINY:.4g})"
+        )
+        problems.append((
+            "training_config.adam_epsilon",
+            f"{t.adam_epsilon:g} is {where}. Fix: 1e-8 (the default)",
+        ))  # fmt: skip
+    scale = p.lora_alpha / (math.sqrt(p.r) if p.use_rslora else p.r)
+    if scale > top:
+        formula = "lora_alpha / sqrt(r)" if p.use_rslora else "lora_alpha / r"
+        problems.append((
+            "peft_config.lora_alpha",
+            f"{p.lora_alpha:g} is too large: LoRA's scale {formula} = {scale:.4g} is {beyond}. Fix: a lora_alpha "
+            "such as 2 * r (32 for r = 16)",
+        ))  # fmt: skip
+    return problems
+
+
 # The run config's sections, in order.
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig,
@@ -834,7 +900,7 @@ class RunConfig:
                     "data.eval_split_name, or set eval_strategy to 'no'",
                 )
             ]
-        return []
+        return _numeric_range_checks(t, self.peft_config)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """A plain JSON-able dict of all four sections; from_dict() reads it back to an equal RunConfig."""
@@ -848,8 +914,14 @@ class RunConfig:
 
     @classmethod
     def _from_dict(
-        cls, d: Any, source: str, origins: Mapping[str, str], problems: list[_Problem]
+        cls,
+        d: Any,
+        source: str,
+        origins: Mapping[str, str],
+        problems: list[_Problem],
+        replaced: Iterable[str] = (),
     ) -> RunConfig:
+        """`replaced`: one-line notes on values a higher layer replaced, warned when the config is valid."""
         problems = list(problems)
         if d is None:
             d = {}
@@ -879,8 +951,14 @@ class RunConfig:
                 problems += e.problems  # type: ignore[attr-defined]
         if problems:
             raise _config_error(problems, source, origins)
-        _warn_ignored(notes, source, origins)
+        _warn([f"{_where(key, origins, source)}: {message}" for key, message in notes] + list(replaced))
+        cfg._origins = {k: v for k, v in origins.items() if k}
         return cfg
+
+    def origin(self, key: str) -> str:
+        """Where the value of `key` ("model.device") came from: "file:line", "command line", "--set ...",
+        or "default" (also for a RunConfig built directly)."""
+        return _where(key, getattr(self, "_origins", {}), "") or "default"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -911,12 +989,17 @@ def _config_error(problems: list[_Problem], source: str, origins: Mapping[str, s
 
 
 def _warn_ignored(notes: list[tuple[str, str]], source: str, origins: Mapping[str, str]) -> None:
-    """One ConfigWarning per ignored key, attributed to the first caller outside this module."""
+    """One ConfigWarning per ignored key, prefixed with where it came from."""
+    _warn([f"{_where(key, origins, source)}: {message}" for key, message in notes])
+
+
+def _warn(messages: Iterable[str]) -> None:
+    """One ConfigWarning per message, attributed to the first caller outside this module."""
     frame, level = sys._getframe(), 1
     while frame is not None and frame.f_globals.get("__name__") == __name__:
         frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    for key, message in notes:
-        warnings.warn(f"{_where(key, origins, source)}: {message}", ConfigWarning, stacklevel=level)
+    for message in messages:
+        warnings.warn(message, ConfigWarning, stacklevel=level)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1002,8 +1085,11 @@ def _merge_layer(
     origin_of: Callable[[str], str],
     origins: dict[str, str],
     problems: list[_Problem],
+    layers: dict[str, int] | None = None,
+    rank: int = 0,
 ) -> None:
-    """Merge one layer (a file's or base's dict of sections) into `merged`, key by key."""
+    """Merge one layer (a file's or base's dict of sections) into `merged`, key by key; `layers[key]` is
+    set to `rank` for every section.key the layer sets."""
     if layer is None:
         return
     if not isinstance(layer, Mapping):
@@ -1030,10 +1116,17 @@ def _merge_layer(
         for key, value in body.items():
             target[key] = copy.deepcopy(value)
             origins[f"{section}.{key}"] = origin_of(f"{section}.{written[key]}")
+            if layers is not None:
+                layers[f"{section}.{key}"] = rank
 
 
 def _apply_override(
-    item: Any, merged: dict[Any, Any], origins: dict[str, str], problems: list[_Problem]
+    item: Any,
+    merged: dict[Any, Any],
+    origins: dict[str, str],
+    problems: list[_Problem],
+    layers: dict[str, int] | None = None,
+    rank: int = 0,
 ) -> None:
     """Apply one --set section.key[.subkey]=value (value read as YAML) to `merged`."""
     where = f"--set {item}"
@@ -1072,12 +1165,66 @@ def _apply_override(
         node = child
     node[parts[-1]] = value
     origins[".".join(parts[:2])] = where
+    if layers is not None:
+        layers[".".join(parts[:2])] = rank
+
+
+# Layers of a config, lowest first: the defaults, the file, command-line flags (base), --set overrides.
+_FILE, _BASE, _SET = 1, 2, 3
+
+# data keys that choose the eval data in ways that exclude each other: eval_split holds part of train out,
+# eval / eval_split_name name the eval data. (eval and eval_split_name go together: a split of a Hub id.)
+_EVAL_SPLIT, _EVAL_NAMED = "data.eval_split", ("data.eval", "data.eval_split_name")
+
+
+def _eval_source_precedence(
+    merged: dict[Any, Any], origins: dict[str, str], layers: Mapping[str, int]
+) -> list[str]:
+    """Let the higher layer choose the eval data; the notes on what it replaced.
+
+    data.eval_split and data.eval (or data.eval_split_name) both choose the eval data. Given in different
+    layers (`--eval-data` over a file's `eval_split: 0.05`), the higher layer's wins and the other key goes
+    back to its default, with a note. Given in the same layer they stay an error (DataConfig's cross-check).
+    """
+    data = merged.get("data")
+    if not isinstance(data, dict):
+        return []
+    try:
+        split = _float(ge=0, lt=1)(data.get("eval_split", 0.0))
+    except _Bad:
+        return []  # reported as a bad value
+    named = [k for k in _EVAL_NAMED if data.get(k.split(".")[1]) is not None]
+    if not split or not named:
+        return []
+    split_layer = layers.get(_EVAL_SPLIT, 0)
+    top = max(layers.get(k, 0) for k in named)
+    if top > split_layer:
+        losers, winner = [_EVAL_SPLIT], max(named, key=lambda k: layers.get(k, 0))
+    elif all(layers.get(k, 0) < split_layer for k in named):
+        losers, winner = named, _EVAL_SPLIT
+    else:
+        return []
+
+    def named_by(origin: str) -> str:
+        return "the command line" if origin == "command line" else origin
+
+    notes = []
+    for key in losers:
+        name = key.split(".")[1]
+        notes.append(
+            f"{winner} from {named_by(origins.get(winner, 'command line'))} replaces "
+            f"{key}={data[name]!r} from {named_by(origins.get(key, 'command line'))}"
+        )
+        del data[name]
+        origins.pop(key, None)
+    return notes
 
 
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] = (),
     base: Mapping[str, Any] | None = None,
+    base_origin: str | Mapping[str, str] = "command line",
 ) -> RunConfig:
     """Load a run config: defaults < the file at `path` < `base` < `overrides`.
 
@@ -1085,9 +1232,17 @@ def load_config(
     base: values from command-line flags, as a dict of sections, e.g.
         {"model": {"name_or_path": "..."}, "data": {"train": "..."}}; a None value means "flag not given"
         and is skipped (set null with an override instead).
+    base_origin: how errors and warnings name where a `base` value came from: one label, or a dict from
+        "section.key" or "section" to a label (missing ones: "command line"), e.g.
+        {"training_config": "finetune(training_config=...)"}.
     overrides: "section.key=value" strings (--set); the value is read as YAML, so 1e-4, true, null,
         [q_proj,v_proj] and {use_reentrant: false} work; "section.key.subkey=value" sets one key of a
         dict value such as gradient_checkpointing_kwargs.
+
+    A higher layer's choice of eval data replaces a lower one's: data.eval (or data.eval_split_name) and
+    data.eval_split exclude each other, and when they come from different layers the higher one wins and
+    a ConfigWarning says what it replaced (`--eval-data` over a file's `eval_split: 0.05`). Both in the same
+    layer is an error.
 
     Raises ConfigError listing every problem, each with where the value came from.
     """
@@ -1095,6 +1250,7 @@ def load_config(
         raise TypeError("overrides must be a list of 'section.key=value' strings, not one string")
     problems: list[_Problem] = []
     origins: dict[str, str] = {}
+    layers: dict[str, int] = {}
     merged: dict[Any, Any] = {}
     source = "command line"
     if path is not None:
@@ -1106,7 +1262,7 @@ def load_config(
             line = lines.get(key) or lines.get(key.split(".")[0])
             return f"{file}:{line}" if line else str(file)
 
-        _merge_layer(merged, data, file_origin, origins, problems)
+        _merge_layer(merged, data, file_origin, origins, problems, layers, _FILE)
     if base is not None:
         if not isinstance(base, Mapping):
             raise TypeError(f"base must be a dict of sections, got {_show(base)}")
@@ -1114,10 +1270,16 @@ def load_config(
             s: ({k: v for k, v in body.items() if v is not None} if isinstance(body, Mapping) else body)
             for s, body in base.items()
         }
-        _merge_layer(merged, given, lambda key: "command line", origins, problems)
+        labels = {"": base_origin} if isinstance(base_origin, str) else dict(base_origin)
+
+        def base_origin_of(key: str) -> str:
+            return labels.get(key) or labels.get(key.split(".")[0]) or labels.get("") or "command line"
+
+        _merge_layer(merged, given, base_origin_of, origins, problems, layers, _BASE)
     for item in overrides:
-        _apply_override(item, merged, origins, problems)
-    return RunConfig._from_dict(merged, source, origins, problems)
+        _apply_override(item, merged, origins, problems, layers, _SET)
+    replaced = _eval_source_precedence(merged, origins, layers)
+    return RunConfig._from_dict(merged, source, origins, problems, replaced)
 
 
 _SAVE_HEADER = "# lorafit run config, resolved (defaults < config file < command line < --set)\n"

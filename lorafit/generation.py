@@ -55,8 +55,9 @@ def load(
         name_or_path=str(model), dtype=dtype, device=device, attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code, revision=revision, quantization=quantization,
     )  # fmt: skip
+    torch_device = resolve_device(cfg.device, "device")  # a device that is not there: an error before loading
     tokenizer = load_tokenizer(cfg.name_or_path, trust_remote_code=trust_remote_code, revision=revision)
-    net = load_model(cfg, device=resolve_device(device), training=False)
+    net = load_model(cfg, device=torch_device, training=False)
     if adapter is not None:
         from lorafit.export import load_any_adapter  # fused or split PEFT keys, or a loralib file
 

@@ -50,9 +50,39 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------- devices and dtypes
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` is cuda if available, then mps, then cpu."""
+def device_missing(name: str) -> str | None:
+    """Why the device `name` ("cpu", "cuda", "cuda:N", "mps") is not there on this machine, or None."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            return "this PyTorch was built without CUDA"
+        count = torch.cuda.device_count()
+        if count == 0:
+            return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        if device.index is not None and device.index >= count:
+            return f"there {'is 1 CUDA GPU' if count == 1 else f'are {count} CUDA GPUs'} (cuda:0..cuda:{count - 1})"
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_built():
+            return "this PyTorch was built without MPS (Apple GPU) support"
+        if not mps.is_available():
+            return "MPS (Apple GPU) is not available on this machine"
+    return None
+
+
+def resolve_device(name: str = "auto", key: str = "model.device", where: str | None = None) -> torch.device:
+    """`auto` is cuda if available, then mps, then cpu. A device that is not there (cuda without CUDA,
+    cuda:3 with 2 GPUs, mps off a Mac) is a ConfigError naming `key` (and `where` it was set), before
+    anything is loaded."""
     if name != "auto":
+        missing = device_missing(name)
+        if missing:
+            place = f"{where}: " if where and where != "default" else ""
+            raise ConfigError(
+                f"{place}{key}: {name!r} is not available: {missing}. Fix: set {key} to 'auto' (uses cuda, "
+                f"then mps, then cpu: whichever this machine has) or 'cpu'"
+                + (f", e.g. --set {key}=auto" if key == "model.device" else "")
+            )
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")

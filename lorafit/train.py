@@ -74,7 +74,7 @@ from lorafit.checkpoint import (
 from lorafit.config import RunConfig, save_config
 from lorafit.data import TokenizedData, TokenStats, load_conversations, split_eval, tokenize
 from lorafit.distributed import Dist, all_sum
-from lorafit.errors import ConfigError, LorafitError
+from lorafit.errors import ConfigError, DataError, LorafitError
 from lorafit.evaluation import autocast, compute_dtype, eval_loss, rows_for
 from lorafit.lora.adapter import base_reference
 from lorafit.model import (
@@ -138,8 +138,10 @@ def load_data(
     )
     train_data, train_stats = tokenize(tokenizer, train, **kw)
     if len(train_data) == 0:
-        raise LorafitError(
-            f"{d.train}: no example has a token to train on (all {train_stats.dropped} dropped)"
+        from lorafit.check import nothing_to_train
+
+        raise DataError(
+            nothing_to_train(d.train, train_stats, max_seq_length=t.max_seq_length, train_on=d.train_on)
         )
     eval_data = eval_stats = None
     if evals:
@@ -183,7 +185,7 @@ def prepare(
     run.model.name_or_path = base_reference(run.model.name_or_path)
     preflight_output_dir(Path(t.output_dir).expanduser())
     check_output_dir(Path(t.output_dir).expanduser(), resume=resume, overwrite=overwrite)
-    device = resolve_device(run.model.device)
+    device = resolve_device(run.model.device, "model.device", run.origin("model.device"))
     dist = distributed.init(device.type)  # one process: a no-op; under torchrun: join the group
     device = distributed.device_for(dist, device)
     precision = t.mixed_precision(bf16_is_fast(device))
@@ -452,6 +454,11 @@ def run(
     bpe = batches.batches_per_epoch
     accum = t.gradient_accumulation_steps
     steps_per_epoch = math.ceil(bpe / accum)
+    if t.max_steps <= 0 and not math.isfinite(t.num_train_epochs * steps_per_epoch):
+        raise ConfigError(
+            f"training_config.num_train_epochs: {t.num_train_epochs:g} epochs of {steps_per_epoch} steps is more "
+            "steps than can be counted. Fix: fewer epochs, or a number of steps with max_steps"
+        )
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     warmup = t.warmup_steps_for(total_steps)
     # Everything a checkpoint restores is read and applied here, in memory, before anything is written:

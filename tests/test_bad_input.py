@@ -15,6 +15,7 @@ import pytest
 
 from lorafit.cli import main
 from lorafit.demo import demo_data_dir
+from lorafit.errors import ConfigError
 from lorafit.tiny import write_tiny_model
 
 GOOD = {
@@ -297,3 +298,89 @@ def test_output_directory_that_is_a_file(model, tmp_path, capsys):
     out.write_text("mine")
     err = fails(capsys, train(model, demo_data_dir() / "train.jsonl", out))
     assert f"output directory {out} is a file" in err and out.read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_a_device_that_is_not_there_fails_before_anything_loads(model, tmp_path, capsys, monkeypatch):
+    import lorafit.train
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded before the device was checked")
+
+    monkeypatch.setattr(lorafit.train, "load_model", must_not_load)
+    monkeypatch.setattr(lorafit.train, "load_tokenizer", must_not_load)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model:\n  dtype: bf16\n  device: cuda:99\n")
+    err = fails(capsys, train(model, demo_data_dir() / "train.jsonl", tmp_path / "out", "--config", str(cfg)))
+    assert err.startswith(f"error: {cfg}:3: model.device: 'cuda:99' is not available: ")
+    assert "Fix: set model.device to 'auto'" in err and "or 'cpu', e.g. --set model.device=auto" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_device_missing_says_why(monkeypatch):
+    import torch
+
+    from lorafit.model import device_missing, resolve_device
+
+    assert device_missing("cpu") is None
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    assert device_missing("cuda") == "this PyTorch was built without CUDA"
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert device_missing("cuda:0").startswith("no CUDA GPU is visible")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_missing("cuda") is None and device_missing("cuda:1") is None
+    assert device_missing("cuda:3") == "there are 2 CUDA GPUs (cuda:0..cuda:1)"
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert device_missing("mps") == "MPS (Apple GPU) is not available on this machine"
+    with pytest.raises(
+        ConfigError, match=r"^--set model.device=cuda:3: model.device: 'cuda:3' is not available"
+    ):
+        resolve_device("cuda:3", "model.device", "--set model.device=cuda:3")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_generate_on_a_device_that_is_not_there(model, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    err = fails(capsys, ["generate", "--model", str(model), "--device", "cuda", "--prompt", "hi"])
+    assert err.startswith("error: device: 'cuda' is not available: this PyTorch was built without CUDA.")
+    assert "Fix: set device to 'auto'" in err
+
+
+# ----------------------------------------------------------------------------- numbers and empty training sets
+
+
+def test_a_learning_rate_that_overflows_is_a_config_error(model, tmp_path, capsys):
+    err = fails(capsys, train(model, demo_data_dir() / "train.jsonl", tmp_path / "out",
+                              "--set", "training_config.learning_rate=1e38"))  # fmt: skip
+    assert err.startswith(
+        "error: invalid config: --set training_config.learning_rate=1e38: training_config.learning_rate: 1e+38 is "
+        "too large: AdamW's first step is learning_rate / (1 - adam_beta1) = 1e+39"
+    )
+    assert "Fix: a learning rate such as 2e-4" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_data_of_which_nothing_would_train(model, tmp_path, capsys):
+    long = {"messages": [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "even"}]}
+    data = jsonl(tmp_path / "long.jsonl", long, long, long)
+    err = fails(capsys, train(model, data, tmp_path / "out"))  # max_seq_length 64
+    assert err.startswith(
+        f"error: {data}: no example would train: all 3 conversation(s) are dropped: 3 are longer than "
+        "max_seq_length=64 and their trained tokens (the assistant replies) come after the cut. Fix: a larger"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_epochs_than_steps_can_count(model, tmp_path, capsys):
+    args = train(model, demo_data_dir() / "train.jsonl", tmp_path / "out")
+    args[args.index("training_config.max_steps=2")] = "training_config.num_train_epochs=1e308"
+    err = fails(capsys, args)
+    assert err.startswith("error: training_config.num_train_epochs: 1e+308 epochs of ")
+    assert "is more steps than can be counted. Fix: fewer epochs, or a number of steps with max_steps" in err
+    assert not (tmp_path / "out").exists()

@@ -115,3 +115,77 @@ def test_histogram_bins():
     assert histogram([5, 5, 5]) == [{"lo": 5, "hi": 5, "count": 3}]
     h = histogram([10, 11, 19, 30], bins=3)
     assert [(b["lo"], b["hi"], b["count"]) for b in h] == [(10, 16, 2), (17, 23, 1), (24, 30, 1)]
+
+
+def test_no_example_would_train_exits_2_and_says_why(model, tmp_path, capsys):
+    """Every conversation cut before its assistant reply: check-data fails as train would, naming the cause."""
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps(CONVS[3]) + "\n" + json.dumps(CONVS[3]) + "\n")
+    assert main(["check-data", "--model", str(model), "--data", str(data), "--max-seq-length", "16"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"error: {data}: no example would train: all 2 conversation(s) are dropped: 2 are longer than "
+        "max_seq_length=16 and their trained tokens (the assistant replies) come after the cut. "
+        "Fix: a larger max_seq_length (--max-seq-length, training_config.max_seq_length)\n"
+    )
+    assert (
+        main(["check-data", "--model", str(model), "--data", str(data), "--max-seq-length", "16", "--json"])
+        == 2
+    )
+    assert capsys.readouterr().out == ""
+
+
+def test_nothing_to_train_names_every_reason():
+    from lorafit.check import nothing_to_train
+    from lorafit.data import TokenStats
+
+    stats = TokenStats(conversations=5, examples=0, tokens=0, supervised_tokens=0, targets=0, truncated=2,
+                       dropped=5, max_len=0, mean_len=0.0)  # fmt: skip
+    message = nothing_to_train("d.jsonl", stats, max_seq_length=64, train_on="assistant")
+    assert message.startswith(
+        "d.jsonl: no example would train: all 5 conversation(s) are dropped: 2 are longer"
+    )
+    assert "; 3 have no token to train on with train_on='assistant'. Fix: a larger max_seq_length" in message
+    assert message.endswith("or an assistant reply in each conversation, or train_on='all'")
+
+
+@pytest.mark.parametrize(
+    ("tty", "args", "env", "colored"),
+    [
+        (False, [], {}, False),  # a pipe or a file: [[...]]
+        (True, [], {}, True),  # a terminal: colour
+        (True, ["--no-color"], {}, False),
+        (True, [], {"NO_COLOR": "1"}, False),
+        (True, [], {"NO_COLOR": ""}, True),  # no-color.org: only a non-empty value counts
+    ],
+)
+def test_color_only_on_a_terminal(model, data, capsys, monkeypatch, tty, args, env, colored):
+    import sys
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
+    assert main(["check-data", "--model", str(model), "--data", str(data), *args]) == 0
+    out = capsys.readouterr().out
+    assert ("\x1b[1;32meven<|end|>\x1b[0m" in out) is colored
+    assert ("[[even<|end|>]]" in out) is not colored
+    assert ("the trained tokens highlighted" in out) is colored
+
+
+def test_check_data_help_says_how_tokens_are_marked():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "lorafit", "check-data", "--help"], capture_output=True, text=True
+    )
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0
+    assert (
+        "in [[...]] when the output is not a terminal" in text
+        and "coloured (bold green) on a terminal" in text
+    )
+    assert "--no-color" in text and "NO_COLOR" in text

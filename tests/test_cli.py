@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors import safe_open
 
 from lorafit.cli import main
@@ -26,13 +27,13 @@ def trained(tiny, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run") / "out"
     data = demo_data_dir()
     rc = main([
-        "train", "--model", str(tiny), "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
-        "--output-dir", str(out), "--no-progress",
-        "--set", "training_config.max_steps=6", "--set", "training_config.logging_steps=2",
-        "--set", "training_config.save_steps=3", "--set", "training_config.max_seq_length=128",
-        "--set", "training_config.learning_rate=5e-3", "--set", "peft_config.r=4",
-        "--set", "peft_config.target_modules=[q_proj,v_proj,o_proj,gate_up_proj,down_proj]",
-    ])  # fmt: skip
+            "train", "--model", str(tiny), "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
+            "--output-dir", str(out), "--no-progress",
+            "--set", "training_config.max_steps=6", "--set", "training_config.logging_steps=2",
+            "--set", "training_config.save_steps=3", "--set", "training_config.max_seq_length=128",
+            "--set", "training_config.learning_rate=5e-3", "--set", "peft_config.r=4",
+            "--set", "peft_config.target_modules=[q_proj,v_proj,o_proj,gate_up_proj,down_proj]",
+        ])  # fmt: skip
     assert rc == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -90,6 +91,17 @@ def test_help_everywhere():
         assert r.returncode == 0 and "usage: lorafit" in r.stdout, cmd
 
 
+def test_model_flag_help_says_it_defaults_to_the_adapters_base():
+    for cmd in ("eval", "generate", "chat"):
+        r = subprocess.run([sys.executable, "-m", "lorafit", cmd, "--help"], capture_output=True, text=True)
+        text = " ".join(r.stdout.split())
+        assert r.returncode == 0, cmd
+        assert (
+            "--model MODEL base model: hub id or local folder (default: the base model recorded in the adapter"
+            in (text)
+        ), cmd
+
+
 def test_shipped_demo_data_is_the_generator_output(tmp_path):
     train, ev = make_demo_data(tmp_path)
     assert train.read_text() == (demo_data_dir() / "train.jsonl").read_text()
@@ -120,3 +132,30 @@ def test_sample_finetune_dicts_drive_finetune_config():
                            training_config=training_config, peft_config=peft_config)  # fmt: skip
     assert cfg.training_config.learning_rate == 5e-6 and cfg.training_config.gradient_checkpointing
     assert cfg.peft_config.r == 16 and cfg.peft_config.target_modules == "all-linear"
+
+
+def test_the_readme_train_command_with_the_shipped_config(tiny, tmp_path, capsys):
+    """README's first command, as written (--eval-data over the shipped config's eval_split), trains."""
+    from lorafit.config import SHIPPED_CONFIGS_DIR, ConfigWarning
+
+    data, out = demo_data_dir(), tmp_path / "phi3-lora"
+    config = SHIPPED_CONFIGS_DIR / "phi3-mini-lora.yaml"
+    capsys.readouterr()
+    with pytest.warns(ConfigWarning) as record:
+        rc = main([
+            "train", "--model", str(tiny), "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
+            "--output-dir", str(out), "--config", str(config), "--no-progress",
+            "--set", "training_config.max_steps=2", "--set", "training_config.max_seq_length=128",
+            "--set", "training_config.per_device_train_batch_size=1", "--set", "training_config.gradient_accumulation_steps=1",
+            "--set", "training_config.eval_steps=2", "--set", "training_config.gradient_checkpointing=false",
+            "--set", "peft_config.r=2",
+        ])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert [str(w.message) for w in record if w.category is ConfigWarning] == [
+        f"data.eval from the command line replaces data.eval_split=0.05 from {config}:17"
+    ]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["data"]["eval"] == str(data / "eval.jsonl") and resolved["data"]["eval_split"] == 0.0
+    assert resolved["model"]["device"] == "auto"
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 2 and res["eval_loss"] > 0

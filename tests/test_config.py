@@ -620,6 +620,7 @@ def test_shipped_configs_parse():
             cfg = load_config(path)
         assert isinstance(cfg, RunConfig)
         assert RunConfig.from_dict(cfg.to_dict()) == cfg
+        assert cfg.model.device == "auto", path  # runs wherever it is: cuda, then mps, then cpu
     phi3 = load_config(SHIPPED_CONFIGS_DIR / "phi3-mini-lora.yaml")
     assert phi3.model.name_or_path == "microsoft/Phi-3-mini-4k-instruct" and phi3.model.dtype == "bf16"
     assert (phi3.peft_config.r, phi3.peft_config.lora_alpha, phi3.peft_config.target_modules) == (
@@ -629,3 +630,156 @@ def test_shipped_configs_parse():
     )
     assert (phi3.training_config.learning_rate, phi3.training_config.max_seq_length) == (2e-4, 2048)
     assert phi3.training_config.packing and phi3.training_config.bf16
+
+
+# ---------------------------------------------------------------------------------------- eval data by layer
+
+
+def test_a_higher_layers_eval_data_replaces_the_files_eval_split(tmp_path):
+    path = write(tmp_path / "run.yaml", "data:\n  train: t.jsonl\n  eval: null\n  eval_split: 0.05\n")
+    with pytest.warns(ConfigWarning) as record:
+        cfg = load_config(path, base={"data": {"eval": "e.jsonl"}})
+    assert (cfg.data.eval, cfg.data.eval_split) == ("e.jsonl", 0.0)
+    assert config_warnings(record) == [
+        f"data.eval from the command line replaces data.eval_split=0.05 from {path}:4"
+    ]
+    # --set over the file, either way round
+    with pytest.warns(ConfigWarning) as record:
+        cfg = load_config(path, overrides=["data.eval=x.jsonl"])
+    assert (cfg.data.eval, cfg.data.eval_split) == ("x.jsonl", 0.0)
+    assert config_warnings(record) == [
+        f"data.eval from --set data.eval=x.jsonl replaces data.eval_split=0.05 from {path}:4"
+    ]
+    named = write(tmp_path / "named.yaml", "data:\n  eval: e.jsonl\n")
+    with pytest.warns(ConfigWarning) as record:
+        cfg = load_config(named, overrides=["data.eval_split=0.1"])
+    assert (cfg.data.eval, cfg.data.eval_split) == (None, 0.1)
+    assert config_warnings(record) == [
+        f"data.eval_split from --set data.eval_split=0.1 replaces data.eval='e.jsonl' from {named}:2"
+    ]
+    # eval_split_name is replaced the same way; eval_split=0 (off) replaces nothing
+    with pytest.warns(
+        ConfigWarning, match="data.eval_split_name from the command line replaces data.eval_split"
+    ):
+        cfg = load_config(path, base={"data": {"eval_split_name": "test"}})
+    assert (cfg.data.eval_split_name, cfg.data.eval_split) == ("test", 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config(named, overrides=["data.eval_split=0"])
+    assert (cfg.data.eval, cfg.data.eval_split) == ("e.jsonl", 0.0)
+
+
+def test_eval_and_eval_split_in_the_same_layer_stay_an_error(tmp_path):
+    path = write(tmp_path / "both.yaml", "data:\n  eval: e.jsonl\n  eval_split: 0.05\n")
+    assert f"{path}:3: data.eval_split: is only used when eval is null" in error_of(load_config, path)
+    message = error_of(load_config, None, overrides=["data.eval=e.jsonl", "data.eval_split=0.1"])
+    assert "--set data.eval_split=0.1: data.eval_split: is only used when eval is null" in message
+    message = error_of(load_config, None, base={"data": {"eval": "e.jsonl", "eval_split": 0.1}})
+    assert "command line: data.eval_split: is only used when eval is null" in message
+    # a bad eval_split is reported as such, not resolved
+    message = error_of(load_config, None, base={"data": {"eval": "e.jsonl"}}, overrides=["data.eval_split=x"])
+    assert "data.eval_split: expected a float in [0, 1), got 'x' (str)" in message
+
+
+def test_shipped_configs_take_eval_data_from_the_command_line():
+    from lorafit.api import build_config
+
+    for name, line in (("phi3-mini-lora.yaml", 17), ("phi3-mini-qlora.yaml", 21)):
+        path = SHIPPED_CONFIGS_DIR / name
+        with pytest.warns(ConfigWarning) as record:
+            cfg = build_config(config=path, model="m", train_data="t.jsonl", eval_data="e.jsonl",
+                               source="command line")  # fmt: skip
+        assert (cfg.data.eval, cfg.data.eval_split) == ("e.jsonl", 0.0)
+        assert config_warnings(record) == [
+            f"data.eval from the command line replaces data.eval_split=0.05 from {path}:{line}"
+        ]
+
+
+def test_python_api_values_are_named_by_their_argument():
+    from lorafit.api import build_config
+
+    with pytest.warns(ConfigWarning) as record:
+        build_config(
+            training_config={"do_eval": True, "learning_rate": 1e-4}, peft_config={"inference_mode": False}
+        )
+    assert config_warnings(record) == [
+        f"finetune(training_config=...): training_config.do_eval is ignored: {IGNORED_TRAINING_KEYS['do_eval']}",
+        f"finetune(peft_config=...): peft_config.inference_mode is ignored: {IGNORED_PEFT_KEYS['inference_mode']}",
+    ]
+    message = error_of(build_config, training_config={"max_steps": 0}, output_dir=" ")
+    assert "finetune(training_config=...): training_config.max_steps: expected -1 or an integer" in message
+    assert "finetune(output_dir=...): training_config.output_dir: expected a non-empty string" in message
+    message = error_of(build_config, eval_data="e.jsonl", overrides=["data.eval_split=0.1", "data.eval=e2"])
+    assert "--set data.eval_split=0.1: data.eval_split: is only used when eval is null" in message
+    with pytest.warns(ConfigWarning) as record:
+        build_config(training_config={"do_eval": True}, source="command line")
+    assert config_warnings(record)[0].startswith("command line: training_config.do_eval is ignored")
+
+
+def test_origin_of_a_value(tmp_path):
+    path = write(tmp_path / "run.yaml", "model:\n  dtype: bf16\n  device: cuda\n")
+    cfg = load_config(path, base={"model": {"name_or_path": "m"}}, overrides=["peft_config.r=4"])
+    assert cfg.origin("model.device") == f"{path}:3"
+    assert cfg.origin("model.name_or_path") == "command line"
+    assert cfg.origin("peft_config.r") == "--set peft_config.r=4"
+    assert cfg.origin("training_config.seed") == "default" and RunConfig().origin("model.device") == "default"
+
+
+# ---------------------------------------------------------------------------------------- numbers that must fit
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["training_config.learning_rate=1e38"],
+            "--set training_config.learning_rate=1e38: training_config.learning_rate: 1e+38 is too large: AdamW's "
+            "first step is learning_rate / (1 - adam_beta1) = 1e+39, beyond the largest fp32 number (3.403e+38)",
+        ),
+        (
+            ["training_config.learning_rate=1e4", "peft_config.lora_dtype=fp16"],
+            "training_config.learning_rate: 10000 is too large: AdamW's first step is learning_rate / "
+            "(1 - adam_beta1) = 1e+05, beyond the largest fp16 number (6.55e+04)",
+        ),
+        (
+            ["training_config.learning_rate=1e-50"],
+            "training_config.learning_rate: 1e-50 is below the smallest",
+        ),
+        (
+            ["training_config.weight_decay=1e300"],
+            "training_config.weight_decay: 1e+300 with learning_rate 0.0002 is too large: AdamW multiplies the "
+            "weights by 1 - learning_rate * weight_decay = -2e+296 every step",
+        ),
+        (
+            ["training_config.adam_epsilon=1e39"],
+            "training_config.adam_epsilon: 1e+39 is beyond the largest fp32",
+        ),
+        (
+            ["training_config.adam_epsilon=1e-45"],
+            "training_config.adam_epsilon: 1e-45 is below the smallest normal",
+        ),
+        (
+            ["peft_config.lora_alpha=1e39", "peft_config.r=1"],
+            "peft_config.lora_alpha: 1e+39 is too large: LoRA's scale lora_alpha / r = 1e+39 is beyond",
+        ),
+        (["peft_config.lora_alpha=" + "9" * 400], "peft_config.lora_alpha: expected a number > 0, got 9999"),
+        (
+            ["training_config.learning_rate=" + "9" * 400],
+            "training_config.learning_rate: expected a float > 0",
+        ),
+    ],
+)
+def test_numbers_that_do_not_fit_the_arithmetic_are_config_errors(overrides, expected):
+    message = error_of(load_config, None, overrides=overrides)
+    assert expected in message
+    assert "Fix: " in message or "expected a" in message  # a type error says what is expected instead
+
+
+def test_numbers_at_the_edge_still_fit():
+    cfg = load_config(None, overrides=["training_config.learning_rate=3e37"])
+    assert cfg.training_config.learning_rate == 3e37
+    cfg = load_config(None, overrides=["training_config.learning_rate=9", "training_config.weight_decay=0.1"])
+    assert cfg.training_config.weight_decay == 0.1  # 1 - 9 * 0.1 = 0.1 > 0
+    cfg = load_config(None, overrides=["training_config.learning_rate=1e38", "training_config.adam_beta1=0"])
+    assert cfg.training_config.learning_rate == 1e38
+    assert load_config(None, overrides=["peft_config.lora_alpha=1e39"]).peft_config.lora_alpha == 1e39  # /16
