@@ -22,8 +22,9 @@ only LoRA weights train. Nothing is up-cast: PEFT's ``prepare_model_for_kbit_tra
 non-quantized weight (embeddings, norms, lm_head) to fp32; lorafit keeps them in the model dtype and
 trains under autocast, as for an unquantized base, with fp32 LoRA weights.
 
-Export (:func:`dequantize`, used by ``lorafit.export.merge_to_hf``): the quantized layers become
-``nn.Linear`` with the dequantized weights in fp32, LoRA is merged in fp32, and the model is written
+Export (:func:`dequantize`, used by ``lorafit.export.merge_to_hf``): the base is loaded quantized as in
+training (the adapter records :func:`quantized_with`: the dtype the weights were quantized from, compute
+dtype, blocksize), the quantized layers become ``nn.Linear`` with the dequantized weights in fp32, LoRA is merged in fp32, and the model is written
 in bf16. The merged model is the trained model (4-bit base + adapter) up to bf16 rounding; it
 differs from the ORIGINAL base + adapter by the quantization error, which :func:`error_report`
 measures layer by layer against the checkpoint's own weights (``quantization_error.json``).
@@ -136,6 +137,32 @@ def release_checkpoint(model: nn.Module) -> None:
                 t.data = t.data.clone()
             else:
                 m._buffers[name] = t.clone()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config name (fp32, bf16, fp16) of a torch dtype."""
+    from lorafit.model import DTYPES
+
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ConfigError(f"no lorafit dtype name for {dtype}")
+
+
+def quantized_with(model: nn.Module) -> dict:
+    """How `model`'s 4-bit layers were quantized, read from the first one: ``dtype``, the dtype of the
+    weights bitsandbytes quantized (what model.dtype loaded the checkpoint as: the same checkpoint
+    quantized from fp32 or from its bf16 rounding gives other 4-bit codes), ``compute_dtype`` and
+    ``blocksize``. {} when there is no 4-bit layer (int8 always quantizes from fp16)."""
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if is_quantized_layer(m) and state is not None:
+            return {
+                "dtype": dtype_name(state.dtype),
+                "compute_dtype": dtype_name(m.compute_dtype or state.dtype),
+                "blocksize": int(state.blocksize),
+            }
+    return {}
 
 
 def is_quantized_layer(m: nn.Module) -> bool:

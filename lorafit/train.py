@@ -404,16 +404,22 @@ def adapter_kwargs(job: Job) -> dict:
         bias=p.bias,
         modules_to_save=[module_name(job.model, n) for n in p.modules_to_save or []] or None,
         revision=job.run.model.revision,
-        extra_metadata=quantization_metadata(job.run.model),
+        extra_metadata=quantization_metadata(job.run.model, job.model),
     )
 
 
-def quantization_metadata(m) -> dict | None:
-    """What the adapter's base was quantized with (lorafit merge reads it back), or None."""
+def quantization_metadata(m, model=None) -> dict | None:
+    """What the adapter's base was quantized with, or None: the method and double quant, and for 4-bit
+    what the loaded layers of `model` say (lorafit.quant.quantized_with: the dtype the weights were
+    quantized from, compute dtype, blocksize). `lorafit merge` quantizes the base again from these, and
+    eval/generate/chat warn when the base is loaded otherwise."""
     if m.quantization == "none":
         return None
+    from lorafit import quant
+
     double = m.bnb_4bit_use_double_quant if m.quantization != "int8" else None
-    return {"quantization": {"method": m.quantization, "double_quant": double}}
+    details = quant.quantized_with(model) if model is not None else {}
+    return {"quantization": {"method": m.quantization, "double_quant": double, **details}}
 
 
 class NonFiniteError(LorafitError):
