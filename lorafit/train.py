@@ -470,12 +470,15 @@ def run(
     say = (tqdm.write if progress else log.info) if main else (lambda *a, **k: None)
 
     start_step, tokens_seen, targets_seen, skipped, history = 0, 0, 0, 0, []
+    # training time of the steps before a resume (None: a checkpoint that does not record it)
+    elapsed_before: float | None = 0.0
     window = {"loss": 0.0, "targets": 0, "tokens": 0}
     eval_before = None
     if ckpt is not None:
         restore_training_state(ckpt, training_state, optimizer, scheduler, scaler, rank=d.rank)
         start_step, tokens_seen, targets_seen = state["step"], state["tokens"], state["targets"]
         skipped = state.get("skipped", 0)
+        elapsed_before = state.get("elapsed_sec")
         window = {**window, **state.get("window", {})}
         eval_before = state.get("results", {}).get("eval_loss_before")
         history = state.get("log_history")
@@ -585,10 +588,13 @@ def run(
                 if scaler is not None:
                     ts["scaler"] = scaler.state_dict()
                 save_training_state(tmp / TRAINING_STATE_FILE, ts)
+                # training time up to this step, over every resume (results.json's runtime_sec after a resume)
+                elapsed = None if elapsed_before is None else elapsed_before + time.perf_counter() - t_start
                 state = {
                     "step": step, "total_steps": total_steps, "tokens": tokens_seen, "targets": targets_seen,
                     "epoch": step / steps_per_epoch, "results": {"eval_loss_before": eval_before},
                     "window": dict(window), "skipped": skipped, "data_fingerprint": fingerprint,
+                    "elapsed_sec": elapsed,
                     "config": job.run.to_dict(), "log_history": list(history),
                 }  # fmt: skip
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
@@ -709,6 +715,13 @@ def run(
                 saved = step
         bar.close()
         runtime = time.perf_counter() - t_start
+        # the whole run: the training time before the checkpoint resumed from, plus this process's. A
+        # checkpoint without it (older lorafit) gives this process's time and tokens only.
+        run_tokens = tokens_seen
+        if elapsed_before is None:
+            run_tokens -= state["tokens"]
+        else:
+            runtime += elapsed_before
         if step < total_steps:  # stopped by a signal (whenever it came, the current step is saved)
             stopped = stop.requested or "a signal to another rank"
             if step > start_step and saved != step:
@@ -744,7 +757,7 @@ def run(
             "targets": targets_seen,
             "skipped_steps": skipped,
             "runtime_sec": round(runtime, 2),
-            "tokens_per_sec": round(tokens_seen / runtime, 1) if runtime > 0 and not ckpt else None,
+            "tokens_per_sec": round(run_tokens / runtime, 1) if runtime > 0 else None,
             "trainable_params": sum(p.numel() for p in params),
             "adapted_modules": len(job.adapted),
             "train_data": job.train_stats.to_dict(),
