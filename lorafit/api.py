@@ -16,6 +16,7 @@ light import for users of the layer library.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,17 @@ def finetune(
     PEFT LoraConfig names). `resume=True` continues from the newest checkpoint in the output
     directory; `overwrite=True` replaces a previous run there.
     """
+    from lorafit.config import ConfigWarning
+    from lorafit.distributed import env_rank
     from lorafit.train import prepare, run
 
-    cfg = build_config(
-        model=model, train_data=train_data, eval_data=eval_data, training_config=training_config,
-        peft_config=peft_config, output_dir=output_dir, config=config, overrides=overrides,
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        if env_rank() != 0:  # under torchrun every rank reads the same config: rank 0 warns for all
+            warnings.simplefilter("ignore", ConfigWarning)
+        cfg = build_config(
+            model=model, train_data=train_data, eval_data=eval_data, training_config=training_config,
+            peft_config=peft_config, output_dir=output_dir, config=config, overrides=overrides,
+        )  # fmt: skip
     loaded = None if isinstance(model, (str, Path)) or model is None else model
     if loaded is not None and tokenizer is None:
         from lorafit.errors import ConfigError

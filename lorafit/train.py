@@ -468,6 +468,7 @@ def run(
     max_skips = t.skip_nonfinite_batches
     fingerprint = data_fingerprint(data)
     say = (tqdm.write if progress else log.info) if main else (lambda *a, **k: None)
+    warn = log.warning if main else (lambda *a, **k: None)  # every rank sees the same, rank 0 says it
 
     start_step, tokens_seen, targets_seen, skipped, history = 0, 0, 0, 0, []
     # training time of the steps before a resume (None: a checkpoint that does not record it)
@@ -485,13 +486,11 @@ def run(
         if history is None:  # a checkpoint without its log history: take metrics.jsonl up to its step
             history = [h for h in read_metrics(out / "metrics.jsonl") if h.get("step", 0) <= start_step]
         for diff in config_differences(state.get("config") or {}, job.run.to_dict()):
-            log.warning(f"warning: resuming with a changed setting, {diff}; the run is no longer one run")
+            warn(f"warning: resuming with a changed setting, {diff}; the run is no longer one run")
         if state.get("data_fingerprint", fingerprint) != fingerprint:
-            log.warning("warning: resuming on different training data than the checkpoint was trained on")
+            warn("warning: resuming on different training data than the checkpoint was trained on")
         if state.get("total_steps", total_steps) != total_steps:
-            log.warning(
-                f"warning: the run now has {total_steps} steps, the checkpoint's had {state['total_steps']}"
-            )
+            warn(f"warning: the run now has {total_steps} steps, the checkpoint's had {state['total_steps']}")
 
     # every rank has checked the output directory and the checkpoint before rank 0 writes the first byte
     # (DDP's constructor is a collective and met here anyway; FSDP's fully_shard is not)
@@ -703,7 +702,7 @@ def run(
             end_of_epoch = step % steps_per_epoch == 0
             if (eval_every and step % eval_every == 0) or (t.eval_strategy == "epoch" and end_of_epoch):
                 ev = evaluate_now(step)
-                if ev:
+                if ev and main:
                     bar.write(
                         f"step {step}: eval_loss {ev['eval_loss']:.4f}  ppl {ev['eval_perplexity']:.2f}"
                     )

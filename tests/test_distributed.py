@@ -82,8 +82,11 @@ def _assert_same_files(one: Path, other: Path, *subdirs: str) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     tiny = write_tiny_model(root / "tiny")
-    one = _train(tiny, root / "one", nproc=1, per_device=4)
-    two = _train(tiny, root / "two", nproc=2, per_device=2)
+    # evaluations at steps 2 and 4 print a line each; do_eval is a key lorafit ignores with a warning
+    said = ["--set", "training_config.eval_strategy=steps", "--set", "training_config.eval_steps=2",
+            "--set", "training_config.do_eval=true"]  # fmt: skip
+    one = _train(tiny, root / "one", nproc=1, per_device=4, extra=said)
+    two = _train(tiny, root / "two", nproc=2, per_device=2, extra=said)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     return root, one, two
@@ -97,6 +100,14 @@ def test_two_ranks_give_the_single_process_losses(runs):
 def test_only_rank_zero_writes(runs):
     root, _, _ = runs
     _assert_same_files(root / "one", root / "two")
+
+
+def test_only_rank_zero_prints_eval_lines_and_config_warnings(runs):
+    _, one, two = runs
+    for run in (one, two):
+        lines = (run.stdout + run.stderr).splitlines()
+        assert [x.split(":")[0] for x in lines if ": eval_loss " in x] == ["step 2", "step 4"]
+        assert len([x for x in lines if "do_eval" in x]) == 1
 
 
 def test_the_distributed_adapter_matches(runs):
@@ -124,6 +135,8 @@ def test_distributed_resume_matches_the_uninterrupted_run(runs):
     again = _train(tiny, root / "resumed", nproc=2, per_device=2, extra=[*common, "--resume"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr + again.stdout
+    # the longer run (max_steps 2 -> 4) is one warning, by rank 0, not one per rank
+    assert (again.stderr + again.stdout).count("the run now has 4 steps, the checkpoint's had 2") == 1
     assert _losses(root / "resumed") == _losses(root / "straight")
     a = load_file(str(root / "straight" / "adapter_model.safetensors"))
     b = load_file(str(root / "resumed" / "adapter_model.safetensors"))
