@@ -363,7 +363,7 @@ BASE_WEIGHTS = ("dequantized", "original")
 ERROR_REPORT = "quantization_error.json"
 
 
-def _adapter_quantization(src: Path) -> dict:
+def adapter_quantization(src: Path) -> dict:
     """The quantization a lorafit adapter was trained with ({} when none or not recorded)."""
     if src.is_file():
         return {}
@@ -415,7 +415,7 @@ def merge_to_hf(
         if not model:
             raise AdapterError(f"{src}: the adapter records no base model. Fix: pass --model BASE")
     _check_output(out, overwrite, [src, Path(model).expanduser()])
-    trained = _adapter_quantization(src)
+    trained = adapter_quantization(src)
     method = quantization or trained.get("method") or "none"
     if double_quant is None:
         double_quant = bool(trained.get("double_quant", True))

@@ -38,15 +38,26 @@ def load(
     """Load a base model (hub id or folder) and optionally an adapter onto it; returns (model, tokenizer).
 
     With `model=None` the base recorded in the adapter's config is used. `quantization` (nf4, fp4,
-    int8) loads the base quantized, as a QLoRA adapter was trained (lorafit/quant.py).
+    int8) loads the base quantized, as a QLoRA adapter was trained (lorafit/quant.py), with the double
+    quant the adapter records. An adapter that records a quantization other than `quantization` (none
+    included) gets one QuantizationWarning: its results will differ from training's.
     """
     if model is None:
         if adapter is None:
             raise AdapterError("pass a base model, an adapter, or both")
         model = adapter_base(adapter)
+    recorded: dict = {}
+    if adapter is not None:
+        from lorafit.export import adapter_quantization
+        from lorafit.quant import check_adapter_quantization
+
+        recorded = adapter_quantization(Path(adapter).expanduser())
+        check_adapter_quantization(recorded, quantization, adapter)
+    double_quant = recorded.get("double_quant") if recorded.get("method") == quantization else None
     cfg = ModelConfig(
         name_or_path=str(model), dtype=dtype, device=device, attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code, revision=revision, quantization=quantization,
+        bnb_4bit_use_double_quant=True if double_quant is None else double_quant,
     )  # fmt: skip
     tokenizer = load_tokenizer(cfg.name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     net = load_model(cfg, device=resolve_device(device), training=False)

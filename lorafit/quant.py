@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -47,6 +48,26 @@ from lorafit.errors import ConfigError
 
 METHODS = ("nf4", "fp4", "int8")
 INSTALL_HINT = "pip install 'lorafit[qlora]' (bitsandbytes)"
+
+
+class QuantizationWarning(UserWarning):
+    """An adapter is run on a base quantized otherwise than the base it was trained on."""
+
+
+def check_adapter_quantization(recorded: dict, quantization: str, adapter) -> None:
+    """Warn (once) when an adapter trained on a quantized base (`recorded`: what its metadata says, {} for
+    none) is run on a base loaded with another `quantization`: its results differ from training's."""
+    method = recorded.get("method")
+    if not method or method == quantization:
+        return
+    loaded = "unquantized" if quantization == "none" else f"quantized with {quantization}"
+    warnings.warn(
+        f"{adapter} was trained on a base quantized with {method} (QLoRA), and the base is loaded {loaded}: "
+        f"results will differ from training's. To run it as trained, pass --quantization {method} "
+        f'(Python: quantization="{method}")',
+        QuantizationWarning,
+        stacklevel=3,
+    )
 
 
 def _bnb():

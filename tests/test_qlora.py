@@ -11,6 +11,7 @@ qkv_proj, and the layer output error on random inputs is the same (~0.09); int8 
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -211,7 +212,9 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
     job.model.eval()
     with torch.no_grad():
         want = job.model(input_ids=ids).logits.float()
-    reloaded, _ = load(str(base_dir), out, dtype="bf16", device="cpu", quantization="nf4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", quant.QuantizationWarning)  # loaded as trained: no warning
+        reloaded, _ = load(str(base_dir), out, dtype="bf16", device="cpu", quantization="nf4")
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits.float(), want)
     # loading into existing wrapped layers (what --resume does) checks their slices and shapes
@@ -226,7 +229,8 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
     # the merged model is the trained one (4-bit base + adapter) up to bf16 rounding (~2% of the logits
     # here, weights and activations in bf16); the original base + adapter is further off (its weights
     # differ by the quantization error, ~6%)
-    unquantized, _ = load(str(base_dir), out, dtype="bf16", device="cpu")
+    with pytest.warns(quant.QuantizationWarning, match="the base is loaded unquantized"):
+        unquantized, _ = load(str(base_dir), out, dtype="bf16", device="cpu")
     with torch.no_grad():
         far = unquantized(input_ids=ids).logits.float()
     near_err, far_err = float((got - want).norm() / want.norm()), float((far - want).norm() / want.norm())
@@ -295,3 +299,25 @@ def test_merge_of_an_fp32_checkpoint_is_the_trained_model(base_dir, tmp_path):
         got = merged(input_ids=ids).logits.float()
     err = float((got - want).norm() / want.norm())
     assert err < 0.04, err
+
+
+@needs_bnb
+def test_a_qlora_adapter_run_on_another_base_warns_once(trained, base_dir, recwarn):
+    """eval/generate/chat and lorafit.load read the adapter's quantization: without --quantization, or with
+    another one, one warning says that results differ from training and how to match it."""
+    from lorafit.cli import main
+
+    _, _, _, out = trained
+    data = _parity_data(out.parent / "eval.jsonl")
+    common = ["--model", str(base_dir), "--adapter", str(out), "--device", "cpu"]
+    runs = {
+        "unquantized": ["generate", *common, "--prompt", "7: even or odd?", "--max-new-tokens", "2"],
+        "quantized with fp4": ["eval", *common, "--data", str(data), "--quantization", "fp4"],
+    }
+    for loaded, argv in runs.items():
+        recwarn.clear()
+        assert main(argv) == 0
+        said = [str(w.message) for w in recwarn.list if issubclass(w.category, quant.QuantizationWarning)]
+        assert len(said) == 1, said
+        assert f"trained on a base quantized with nf4 (QLoRA), and the base is loaded {loaded}" in said[0]
+        assert "results will differ from training's" in said[0] and "pass --quantization nf4" in said[0]
