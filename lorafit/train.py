@@ -24,8 +24,9 @@ Reliability (tests/test_resume.py, tests/test_bad_input.py):
   (adapter, optimizer, scheduler, RNG) is read and applied in memory first.
 * Exact resume: a checkpoint holds the LoRA weights (fp32 safetensors, exact), AdamW and LambdaLR
   state, the torch CPU RNG (dropout), the step (which fixes the data position: step s reads the
-  same micro-batches in every process), the partial logging window, the skipped-step count and the
-  whole log history. A run killed at any moment (SIGKILL included) and resumed ends with the same
+  same micro-batches in every process), the partial logging window, the skipped-step count, the
+  whole log history and the training time so far (results.json's runtime_sec and tokens_per_sec
+  cover the whole run after a resume). A run killed at any moment (SIGKILL included) and resumed ends with the same
   adapter, bit for bit, and the same metrics.jsonl (but for "tokens_per_sec", a timing) as an
   uninterrupted run, on the same machine and torch build (tested across processes on CPU).
   Nothing had to be pinned for that here (torch 2.13 CPU, MKL + oneDNN, AVX2): 1 or 2 threads and
