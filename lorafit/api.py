@@ -16,6 +16,7 @@ light import for users of the layer library.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +107,18 @@ def finetune(
     else than the default that disagrees with it is an error (lorafit.model.continue_lora). Its base
     must fit the model. The optimizer and the learning-rate schedule start fresh (step 0).
     """
+    from lorafit.config import ConfigWarning
+    from lorafit.distributed import env_rank
     from lorafit.train import prepare, run
 
-    cfg = build_config(
-        model=model, train_data=train_data, eval_data=eval_data, training_config=training_config,
-        peft_config=peft_config, output_dir=output_dir, config=config, overrides=overrides, adapter=adapter,
-        source=source,
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        if env_rank() != 0:  # under torchrun every rank reads the same config: rank 0 warns for all
+            warnings.simplefilter("ignore", ConfigWarning)
+        cfg = build_config(
+            model=model, train_data=train_data, eval_data=eval_data, training_config=training_config,
+            peft_config=peft_config, output_dir=output_dir, config=config, overrides=overrides,
+            adapter=adapter, source=source,
+        )  # fmt: skip
     loaded = None if isinstance(model, (str, Path)) or model is None else model
     if loaded is not None and tokenizer is None:
         from lorafit.errors import ConfigError

@@ -72,6 +72,12 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def env_rank() -> int:
+    """This process's global rank as torchrun announces it (RANK), before the process group exists: 0 for
+    one process. What only one process should say (config warnings) is said where it is 0."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
 def init(device_type: str) -> Dist:
     """Join the process group torchrun set up (env:// rendezvous); a no-op for one process."""
     if not launched_by_torchrun():

@@ -391,7 +391,7 @@ BASE_WEIGHTS = ("dequantized", "original")
 ERROR_REPORT = "quantization_error.json"
 
 
-def _adapter_quantization(src: Path) -> dict:
+def adapter_quantization(src: Path) -> dict:
     """The quantization a lorafit adapter was trained with ({} when none or not recorded)."""
     if loralib_file(src) is not None:
         return {}
@@ -423,7 +423,7 @@ def merge_to_hf(
 
     An adapter trained on a quantized base (QLoRA; `quantization` nf4/fp4/int8, by default what the
     adapter records) is merged, by default (`base_weights="dequantized"`), into the base as it was
-    trained on: quantized as in training, dequantized in fp32, LoRA added in fp32, written in bf16
+    trained on: quantized as in training (`_load_as_trained`), dequantized in fp32, LoRA added in fp32, written in bf16
     ("auto"). `base_weights="original"` merges into the unquantized checkpoint weights instead. Either
     way OUT/quantization_error.json gives the relative error of each dequantized base weight against
     the original (lorafit.quant.error_report): by that much the export differs from the original
@@ -444,24 +444,22 @@ def merge_to_hf(
         if not model:
             raise AdapterError(f"{src}: the adapter records no base model. Fix: pass --model BASE")
     _check_output(out, overwrite, [src, Path(model).expanduser()])
-    trained = _adapter_quantization(src)
+    trained = adapter_quantization(src)
     method = quantization or trained.get("method") or "none"
     if double_quant is None:
         double_quant = bool(trained.get("double_quant", True))
-    kwargs: dict = {"dtype": "auto" if dtype == "auto" else DTYPES[dtype]}
     if method != "none":
         from lorafit import quant
-
-        kwargs["dtype"] = torch.bfloat16 if dtype == "auto" else DTYPES[dtype]
-        if base_weights == "dequantized":
-            kwargs.update(
-                quantization_config=quant.bnb_config(method, double_quant=double_quant),
-                device_map={"": "cpu"},
-            )
-        else:
-            kwargs["dtype"] = torch.float32  # the original weights, merged in fp32, written in bf16
     try:
-        net = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code, **kwargs)
+        if method != "none" and base_weights == "dequantized":
+            # what training recorded applies when merging with the method it trained with
+            net = _load_as_trained(model, method, double_quant, trained if method == trained.get("method") else {},
+                                   trust_remote_code)  # fmt: skip
+        else:  # "original": the unquantized weights, merged in fp32, written in bf16
+            load_dtype = torch.float32 if method != "none" else "auto" if dtype == "auto" else DTYPES[dtype]
+            net = AutoModelForCausalLM.from_pretrained(
+                model, trust_remote_code=trust_remote_code, dtype=load_dtype
+            )
         tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise AdapterError(
@@ -486,6 +484,33 @@ def merge_to_hf(
             report["base_weights"] = base_weights
             (tmp / ERROR_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return out
+
+
+def _load_as_trained(model: str, method: str, double_quant: bool, trained: dict, trust_remote_code: bool):
+    """The base quantized on the CPU exactly as training quantized it: through lorafit.model.load_model (the
+    loader training uses), from the dtype the adapter records the weights were quantized from (an fp32
+    checkpoint quantized from fp32 and from its bf16 rounding gives other 4-bit codes), with its double
+    quant and compute dtype. An adapter that records none of this (trained before lorafit recorded it)
+    gets what `model.dtype: auto` loads on this CPU. A blocksize other than the recorded one is an error."""
+    from lorafit import quant
+    from lorafit.config import ModelConfig
+    from lorafit.model import load_model
+
+    cfg = ModelConfig(
+        name_or_path=str(model), dtype=trained.get("dtype", "auto"), device="cpu", quantization=method,
+        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=trained.get("compute_dtype", "auto"),
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    net = load_model(cfg, device=torch.device("cpu"), training=False)
+    want, got = trained.get("blocksize"), quant.quantized_with(net).get("blocksize")
+    if want is not None and got is not None and want != got:
+        raise AdapterError(
+            f"the adapter's base was quantized in blocks of {want} weights, and bitsandbytes here quantizes in "
+            f"blocks of {got}: merging would not reproduce the trained model. Fix: merge where bitsandbytes "
+            "uses the blocksize of training (the same bitsandbytes version and device type), or pass "
+            "--base-weights original"
+        )
+    return net
 
 
 def _quantization_error(

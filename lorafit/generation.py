@@ -45,15 +45,26 @@ def load(
     split keys), a loralib `.pt` file or the folder `lorafit export --layout loralib` writes; a bare
     loralib file records no alpha: pass `lora_alpha` (and `target_modules` when its slices are
     ambiguous). `quantization` (nf4, fp4, int8) loads the base quantized, as a QLoRA adapter was
-    trained (lorafit/quant.py).
+    trained (lorafit/quant.py), with the double quant the adapter records. An adapter that records a
+    quantization other than `quantization` (none included) gets one QuantizationWarning: its results
+    will differ from training's.
     """
     if model is None:
         if adapter is None:
             raise AdapterError("pass a base model, an adapter, or both")
         model = adapter_base(adapter)
+    recorded: dict = {}
+    if adapter is not None:
+        from lorafit.export import adapter_quantization
+        from lorafit.quant import check_adapter_quantization
+
+        recorded = adapter_quantization(Path(adapter).expanduser())
+        check_adapter_quantization(recorded, quantization, adapter)
+    double_quant = recorded.get("double_quant") if recorded.get("method") == quantization else None
     cfg = ModelConfig(
         name_or_path=str(model), dtype=dtype, device=device, attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code, revision=revision, quantization=quantization,
+        bnb_4bit_use_double_quant=True if double_quant is None else double_quant,
     )  # fmt: skip
     torch_device = resolve_device(cfg.device, "device")  # a device that is not there: an error before loading
     tokenizer = load_tokenizer(cfg.name_or_path, trust_remote_code=trust_remote_code, revision=revision)

@@ -22,8 +22,9 @@ only LoRA weights train. Nothing is up-cast: PEFT's ``prepare_model_for_kbit_tra
 non-quantized weight (embeddings, norms, lm_head) to fp32; lorafit keeps them in the model dtype and
 trains under autocast, as for an unquantized base, with fp32 LoRA weights.
 
-Export (:func:`dequantize`, used by ``lorafit.export.merge_to_hf``): the quantized layers become
-``nn.Linear`` with the dequantized weights in fp32, LoRA is merged in fp32, and the model is written
+Export (:func:`dequantize`, used by ``lorafit.export.merge_to_hf``): the base is loaded quantized as in
+training (the adapter records :func:`quantized_with`: the dtype the weights were quantized from, compute
+dtype, blocksize), the quantized layers become ``nn.Linear`` with the dequantized weights in fp32, LoRA is merged in fp32, and the model is written
 in bf16. The merged model is the trained model (4-bit base + adapter) up to bf16 rounding; it
 differs from the ORIGINAL base + adapter by the quantization error, which :func:`error_report`
 measures layer by layer against the checkpoint's own weights (``quantization_error.json``).
@@ -36,6 +37,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -46,6 +48,26 @@ from lorafit.errors import ConfigError
 
 METHODS = ("nf4", "fp4", "int8")
 INSTALL_HINT = "pip install 'lorafit[qlora]' (bitsandbytes)"
+
+
+class QuantizationWarning(UserWarning):
+    """An adapter is run on a base quantized otherwise than the base it was trained on."""
+
+
+def check_adapter_quantization(recorded: dict, quantization: str, adapter) -> None:
+    """Warn (once) when an adapter trained on a quantized base (`recorded`: what its metadata says, {} for
+    none) is run on a base loaded with another `quantization`: its results differ from training's."""
+    method = recorded.get("method")
+    if not method or method == quantization:
+        return
+    loaded = "unquantized" if quantization == "none" else f"quantized with {quantization}"
+    warnings.warn(
+        f"{adapter} was trained on a base quantized with {method} (QLoRA), and the base is loaded {loaded}: "
+        f"results will differ from training's. To run it as trained, pass --quantization {method} "
+        f'(Python: quantization="{method}")',
+        QuantizationWarning,
+        stacklevel=3,
+    )
 
 
 def _bnb():
@@ -136,6 +158,32 @@ def release_checkpoint(model: nn.Module) -> None:
                 t.data = t.data.clone()
             else:
                 m._buffers[name] = t.clone()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config name (fp32, bf16, fp16) of a torch dtype."""
+    from lorafit.model import DTYPES
+
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ConfigError(f"no lorafit dtype name for {dtype}")
+
+
+def quantized_with(model: nn.Module) -> dict:
+    """How `model`'s 4-bit layers were quantized, read from the first one: ``dtype``, the dtype of the
+    weights bitsandbytes quantized (what model.dtype loaded the checkpoint as: the same checkpoint
+    quantized from fp32 or from its bf16 rounding gives other 4-bit codes), ``compute_dtype`` and
+    ``blocksize``. {} when there is no 4-bit layer (int8 always quantizes from fp16)."""
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if is_quantized_layer(m) and state is not None:
+            return {
+                "dtype": dtype_name(state.dtype),
+                "compute_dtype": dtype_name(m.compute_dtype or state.dtype),
+                "blocksize": int(state.blocksize),
+            }
+    return {}
 
 
 def is_quantized_layer(m: nn.Module) -> bool:

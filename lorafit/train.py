@@ -24,8 +24,9 @@ Reliability (tests/test_resume.py, tests/test_bad_input.py):
   (adapter, optimizer, scheduler, RNG) is read and applied in memory first.
 * Exact resume: a checkpoint holds the LoRA weights (fp32 safetensors, exact), AdamW and LambdaLR
   state, the torch CPU RNG (dropout), the step (which fixes the data position: step s reads the
-  same micro-batches in every process), the partial logging window, the skipped-step count and the
-  whole log history. A run killed at any moment (SIGKILL included) and resumed ends with the same
+  same micro-batches in every process), the partial logging window, the skipped-step count, the
+  whole log history and the training time so far (results.json's runtime_sec and tokens_per_sec
+  cover the whole run after a resume). A run killed at any moment (SIGKILL included) and resumed ends with the same
   adapter, bit for bit, and the same metrics.jsonl (but for "tokens_per_sec", a timing) as an
   uninterrupted run, on the same machine and torch build (tested across processes on CPU).
   Nothing had to be pinned for that here (torch 2.13 CPU, MKL + oneDNN, AVX2): 1 or 2 threads and
@@ -414,16 +415,22 @@ def adapter_kwargs(job: Job) -> dict:
         bias=p.bias,
         modules_to_save=[module_name(job.model, n) for n in p.modules_to_save or []] or None,
         revision=job.run.model.revision,
-        extra_metadata=quantization_metadata(job.run.model),
+        extra_metadata=quantization_metadata(job.run.model, job.model),
     )
 
 
-def quantization_metadata(m) -> dict | None:
-    """What the adapter's base was quantized with (lorafit merge reads it back), or None."""
+def quantization_metadata(m, model=None) -> dict | None:
+    """What the adapter's base was quantized with, or None: the method and double quant, and for 4-bit
+    what the loaded layers of `model` say (lorafit.quant.quantized_with: the dtype the weights were
+    quantized from, compute dtype, blocksize). `lorafit merge` quantizes the base again from these, and
+    eval/generate/chat warn when the base is loaded otherwise."""
     if m.quantization == "none":
         return None
+    from lorafit import quant
+
     double = m.bnb_4bit_use_double_quant if m.quantization != "int8" else None
-    return {"quantization": {"method": m.quantization, "double_quant": double}}
+    details = quant.quantized_with(model) if model is not None else {}
+    return {"quantization": {"method": m.quantization, "double_quant": double, **details}}
 
 
 class NonFiniteError(LorafitError):
@@ -477,27 +484,29 @@ def run(
     max_skips = t.skip_nonfinite_batches
     fingerprint = data_fingerprint(data)
     say = (tqdm.write if progress else log.info) if main else (lambda *a, **k: None)
+    warn = log.warning if main else (lambda *a, **k: None)  # every rank sees the same, rank 0 says it
 
     start_step, tokens_seen, targets_seen, skipped, history = 0, 0, 0, 0, []
+    # training time of the steps before a resume (None: a checkpoint that does not record it)
+    elapsed_before: float | None = 0.0
     window = {"loss": 0.0, "targets": 0, "tokens": 0}
     eval_before = None
     if ckpt is not None:
         restore_training_state(ckpt, training_state, optimizer, scheduler, scaler, rank=d.rank)
         start_step, tokens_seen, targets_seen = state["step"], state["tokens"], state["targets"]
         skipped = state.get("skipped", 0)
+        elapsed_before = state.get("elapsed_sec")
         window = {**window, **state.get("window", {})}
         eval_before = state.get("results", {}).get("eval_loss_before")
         history = state.get("log_history")
         if history is None:  # a checkpoint without its log history: take metrics.jsonl up to its step
             history = [h for h in read_metrics(out / "metrics.jsonl") if h.get("step", 0) <= start_step]
         for diff in config_differences(state.get("config") or {}, job.run.to_dict()):
-            log.warning(f"warning: resuming with a changed setting, {diff}; the run is no longer one run")
+            warn(f"warning: resuming with a changed setting, {diff}; the run is no longer one run")
         if state.get("data_fingerprint", fingerprint) != fingerprint:
-            log.warning("warning: resuming on different training data than the checkpoint was trained on")
+            warn("warning: resuming on different training data than the checkpoint was trained on")
         if state.get("total_steps", total_steps) != total_steps:
-            log.warning(
-                f"warning: the run now has {total_steps} steps, the checkpoint's had {state['total_steps']}"
-            )
+            warn(f"warning: the run now has {total_steps} steps, the checkpoint's had {state['total_steps']}")
 
     # every rank has checked the output directory and the checkpoint before rank 0 writes the first byte
     # (DDP's constructor is a collective and met here anyway; FSDP's fully_shard is not)
@@ -594,10 +603,13 @@ def run(
                 if scaler is not None:
                     ts["scaler"] = scaler.state_dict()
                 save_training_state(tmp / TRAINING_STATE_FILE, ts)
+                # training time up to this step, over every resume (results.json's runtime_sec after a resume)
+                elapsed = None if elapsed_before is None else elapsed_before + time.perf_counter() - t_start
                 state = {
                     "step": step, "total_steps": total_steps, "tokens": tokens_seen, "targets": targets_seen,
                     "epoch": step / steps_per_epoch, "results": {"eval_loss_before": eval_before},
                     "window": dict(window), "skipped": skipped, "data_fingerprint": fingerprint,
+                    "elapsed_sec": elapsed,
                     "config": job.run.to_dict(), "log_history": list(history),
                 }  # fmt: skip
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
@@ -706,7 +718,7 @@ def run(
             end_of_epoch = step % steps_per_epoch == 0
             if (eval_every and step % eval_every == 0) or (t.eval_strategy == "epoch" and end_of_epoch):
                 ev = evaluate_now(step)
-                if ev:
+                if ev and main:
                     bar.write(
                         f"step {step}: eval_loss {ev['eval_loss']:.4f}  ppl {ev['eval_perplexity']:.2f}"
                     )
@@ -718,6 +730,13 @@ def run(
                 saved = step
         bar.close()
         runtime = time.perf_counter() - t_start
+        # the whole run: the training time before the checkpoint resumed from, plus this process's. A
+        # checkpoint without it (older lorafit) gives this process's time and tokens only.
+        run_tokens = tokens_seen
+        if elapsed_before is None:
+            run_tokens -= state["tokens"]
+        else:
+            runtime += elapsed_before
         if step < total_steps:  # stopped by a signal (whenever it came, the current step is saved)
             stopped = stop.requested or "a signal to another rank"
             if step > start_step and saved != step:
@@ -753,7 +772,7 @@ def run(
             "targets": targets_seen,
             "skipped_steps": skipped,
             "runtime_sec": round(runtime, 2),
-            "tokens_per_sec": round(tokens_seen / runtime, 1) if runtime > 0 and not ckpt else None,
+            "tokens_per_sec": round(run_tokens / runtime, 1) if runtime > 0 else None,
             "trainable_params": sum(p.numel() for p in params),
             "adapted_modules": len(job.adapted),
             "train_data": job.train_stats.to_dict(),

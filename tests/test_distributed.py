@@ -78,12 +78,24 @@ def _assert_same_files(one: Path, other: Path, *subdirs: str) -> None:
     assert len(lines_one) == len(lines)  # no duplicated log lines from rank 1
 
 
+# evaluations at steps 2 and 4 print a line each; do_eval is a key lorafit ignores with a warning
+SAID = ["--set", "training_config.eval_strategy=steps", "--set", "training_config.eval_steps=2",
+        "--set", "training_config.do_eval=true"]  # fmt: skip
+
+
+def _assert_said_once(run: subprocess.CompletedProcess) -> None:
+    """The eval lines of steps 2 and 4 and the do_eval config warning were printed once (by rank 0)."""
+    lines = (run.stdout + run.stderr).splitlines()
+    assert [x.split(":")[0] for x in lines if ": eval_loss " in x] == ["step 2", "step 4"]
+    assert len([x for x in lines if "do_eval" in x]) == 1
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     tiny = write_tiny_model(root / "tiny")
-    one = _train(tiny, root / "one", nproc=1, per_device=4)
-    two = _train(tiny, root / "two", nproc=2, per_device=2)
+    one = _train(tiny, root / "one", nproc=1, per_device=4, extra=SAID)
+    two = _train(tiny, root / "two", nproc=2, per_device=2, extra=SAID)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     return root, one, two
@@ -97,6 +109,12 @@ def test_two_ranks_give_the_single_process_losses(runs):
 def test_only_rank_zero_writes(runs):
     root, _, _ = runs
     _assert_same_files(root / "one", root / "two")
+
+
+def test_only_rank_zero_prints_eval_lines_and_config_warnings(runs):
+    _, one, two = runs
+    _assert_said_once(one)
+    _assert_said_once(two)
 
 
 def test_the_distributed_adapter_matches(runs):
@@ -124,6 +142,8 @@ def test_distributed_resume_matches_the_uninterrupted_run(runs):
     again = _train(tiny, root / "resumed", nproc=2, per_device=2, extra=[*common, "--resume"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr + again.stdout
+    # the longer run (max_steps 2 -> 4) is one warning, by rank 0, not one per rank
+    assert (again.stderr + again.stdout).count("the run now has 4 steps, the checkpoint's had 2") == 1
     assert _losses(root / "resumed") == _losses(root / "straight")
     a = load_file(str(root / "straight" / "adapter_model.safetensors"))
     b = load_file(str(root / "resumed" / "adapter_model.safetensors"))
@@ -139,12 +159,8 @@ def sharded(runs):
     batch, which gives 7 eval batches for 2 ranks (rank 1 runs a padding batch); and a resume of its
     checkpoint-2, sharded again."""
     root, _, _ = runs
-    fsdp = [
-        "--set",
-        "training_config.fsdp=full_shard",
-        "--set",
-        "training_config.per_device_eval_batch_size=3",
-    ]
+    fsdp = ["--set", "training_config.fsdp=full_shard", "--set", "training_config.per_device_eval_batch_size=3",
+            *SAID]  # fmt: skip
     run = _train(root / "tiny", root / "fsdp", nproc=2, per_device=1,
                  extra=[*fsdp, "--set", "training_config.gradient_accumulation_steps=2"])  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
@@ -184,8 +200,9 @@ def test_the_sharded_adapter_is_whole_and_matches(sharded, tmp_path):
 
 
 def test_only_rank_zero_writes_when_sharded(sharded):
-    root, _, _ = sharded
+    root, run, _ = sharded
     _assert_same_files(root / "one", root / "fsdp", "checkpoint-2")
+    _assert_said_once(run)
 
 
 def test_sharded_resume_matches_the_uninterrupted_run(sharded):

@@ -11,6 +11,7 @@ qkv_proj, and the layer output error on random inputs is the same (~0.09); int8 
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -138,6 +139,16 @@ def test_lora_gets_gradients_on_fp4_and_int8(base_dir, method):
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # B = 0 at start: A's grad is 0
 
 
+def _parity_data(path):
+    rows = [
+        {"messages": [{"role": "user", "content": f"{n}: even or odd?"},
+                      {"role": "assistant", "content": "odd" if n % 2 else "even"}]}
+        for n in range(100, 164)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture(scope="module")
 def trained(base_dir, tmp_path_factory):
     """A short nf4 run: bf16 base weights, q/v slices of qkv_proj, gate slice, gradient checkpointing."""
@@ -145,13 +156,7 @@ def trained(base_dir, tmp_path_factory):
     from lorafit.data import load_conversations
     from lorafit.train import prepare, run
 
-    data = tmp_path_factory.mktemp("qdata") / "train.jsonl"
-    rows = [
-        {"messages": [{"role": "user", "content": f"{n}: even or odd?"},
-                      {"role": "assistant", "content": "odd" if n % 2 else "even"}]}
-        for n in range(100, 164)
-    ]  # fmt: skip
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _parity_data(tmp_path_factory.mktemp("qdata") / "train.jsonl")
     assert len(load_conversations(data)) == 64
     out = tmp_path_factory.mktemp("qrun") / "out"
     cfg = build_config(
@@ -199,12 +204,17 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
 
     job, _, _, out = trained
     meta = lora.read_adapter(out).meta
-    assert meta["quantization"] == {"method": "nf4", "double_quant": True}
+    compute = quant.dtype_name(quant.compute_dtype("auto", torch.device("cpu")))
+    assert meta["quantization"] == {
+        "method": "nf4", "double_quant": True, "dtype": "bf16", "compute_dtype": compute, "blocksize": 64
+    }  # fmt: skip
     ids = torch.randint(3, 90, (2, 20), generator=torch.Generator().manual_seed(1))
     job.model.eval()
     with torch.no_grad():
         want = job.model(input_ids=ids).logits.float()
-    reloaded, _ = load(str(base_dir), out, dtype="bf16", device="cpu", quantization="nf4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", quant.QuantizationWarning)  # loaded as trained: no warning
+        reloaded, _ = load(str(base_dir), out, dtype="bf16", device="cpu", quantization="nf4")
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits.float(), want)
     # loading into existing wrapped layers (what --resume does) checks their slices and shapes
@@ -219,7 +229,8 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
     # the merged model is the trained one (4-bit base + adapter) up to bf16 rounding (~2% of the logits
     # here, weights and activations in bf16); the original base + adapter is further off (its weights
     # differ by the quantization error, ~6%)
-    unquantized, _ = load(str(base_dir), out, dtype="bf16", device="cpu")
+    with pytest.warns(quant.QuantizationWarning, match="the base is loaded unquantized"):
+        unquantized, _ = load(str(base_dir), out, dtype="bf16", device="cpu")
     with torch.no_grad():
         far = unquantized(input_ids=ids).logits.float()
     near_err, far_err = float((got - want).norm() / want.norm()), float((far - want).norm() / want.norm())
@@ -239,3 +250,74 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
     assert again["base_weights"] == "original" and again["layers"].keys() == report["layers"].keys()
     for name, layer in report["layers"].items():
         assert again["layers"][name]["relative_error"] == pytest.approx(layer["relative_error"], rel=0.01)
+
+
+@needs_bnb
+def test_merge_of_an_fp32_checkpoint_is_the_trained_model(base_dir, tmp_path):
+    """The tiny checkpoint is fp32 and model.dtype is auto: training quantizes the fp32 weights, and so must
+    merge (quantizing their bf16 rounding instead gives other 4-bit codes: 2% off, measured)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.api import build_config
+    from lorafit.evaluation import autocast
+    from lorafit.export import merge_to_hf
+    from lorafit.train import prepare, run
+
+    out = tmp_path / "out"
+    cfg = build_config(
+        model=str(base_dir), train_data=_parity_data(tmp_path / "train.jsonl"), output_dir=out,
+        training_config={"max_steps": 4, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
+                         "max_seq_length": 64, "eval_strategy": "no", "save_strategy": "no"},
+        peft_config={"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+        overrides=["model.quantization=nf4", "model.device=cpu"],
+    )  # fmt: skip
+    job = prepare(cfg)
+    run(job, progress=False)
+    recorded = lora.read_adapter(out).meta["quantization"]
+    assert recorded["dtype"] == "fp32" and recorded["blocksize"] == 64 and recorded["double_quant"] is True
+    assert recorded["compute_dtype"] == quant.dtype_name(quant.compute_dtype("auto", torch.device("cpu")))
+
+    merged_dir = merge_to_hf(None, out, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert merged.dtype == torch.bfloat16
+    wrapped = {n: m for n, m in job.model.named_modules() if isinstance(m, lora.WrappedLinear)}
+    assert len(wrapped) == 4 * 4
+    for name, layer in wrapped.items():
+        with torch.no_grad():
+            want = quant.dequantize_weight(layer.base_layer) + layer.delta_weight().float()
+        # the trained 4-bit weights + delta, rounded once to bf16 (the output dtype) and nothing else
+        assert torch.equal(merged.get_submodule(name).weight, want.to(torch.bfloat16)), name
+
+    # logits: the trained model (4-bit base + adapter, computed as training's eval computes it) and the
+    # merged bf16 model agree within 4% relative (measured 2.1%: bf16 weights and activations throughout
+    # the merged model; merging from the bf16-rounded checkpoint instead gave 10.7%)
+    ids = torch.randint(3, 90, (2, 20), generator=torch.Generator().manual_seed(1))
+    job.model.eval()
+    with torch.no_grad(), autocast(job.device, job.precision):
+        want = job.model(input_ids=ids).logits.float()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits.float()
+    err = float((got - want).norm() / want.norm())
+    assert err < 0.04, err
+
+
+@needs_bnb
+def test_a_qlora_adapter_run_on_another_base_warns_once(trained, base_dir, recwarn):
+    """eval/generate/chat and lorafit.load read the adapter's quantization: without --quantization, or with
+    another one, one warning says that results differ from training and how to match it."""
+    from lorafit.cli import main
+
+    _, _, _, out = trained
+    data = _parity_data(out.parent / "eval.jsonl")
+    common = ["--model", str(base_dir), "--adapter", str(out), "--device", "cpu"]
+    runs = {
+        "unquantized": ["generate", *common, "--prompt", "7: even or odd?", "--max-new-tokens", "2"],
+        "quantized with fp4": ["eval", *common, "--data", str(data), "--quantization", "fp4"],
+    }
+    for loaded, argv in runs.items():
+        recwarn.clear()
+        assert main(argv) == 0
+        said = [str(w.message) for w in recwarn.list if issubclass(w.category, quant.QuantizationWarning)]
+        assert len(said) == 1, said
+        assert f"trained on a base quantized with nf4 (QLoRA), and the base is loaded {loaded}" in said[0]
+        assert "results will differ from training's" in said[0] and "pass --quantization nf4" in said[0]

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorafit.distributed as loss_site  # where the training step calls loss_sum
-from lorafit.checkpoint import PAUSE_ENV, atomic_dir, list_checkpoints, output_lock, rotate
+from lorafit.checkpoint import PAUSE_ENV, STATE_FILE, atomic_dir, list_checkpoints, output_lock, rotate
 from lorafit.cli import main
 from lorafit.demo import demo_data_dir
 from lorafit.errors import LorafitError
@@ -166,6 +166,11 @@ def test_resume_from_a_checkpoint_is_bit_exact(reference, files, ckpt):
         res["resumed_from"] == str(out / ckpt)
         and res["eval_loss_before"] == reference["results"]["eval_loss_before"]
     )
+    # the whole run's time and throughput: the checkpoint's training time carried over, plus the resumed part
+    state = json.loads((reference["out"] / ckpt / STATE_FILE).read_text())
+    assert state["elapsed_sec"] > 0 and state["tokens"] < res["tokens"]
+    assert res["runtime_sec"] > state["elapsed_sec"]
+    assert res["tokens_per_sec"] == pytest.approx(res["tokens"] / res["runtime_sec"], rel=1e-3)
 
 
 def test_resume_path_from_another_directory(reference, files):
