@@ -31,10 +31,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from pause_in_checkpoint import PAUSED  # tests/pause_in_checkpoint.py
 from safetensors.torch import load_file
 
 import lorafit.distributed as loss_site  # where the training step calls loss_sum
-from lorafit.checkpoint import PAUSE_ENV, atomic_dir, list_checkpoints, output_lock, rotate
+from lorafit.checkpoint import atomic_dir, list_checkpoints, output_lock, rotate
 from lorafit.cli import main
 from lorafit.demo import demo_data_dir
 from lorafit.errors import LorafitError
@@ -118,17 +119,22 @@ def resume_copy(reference, files, name: str, ckpt: str) -> Path:
     return out
 
 
-def child_env(**extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **extra}
+def child_env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     env.pop("NO_COLOR", None)
     return env
 
 
-def start_child(files, out: Path, log: Path, *extra: str, **env: str) -> subprocess.Popen:
-    """`python -m lorafit train ...` in a new process, its stderr appended to `log`."""
-    args = [sys.executable, "-m", "lorafit", *train_args(files, out, *extra)]
+PAUSER = Path(__file__).with_name("pause_in_checkpoint.py")
+
+
+def start_child(files, out: Path, log: Path, *extra: str, pause: str | None = None) -> subprocess.Popen:
+    """`python -m lorafit train ...` in a new process, its stderr appended to `log`; with `pause`
+    ("checkpoint-8[:SECONDS]") it pauses inside that checkpoint's write (tests/pause_in_checkpoint.py)."""
+    cmd = [sys.executable, "-m", "lorafit"] if pause is None else [sys.executable, str(PAUSER), pause]
     with open(log, "a") as err:
-        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env=child_env(**env))
+        return subprocess.Popen([*cmd, *train_args(files, out, *extra)], stdout=subprocess.DEVNULL, stderr=err,
+                                env=child_env())  # fmt: skip
 
 
 def wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
@@ -176,9 +182,9 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_then_resume_is_bit_exact(re
     """SIGKILL while checkpoint-8 is written (after its files, before the rename): checkpoint-8 is absent,
     checkpoint-4 complete, and --resume (from checkpoint-4) ends bit-identical to the uninterrupted run."""
     out, log = files["dir"] / "sigkill", files["dir"] / "sigkill.log"
-    proc = start_child(files, out, log, **{PAUSE_ENV: "checkpoint-8"})
+    proc = start_child(files, out, log, pause="checkpoint-8")
     try:
-        wait_for(lambda: PAUSE_ENV in log.read_text(), proc, "the pause inside the checkpoint-8 write")
+        wait_for(lambda: PAUSED in log.read_text(), proc, "the pause inside the checkpoint-8 write")
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
     finally:
@@ -200,7 +206,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_130(reference, files):
     """SIGTERM after the first logged steps: a checkpoint at the next step boundary, exit 130, and
     --resume ends bit-identical. (checkpoint-8 pauses 3 s, so the signal always lands before the end.)"""
     out, log = files["dir"] / "sigterm", files["dir"] / "sigterm.log"
-    proc = start_child(files, out, log, **{PAUSE_ENV: "checkpoint-8:3"})
+    proc = start_child(files, out, log, pause="checkpoint-8:3")
     try:
         wait_for(lambda: logged_steps(out) >= 1, proc, "the first logged step")
         proc.send_signal(signal.SIGTERM)
@@ -242,9 +248,9 @@ def test_killed_again_and_again_ends_bit_exact(reference, files):
     final checkpoint's write -- each time continued with `--resume` in a new process; the end is the same."""
     out = files["dir"] / "multikill"
 
-    def kill_when(n: int, cond, **env):
+    def kill_when(n: int, cond, pause: str | None = None):
         log = files["dir"] / f"multikill-{n}.log"
-        proc = start_child(files, out, log, "--resume", **env)
+        proc = start_child(files, out, log, "--resume", pause=pause)
         try:
             wait_for(lambda: cond(log), proc, f"kill point {n}")
             proc.send_signal(signal.SIGKILL)
@@ -253,8 +259,8 @@ def test_killed_again_and_again_ends_bit_exact(reference, files):
             proc.kill()
 
     kill_when(1, lambda log: logged_steps(out) >= 1)  # mid-run, maybe before any checkpoint
-    kill_when(2, lambda log: PAUSE_ENV in log.read_text(), **{PAUSE_ENV: "checkpoint-8"})
-    kill_when(3, lambda log: PAUSE_ENV in log.read_text(), **{PAUSE_ENV: f"checkpoint-{STEPS}"})
+    kill_when(2, lambda log: PAUSED in log.read_text(), pause="checkpoint-8")
+    kill_when(3, lambda log: PAUSED in log.read_text(), pause=f"checkpoint-{STEPS}")
     assert [s for s, _ in list_checkpoints(out)] == [4, 8]
     args = [sys.executable, "-m", "lorafit", *train_args(files, out, "--resume")]
     r = subprocess.run(args, capture_output=True, text=True, env=child_env())
