@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.data import MIN_TOKENS, make_conversations, n_targets, n_tokens
+from bench.flops import flops_per_token
 from lorafit.data import Conversation, tokenize
 from lorafit.tiny import build_model, build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
-
-from bench.data import MIN_TOKENS, make_conversations, n_targets, n_tokens  # noqa: E402
-from bench.flops import flops_per_token  # noqa: E402
 
 
 def test_data_is_deterministic_and_within_bounds():

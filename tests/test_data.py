@@ -13,7 +13,6 @@ from lorafit.attention import PACKED_SDPA, segment_kwargs, use_packed_sdpa
 from lorafit.data import (
     Batches,
     Conversation,
-    TokenizedData,
     collate,
     encode,
     load_conversations,
@@ -294,22 +293,6 @@ def test_truncation_and_dropping(tok):
     msg = str(e.value)
     assert "t.jsonl:2: 61 tokens > max_seq_length 30" in msg and "t.jsonl:3: " in msg
     assert "2 problems in 2 records" in msg and "raise max_seq_length" in msg
-
-
-def test_save_load_round_trip(tok, tmp_path):
-    convs = convs_of(chat(("Hi", "Yo")), chat(("A", "B"), ("C", "D"), system="S"))
-    data, _ = tokenize(tok, convs, max_seq_length=64, end_of_turn=EOT)
-    data.save(tmp_path / "tok")
-    back = TokenizedData.load(tmp_path / "tok", mmap=True)
-    assert isinstance(back.tokens, np.memmap) and back.tokens.dtype == np.int32
-    assert len(back) == 2 and back.sources == data.sources
-    for i in range(2):
-        for a, b in zip(back.example(i), data.example(i)):
-            np.testing.assert_array_equal(a, b)
-    assert np.array_equal(TokenizedData.load(tmp_path / "tok", mmap=False).offsets, data.offsets)
-    np.save(tmp_path / "tok" / "offsets.npy", data.offsets[:-1])
-    with pytest.raises(DataError, match="do not match"):
-        TokenizedData.load(tmp_path / "tok")
 
 
 # ---------------------------------------------------------------------------------------------

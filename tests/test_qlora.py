@@ -16,11 +16,12 @@ import pytest
 import torch
 from torch import nn
 
+from bench.qlora import bnb_missing, weight_bytes
 from lorafit import lora, quant
 from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError
 
-needs_bnb = pytest.mark.skipif(quant.available() is not None, reason=str(quant.available()))
+needs_bnb = pytest.mark.skipif(bnb_missing() is not None, reason=str(bnb_missing()))
 
 SLICES = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
@@ -185,7 +186,7 @@ def test_nf4_training_lowers_loss_and_changes_only_lora(trained):
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     assert dtypes["model.embed_tokens.weight"] == dtypes["lm_head.weight"] == torch.bfloat16
     assert dtypes["model.layers.0.input_layernorm.weight"] == torch.bfloat16
-    assert quant.weight_bytes(model)["quantized"] < 0.3 * 2 * sum(  # bf16 would be 2 bytes per weight
+    assert weight_bytes(model)["quantized"] < 0.3 * 2 * sum(  # bf16 would be 2 bytes per weight
         m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "Linear4bit"
     )
 
