@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_jsonl
 
 from lorafit import lora
 from lorafit.attention import PACKED_SDPA, segment_kwargs, use_packed_sdpa
@@ -28,11 +29,6 @@ from lorafit.tiny import build_model, build_tokenizer
 EOT = "<|end|>"
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
 def chat(*pairs, system=None):
     msgs = [{"role": "system", "content": system}] if system else []
     for u, a in pairs:
@@ -40,15 +36,8 @@ def chat(*pairs, system=None):
     return msgs
 
 
-def write_jsonl(path, records):
-    path.write_text(
-        "\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n", encoding="utf-8"
-    )
-    return path
-
-
 def error_of(path, records):
-    write_jsonl(path, records)
+    write_jsonl(path, *records)
     with pytest.raises(DataError) as e:
         load_conversations(path)
     return str(e.value)
@@ -108,7 +97,7 @@ def test_stripping_template_and_wrong_end_of_turn(tok):
 def test_layouts_give_the_same_tokens(tok, tmp_path):
     path = write_jsonl(
         tmp_path / "mixed.jsonl",
-        [
+        *[
             {"messages": chat(("Do it\n\nnow", "Done")), "prompt_id": "abc"},
             {"prompt": "Do it\n\nnow", "completion": "Done"},
             {"instruction": "Do it", "input": "now", "output": "Done"},

@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from conftest import write_jsonl
 from torch import nn
 
 from bench.qlora import bnb_missing, weight_bytes
@@ -91,28 +92,21 @@ def test_config_quantization():
 # ----------------------------------------------------------------------------- bitsandbytes on CPU
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    from lorafit.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("qlora") / "base")
-
-
-def _load(base_dir, method="nf4", training=True, **kw):
+def _load(tiny_model, method="nf4", training=True, **kw):
     from lorafit.model import load_model
 
-    cfg = ModelConfig(name_or_path=str(base_dir), quantization=method, device="cpu", **kw)
+    cfg = ModelConfig(name_or_path=str(tiny_model), quantization=method, device="cpu", **kw)
     return load_model(cfg, training=training)
 
 
 @needs_bnb
 @pytest.mark.parametrize("method, bound", [("nf4", 0.12), ("fp4", 0.15), ("int8", 0.01)])
-def test_quantized_layer_output_within_its_weight_error(base_dir, method, bound):
+def test_quantized_layer_output_within_its_weight_error(tiny_model, method, bound):
     from safetensors.torch import load_file
 
     name = "model.layers.0.self_attn.qkv_proj"
-    w = load_file(str(base_dir / "model.safetensors"))[f"{name}.weight"]
-    layer = _load(base_dir, method, training=False).get_submodule(name)
+    w = load_file(str(tiny_model / "model.safetensors"))[f"{name}.weight"]
+    layer = _load(tiny_model, method, training=False).get_submodule(name)
     weight_err = float((quant.dequantize_weight(layer) - w).norm() / w.norm())
     assert 0 < weight_err < bound
     x = torch.randn(64, w.shape[1], generator=torch.Generator().manual_seed(0))
@@ -125,10 +119,10 @@ def test_quantized_layer_output_within_its_weight_error(base_dir, method, bound)
 
 @needs_bnb
 @pytest.mark.parametrize("method", ["fp4", "int8"])
-def test_lora_gets_gradients_on_fp4_and_int8(base_dir, method):
+def test_lora_gets_gradients_on_fp4_and_int8(tiny_model, method):
     from lorafit.model import apply_lora
 
-    model = _load(base_dir, method)
+    model = _load(tiny_model, method)
     apply_lora(model, PeftConfig(r=4, target_modules=SLICES, init_lora_weights="gaussian"))
     ids = torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -140,7 +134,7 @@ def test_lora_gets_gradients_on_fp4_and_int8(base_dir, method):
 
 
 @pytest.fixture(scope="module")
-def trained(base_dir, tmp_path_factory):
+def trained(tiny_model, tmp_path_factory):
     """A short nf4 run: bf16 base weights, q/v slices of qkv_proj, gate slice, gradient checkpointing."""
     from lorafit.api import build_config
     from lorafit.data import load_conversations
@@ -152,11 +146,11 @@ def trained(base_dir, tmp_path_factory):
                       {"role": "assistant", "content": "odd" if n % 2 else "even"}]}
         for n in range(100, 164)
     ]  # fmt: skip
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, *rows)
     assert len(load_conversations(data)) == 64
     out = tmp_path_factory.mktemp("qrun") / "out"
     cfg = build_config(
-        model=str(base_dir), train_data=data, eval_data=data, output_dir=out,
+        model=str(tiny_model), train_data=data, eval_data=data, output_dir=out,
         training_config={"max_steps": 8, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
                          "max_seq_length": 64, "logging_steps": 4, "eval_strategy": "no", "save_strategy": "no",
                          "gradient_checkpointing": True},
@@ -192,7 +186,7 @@ def test_nf4_training_lowers_loss_and_changes_only_lora(trained):
 
 
 @needs_bnb
-def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_dir, tmp_path):
+def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lorafit.export import ERROR_REPORT, merge_to_hf
@@ -205,7 +199,7 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
     job.model.eval()
     with torch.no_grad():
         want = job.model(input_ids=ids).logits.float()
-    reloaded, _ = load(str(base_dir), out, dtype="bf16", device="cpu", quantization="nf4")
+    reloaded, _ = load(str(tiny_model), out, dtype="bf16", device="cpu", quantization="nf4")
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits.float(), want)
     # loading into existing wrapped layers (what --resume does) checks their slices and shapes
@@ -220,7 +214,7 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
     # the merged model is the trained one (4-bit base + adapter) up to bf16 rounding (~2% of the logits
     # here, weights and activations in bf16); the original base + adapter is further off (its weights
     # differ by the quantization error, ~6%)
-    unquantized, _ = load(str(base_dir), out, dtype="bf16", device="cpu")
+    unquantized, _ = load(str(tiny_model), out, dtype="bf16", device="cpu")
     with torch.no_grad():
         far = unquantized(input_ids=ids).logits.float()
     near_err, far_err = float((got - want).norm() / want.norm()), float((far - want).norm() / want.norm())

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_argv, tree
 from pause_in_checkpoint import PAUSED  # tests/pause_in_checkpoint.py
 from safetensors.torch import load_file
 
@@ -39,7 +40,6 @@ from lorafit.checkpoint import atomic_dir, list_checkpoints, output_lock, rotate
 from lorafit.cli import main
 from lorafit.demo import demo_data_dir
 from lorafit.errors import LorafitError
-from lorafit.tiny import write_tiny_model
 
 TIMING_METRICS = {"tokens_per_sec"}
 RUN_SPECIFIC_RESULTS = {"runtime_sec", "tokens_per_sec", "resumed_from", "output_dir"}
@@ -47,13 +47,13 @@ STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def files(tmp_path_factory, tiny_model) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("resume")
     lines = (demo_data_dir() / "train.jsonl").read_text().splitlines()
     (d / "train.jsonl").write_text("\n".join(lines[:40]) + "\n")
     (d / "eval.jsonl").write_text("\n".join(lines[40:52]) + "\n")
     return {
-        "model": write_tiny_model(d / "model"),
+        "model": tiny_model,
         "train": d / "train.jsonl",
         "eval": d / "eval.jsonl",
         "dir": d,
@@ -68,11 +68,7 @@ def train_args(files, out: Path, *extra: str) -> list[str]:
         "training_config.max_seq_length=96", "training_config.learning_rate=5e-3",
         "peft_config.r=4", "peft_config.lora_dropout=0.1",
     ]  # fmt: skip
-    args = ["train", "--model", str(files["model"]), "--data", str(files["train"]), "--eval-data",
-            str(files["eval"]), "--output-dir", str(out), "--no-progress"]  # fmt: skip
-    for s in sets:
-        args += ["--set", s]
-    return args + list(extra)
+    return train_argv(files["model"], files["train"], out, *extra, eval_data=files["eval"], sets=sets)
 
 
 def snapshot(out: Path) -> dict:
@@ -273,12 +269,12 @@ def test_killed_again_and_again_ends_bit_exact(reference, files):
 
 def test_new_run_into_a_directory_with_checkpoints_is_refused(reference, files, capsys):
     out = reference["out"]
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = tree(out)
     assert main(train_args(files, out)) == 2
     err = capsys.readouterr().err
     assert "already holds another run" in err and "checkpoint-4" in err
     assert "--resume" in err and "--overwrite" in err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert tree(out) == before
 
 
 def test_resume_and_overwrite_together_are_refused(files, capsys):
@@ -317,11 +313,11 @@ def test_resume_of_a_finished_run_without_checkpoints_is_refused(files, capsys):
     out = files["dir"] / "finished-no-ckpt"
     no_ckpt = ["--set", "training_config.save_strategy=no", "--set", "training_config.max_steps=2"]
     assert main(train_args(files, out, *no_ckpt)) == 0
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = tree(out)
     assert main(train_args(files, out, *no_ckpt, "--resume")) == 2
     err = capsys.readouterr().err
     assert "holds a finished run" in err and "--overwrite" in err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert tree(out) == before
 
 
 def test_resume_with_a_changed_setting_warns(reference, files, caplog):
