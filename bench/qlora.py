@@ -56,11 +56,45 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def bnb_missing() -> str | None:
+    """None when bitsandbytes imports, else why not (the QLoRA benchmark and tests need it)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        return f"bitsandbytes is not installed ({e}); pip install 'lorafit[qlora]' (bitsandbytes)"
+    return None
+
+
+def weight_bytes(model) -> dict[str, int]:
+    """Bytes of the base model's weights (everything in its state_dict but LoRA factors, each storage
+    counted once): {"quantized": in bitsandbytes layers, with their scales, "other": the rest, "total"}."""
+    import torch
+
+    from lorafit import quant
+
+    types = quant.quantized_types() if quant.is_quantized(model) else ()
+    quantized_prefixes = tuple(f"{n}." for n, m in model.named_modules() if types and isinstance(m, types))
+    seen: set[tuple[int, int]] = set()
+    out = {"quantized": 0, "other": 0}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if "lora_" in key or not torch.is_tensor(t):
+            continue
+        ident = (
+            (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+        )
+        if ident in seen:
+            continue
+        seen.add(ident)
+        size = t.numel() * t.element_size()
+        out["quantized" if key.startswith(quantized_prefixes) else "other"] += size
+    out["total"] = out["quantized"] + out["other"]
+    return out
+
+
 def worker(spec: dict) -> dict:
     """One lorafit run on spec["base"] ("bf16" or a quantization method); returns its measurements."""
     import torch
 
-    from lorafit import quant
     from lorafit.api import build_config
     from lorafit.train import prepare, run
 
@@ -79,7 +113,7 @@ def worker(spec: dict) -> dict:
     )  # fmt: skip
     job = prepare(cfg, overwrite=True)
     loaded = {"rss_after_load_mb": current_rss_mb(), "peak_rss_after_load_mb": peak_rss_mb()}
-    weights = quant.weight_bytes(job.model)
+    weights = weight_bytes(job.model)
     n_quantized = sum(
         m.in_features * m.out_features
         for m in job.model.modules()
@@ -302,10 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(a.report) if a.report else Path(__file__).resolve().parents[1] / "BENCHMARKS-qlora.md"
         path.write_text(render(results) + "\n")
         return 0
-    from lorafit import quant
-
-    if quant.available():
-        print(f"bench.qlora needs bitsandbytes: {quant.available()}", file=sys.stderr)
+    if bnb_missing():
+        print(f"bench.qlora needs bitsandbytes: {bnb_missing()}", file=sys.stderr)
         return 2
     configs = ["tiny"] if a.quick else (a.config or ["small"])
     work = Path(a.workdir)

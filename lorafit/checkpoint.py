@@ -17,11 +17,6 @@ Deleting is the reverse: a checkpoint is first renamed to a hidden `.checkpoint-
 
 One training process at a time may use an output directory: `output_lock` takes an exclusive
 `flock` on `OUT/.lorafit.lock` (released by the kernel even on SIGKILL).
-
-Test hook: with `LORAFIT_TEST_PAUSE_IN_CHECKPOINT=NAME[:SECONDS]` in the environment, `atomic_dir`
-prints one line to stderr and sleeps SECONDS (default 60) after the temporary folder for NAME (e.g.
-`checkpoint-8`, or `*` for any) is complete and before it is renamed, so that tests can kill a
-process in the middle of a checkpoint write deterministically. It does nothing when unset.
 """
 
 from __future__ import annotations
@@ -31,8 +26,6 @@ import json
 import os
 import re
 import shutil
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,7 +39,6 @@ TRAINING_STATE_FILE = "training_state.pt"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 COMPLETE = (STATE_FILE, TRAINING_STATE_FILE, ADAPTER_WEIGHTS)  # files every complete checkpoint has
 LOCK_FILE = ".lorafit.lock"
-PAUSE_ENV = "LORAFIT_TEST_PAUSE_IN_CHECKPOINT"
 
 
 def fsync_dir(path: Path) -> None:
@@ -86,19 +78,6 @@ def fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
-def _test_pause(tmp: Path, final: Path) -> None:
-    """The LORAFIT_TEST_PAUSE_IN_CHECKPOINT test hook (module docstring); a no-op unless set."""
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec:
-        return
-    name, _, seconds = spec.partition(":")
-    if name not in ("*", final.name):
-        return
-    print(f"{PAUSE_ENV}: {tmp} is complete; pausing {seconds or 60}s before renaming it to {final.name}",
-          file=sys.stderr, flush=True)  # fmt: skip
-    time.sleep(float(seconds or 60))
-
-
 def discard(path: Path) -> None:
     """Delete a folder so that it is never seen half-deleted: rename it to a hidden .old name, then remove it."""
     path = Path(path)
@@ -125,7 +104,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        _test_pause(tmp, final)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

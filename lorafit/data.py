@@ -10,14 +10,14 @@ Data flow (this module, then `lorafit.packing`)::
         v
         |  tokenize()             encode() each: render with the tokenizer's chat template, tokenize once,
         v                         mark the assistant tokens; truncate to max_seq_length; drop the untrainable
-    TokenizedData, TokenStats     flat int32 tokens + bool mask + offsets (save()/load(mmap=True))
+    TokenizedData, TokenStats     flat int32 tokens + bool mask + offsets
         |  pack() / single_rows() rows of example indices (lorafit.packing)
         |  Batches                shuffled per (seed, epoch), sharded across ranks
         v
         |  collate()              input_ids, position_ids (restarting per example), labels already shifted
     dict of torch tensors         -> model(input_ids=..., position_ids=..., use_cache=False), no attention_mask
 
-Nothing here writes files except `TokenizedData.save`, and nothing touches the global RNGs.
+Nothing here writes files or touches the global RNGs.
 
 Accepted record layouts (auto-detected per record; other keys such as "prompt_id" are ignored):
 
@@ -506,9 +506,6 @@ def encode(
 # --------------------------------------------------------------------------------------------------
 # The tokenized dataset.
 
-_FORMAT = "lorafit.tokens"
-_VERSION = 1
-
 
 @dataclass
 class TokenizedData:
@@ -537,58 +534,6 @@ class TokenizedData:
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.tokens[a:b], self.supervised[a:b]
-
-    def save(self, directory: str | Path) -> Path:
-        """Write tokens.npy, supervised.npy, offsets.npy and meta.json (no pickle) into `directory`."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "tokens.npy", np.asarray(self.tokens, dtype=np.int32), allow_pickle=False)
-        np.save(out / "supervised.npy", np.asarray(self.supervised, dtype=bool), allow_pickle=False)
-        np.save(out / "offsets.npy", np.asarray(self.offsets, dtype=np.int64), allow_pickle=False)
-        meta = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "examples": len(self),
-            "tokens": int(len(self.tokens)),
-        }
-        meta["sources"] = list(self.sources)
-        (out / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-        return out
-
-    @classmethod
-    def load(cls, directory: str | Path, mmap: bool = True) -> TokenizedData:
-        """Read what `save` wrote; with ``mmap=True`` the arrays are read-only memory maps."""
-        d = Path(directory)
-        fix = "Fix: tokenize the data again (delete the folder to rebuild it)"
-        try:
-            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
-            mode = "r" if mmap else None
-            arrays = [
-                np.load(d / f"{k}.npy", mmap_mode=mode, allow_pickle=False)
-                for k in ("tokens", "supervised", "offsets")
-            ]
-        except (OSError, ValueError) as e:
-            raise DataError(f"{d}: not a readable tokenized dataset ({e}). {fix}") from None
-        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-            raise DataError(
-                f"{d}: not a {_FORMAT} v{_VERSION} folder (meta.json says {meta.get('format')!r}). {fix}"
-            )
-        data = cls(*arrays, sources=list(meta.get("sources", [])))
-        tokens, sup, offs = arrays
-        n = len(offs) - 1
-        if (
-            tokens.dtype != np.int32
-            or sup.dtype != np.bool_
-            or offs.dtype != np.int64
-            or len(sup) != len(tokens)
-            or n < 0
-            or offs[0] != 0
-            or offs[-1] != len(tokens)
-            or n != meta.get("examples")
-            or len(data.sources) != n
-        ):
-            raise DataError(f"{d}: the arrays do not match each other or meta.json (truncated copy?). {fix}")
-        return data
 
 
 @dataclass

@@ -126,14 +126,6 @@ def all_sum(d: Dist, *values: float, device: torch.device | None = None) -> list
     return t.tolist()
 
 
-def broadcast_object(d: Dist, obj):
-    if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def gather_objects(d: Dist, obj) -> list:
     """Every rank's `obj`, on every rank (small things: RNG states, flags)."""
     if not d.enabled:

@@ -35,7 +35,6 @@ bitsandbytes is imported inside the functions: lorafit works without it while qu
 from __future__ import annotations
 
 import copy
-import json
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -79,15 +78,6 @@ def _bnb():
             f"{INSTALL_HINT}, or set model.quantization to none"
         ) from None
     return bitsandbytes
-
-
-def available() -> str | None:
-    """None when bitsandbytes imports, else why not (for skipping tests and benchmarks)."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        return f"bitsandbytes is not installed ({e}); {INSTALL_HINT}"
-    return None
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -261,30 +251,6 @@ def dequantize(model: nn.Module) -> list[str]:
     return names
 
 
-# ----------------------------------------------------------------------------- measuring
-
-
-def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the base model's weights (everything in its state_dict but LoRA factors, each storage
-    counted once): {"quantized": in bitsandbytes layers, with their scales, "other": the rest, "total"}."""
-    quantized_prefixes = tuple(f"{n}." for n, _ in _quantized_layers(model)) if is_quantized(model) else ()
-    seen: set[tuple[int, int]] = set()
-    out = {"quantized": 0, "other": 0}
-    for key, t in model.state_dict(keep_vars=True).items():
-        if "lora_" in key or not torch.is_tensor(t):
-            continue
-        ident = (
-            (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
-        )
-        if ident in seen:
-            continue
-        seen.add(ident)
-        size = t.numel() * t.element_size()
-        out["quantized" if key.startswith(quantized_prefixes) else "other"] += size
-    out["total"] = out["quantized"] + out["other"]
-    return out
-
-
 def _checkpoint_tensors(name_or_path: str, revision: str | None = None) -> Iterator[tuple[str, object]]:
     """(key, safe_open handle) of every tensor in the checkpoint's safetensors files (local folder or the
     Hugging Face cache the base was just loaded from)."""
@@ -355,7 +321,3 @@ def dequantized_pairs(
         if key in layers:
             name, layer = layers[key]
             yield name, f.get_tensor(key), dequantize_weight(layer)
-
-
-def write_report(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")

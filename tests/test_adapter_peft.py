@@ -13,48 +13,24 @@ import warnings
 
 import pytest
 import torch
+from conftest import SLICE_TARGETS, logits, lorafit_model
 
 from lorafit import lora
-from lorafit.model import plan_lora
-from lorafit.tiny import build_model, build_tokenizer
+from lorafit.tiny import build_model
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils.other import get_pattern_key  # noqa: E402
 
 TOL = 1e-5
-SLICE_TARGETS = ["q_proj", "v_proj", "gate_proj", "o_proj"]
 
 
 @pytest.fixture(scope="module")
-def base():
-    model = build_model(build_tokenizer(), "demo").eval()
+def base(tok):
+    model = build_model(tok, "demo").eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def lorafit_model(base, targets, *, use_rslora=False, seed=1):
-    """base + lorafit LoRA on `targets` (split names become slices), with random nonzero B."""
-    model = copy.deepcopy(base)
-    plan = plan_lora(model, targets)
-    lora.inject(model, plan.target_modules if (plan.target_modules or not plan.slices) else [], r=4, lora_alpha=8,
-                slices=plan.slices or None, use_rslora=use_rslora)  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora.lora_modules(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
-    return model.eval()
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def max_diff(a, b):

@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.data import MIN_TOKENS, make_conversations, n_targets, n_tokens
+from bench.flops import flops_per_token
 from lorafit.data import Conversation, tokenize
-from lorafit.tiny import build_model, build_tokenizer
+from lorafit.tiny import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
-
-from bench.data import MIN_TOKENS, make_conversations, n_targets, n_tokens  # noqa: E402
-from bench.flops import flops_per_token  # noqa: E402
 
 
 def test_data_is_deterministic_and_within_bounds():
@@ -26,8 +24,7 @@ def test_data_is_deterministic_and_within_bounds():
     assert all(n_tokens(c["messages"]) <= 120 for c in make_conversations(50, seed=0, max_tokens=120))
 
 
-def test_token_and_target_counts_match_lorafit_tokenization():
-    tok = build_tokenizer()
+def test_token_and_target_counts_match_lorafit_tokenization(tok):
     convs = make_conversations(30, seed=0)
     data, stats = tokenize(
         tok, [Conversation(c["messages"], f"c{i}") for i, c in enumerate(convs)], max_seq_length=4096,
@@ -37,8 +34,8 @@ def test_token_and_target_counts_match_lorafit_tokenization():
     assert stats.targets == sum(n_targets(c["messages"]) for c in convs)
 
 
-def test_flops_parameter_count_matches_the_model():
-    model = build_model(build_tokenizer(), size="tiny", vocab_size=32064)
+def test_flops_parameter_count_matches_the_model(tok):
+    model = build_model(tok, size="tiny", vocab_size=32064)
     f = flops_per_token("tiny", r=16, target_fraction=0.5, mean_context=100.0)
     assert f["params_total"] == sum(p.numel() for p in model.parameters())
     assert f["total"] == f["linear"] + f["lora"] + f["attention"] + f["head"]

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from lorafit.check import check_data, format_report, histogram
 from lorafit.cli import main
 from lorafit.data import load_conversations, tokenize
-from lorafit.tiny import build_tokenizer, write_tiny_model
 
 CONVS = [
     {"messages": [{"role": "user", "content": "2: even or odd?"}, {"role": "assistant", "content": "even"}]},
@@ -28,20 +28,13 @@ CONVS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("check") / "model")
-
-
 @pytest.fixture
 def data(tmp_path) -> Path:
-    path = tmp_path / "chat.jsonl"
-    path.write_text("".join(json.dumps(c) + "\n" for c in CONVS))
-    return path
+    return write_jsonl(tmp_path / "chat.jsonl", *CONVS)
 
 
-def test_report_shows_statistics_and_the_trained_tokens(model, data, capsys):
-    assert main(["check-data", "--model", str(model), "--data", str(data), "--max-seq-length", "64",
+def test_report_shows_statistics_and_the_trained_tokens(tiny_model, data, capsys):
+    assert main(["check-data", "--model", str(tiny_model), "--data", str(data), "--max-seq-length", "64",
                  "--example", "1"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert f"{data}: valid" in out
@@ -56,13 +49,24 @@ def test_report_shows_statistics_and_the_trained_tokens(model, data, capsys):
     assert "warning: 1 conversation(s) are longer than max_seq_length=64" in out
 
 
-def test_json_statistics_are_what_training_sees(model, data, capsys):
+def test_json_statistics_are_what_training_sees(tiny_model, data, tok, capsys):
     assert (
-        main(["check-data", "--model", str(model), "--data", str(data), "--max-seq-length", "64", "--json"])
+        main(
+            [
+                "check-data",
+                "--model",
+                str(tiny_model),
+                "--data",
+                str(data),
+                "--max-seq-length",
+                "64",
+                "--json",
+            ]
+        )
         == 0
     )
     got = json.loads(capsys.readouterr().out)
-    _, stats = tokenize(build_tokenizer(), load_conversations(data), max_seq_length=64, end_of_turn="<|end|>")
+    _, stats = tokenize(tok, load_conversations(data), max_seq_length=64, end_of_turn="<|end|>")
     for key, value in stats.to_dict().items():
         assert got[key] == value, key
     assert got["conversations"] == 4 and got["truncated"] == 1 and got["dropped"] == 1  # "long" is cut off
@@ -72,40 +76,40 @@ def test_json_statistics_are_what_training_sees(model, data, capsys):
     )
 
 
-def test_train_on_all_marks_everything(model, data):
-    report = check_data(str(model), data, max_seq_length=256, train_on="all")
+def test_train_on_all_marks_everything(tiny_model, data):
+    report = check_data(str(tiny_model), data, max_seq_length=256, train_on="all")
     assert report["supervised_tokens"] == report["tokens"] and report["truncated"] == 0
     text = report["example"]["text"]
     assert text.startswith("[[<|user|>") and text.endswith("<|endoftext|>]]") and text.count("[[") == 1
 
 
-def test_truncated_example_shows_what_is_cut(model, data):
-    report = check_data(str(model), data, max_seq_length=64, example=3)
+def test_truncated_example_shows_what_is_cut(tiny_model, data):
+    report = check_data(str(tiny_model), data, max_seq_length=64, example=3)
     ex = report["example"]
     assert ex["source"].endswith("chat.jsonl:4") and "[[" not in ex["text"]
     assert ex["truncated_text"].endswith("<|assistant|>\nlong<|end|>\n<|endoftext|>")
     assert "cut at max_seq_length 64 (not trained)" in format_report(report)
 
 
-def test_color_on_a_terminal(model, data):
-    report = check_data(str(model), data, max_seq_length=256)
+def test_color_on_a_terminal(tiny_model, data):
+    report = check_data(str(tiny_model), data, max_seq_length=256)
     colored = format_report(report, color=True)
     assert "\x1b[1;32meven<|end|>\x1b[0m" in colored and "[[" not in colored
 
 
-def test_invalid_data_exits_2_with_every_problem(model, tmp_path, capsys):
+def test_invalid_data_exits_2_with_every_problem(tiny_model, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
         json.dumps(CONVS[0]) + "\n{nope\n" + json.dumps({"messages": [{"role": "user", "content": "q"}]})
     )
-    assert main(["check-data", "--model", str(model), "--data", str(bad)]) == 2
+    assert main(["check-data", "--model", str(tiny_model), "--data", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "2 problems in 2 records" in err and "bad.jsonl:2: malformed JSON" in err
     assert "bad.jsonl:3: no assistant turn" in err
 
 
-def test_no_truncation_makes_long_conversations_an_error(model, data, capsys):
-    assert main(["check-data", "--model", str(model), "--data", str(data), "--max-seq-length", "64",
+def test_no_truncation_makes_long_conversations_an_error(tiny_model, data, capsys):
+    assert main(["check-data", "--model", str(tiny_model), "--data", str(data), "--max-seq-length", "64",
                  "--no-truncation"]) == 2  # fmt: skip
     assert "chat.jsonl:4:" in capsys.readouterr().err
 

@@ -9,31 +9,23 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import train_argv
 from safetensors import safe_open
 
 from lorafit.cli import main
 from lorafit.demo import demo_data_dir, make_demo_data
-from lorafit.tiny import write_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def trained(tiny, tmp_path_factory) -> tuple[Path, dict]:
+def trained(tiny_model, tmp_path_factory) -> tuple[Path, dict]:
     """One short training run shared by the tests below."""
     out = tmp_path_factory.mktemp("run") / "out"
     data = demo_data_dir()
-    rc = main([
-            "train", "--model", str(tiny), "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
-            "--output-dir", str(out), "--no-progress",
-            "--set", "training_config.max_steps=6", "--set", "training_config.logging_steps=2",
-            "--set", "training_config.save_steps=3", "--set", "training_config.max_seq_length=128",
-            "--set", "training_config.learning_rate=5e-3", "--set", "peft_config.r=4",
-            "--set", "peft_config.target_modules=[q_proj,v_proj,o_proj,gate_up_proj,down_proj]",
-        ])  # fmt: skip
+    rc = main(train_argv(tiny_model, data / "train.jsonl", out, eval_data=data / "eval.jsonl", sets=[
+        "training_config.max_steps=6", "training_config.logging_steps=2", "training_config.save_steps=3",
+        "training_config.max_seq_length=128", "training_config.learning_rate=5e-3", "peft_config.r=4",
+        "peft_config.target_modules=[q_proj,v_proj,o_proj,gate_up_proj,down_proj]",
+    ]))  # fmt: skip
     assert rc == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -56,10 +48,10 @@ def test_train_writes_the_output_directory(trained):
     assert res["tokens"] > 0 and res["tokens_per_sec"] > 0
 
 
-def test_eval_after_reload_gives_the_training_eval_loss(trained, tiny, capsys):
+def test_eval_after_reload_gives_the_training_eval_loss(trained, tiny_model, capsys):
     out, res = trained
     capsys.readouterr()
-    rc = main(["eval", "--model", str(tiny), "--adapter", str(out), "--data",
+    rc = main(["eval", "--model", str(tiny_model), "--adapter", str(out), "--data",
                str(demo_data_dir() / "eval.jsonl"), "--max-seq-length", "128"])  # fmt: skip
     assert rc == 0
     got = json.loads(capsys.readouterr().out)
@@ -75,9 +67,9 @@ def test_generate_prints_a_reply(trained, capsys):
     assert capsys.readouterr().out.strip("\n") != ""
 
 
-def test_rerun_in_the_same_directory_is_refused(trained, tiny, capsys):
+def test_rerun_in_the_same_directory_is_refused(trained, tiny_model, capsys):
     out, _ = trained
-    rc = main(["train", "--model", str(tiny), "--data", str(demo_data_dir() / "train.jsonl"),
+    rc = main(["train", "--model", str(tiny_model), "--data", str(demo_data_dir() / "train.jsonl"),
                "--output-dir", str(out)])  # fmt: skip
     assert rc == 2
     err = capsys.readouterr().err

@@ -206,7 +206,7 @@ def test_unknown_key_lists_valid_keys():
         ("model", "device", 0, "for a GPU index write cuda:N"),
         ("data", "eval_split", 1.5, "expected a float in [0, 1), got 1.5 (float)"),
         ("peft_config", "lora_alpha", "big", "expected a number > 0, got 'big' (str)"),
-        ("peft_config", "target_modules", [], "expected 'all-linear', a regular expression"),
+        ("peft_config", "target_modules", [], "expected 'all-linear', a module name, a regular expression"),
         ("peft_config", "target_modules", "q_proj(", "'q_proj(' is not a valid regular expression"),
         ("peft_config", "modules_to_save", "lm_head", "write [lm_head]"),
     ],

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_jsonl
 
 from lorafit import lora
 from lorafit.attention import PACKED_SDPA, segment_kwargs, use_packed_sdpa
 from lorafit.data import (
     Batches,
     Conversation,
-    TokenizedData,
     collate,
     encode,
     load_conversations,
@@ -29,11 +29,6 @@ from lorafit.tiny import build_model, build_tokenizer
 EOT = "<|end|>"
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
 def chat(*pairs, system=None):
     msgs = [{"role": "system", "content": system}] if system else []
     for u, a in pairs:
@@ -41,15 +36,8 @@ def chat(*pairs, system=None):
     return msgs
 
 
-def write_jsonl(path, records):
-    path.write_text(
-        "\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n", encoding="utf-8"
-    )
-    return path
-
-
 def error_of(path, records):
-    write_jsonl(path, records)
+    write_jsonl(path, *records)
     with pytest.raises(DataError) as e:
         load_conversations(path)
     return str(e.value)
@@ -109,7 +97,7 @@ def test_stripping_template_and_wrong_end_of_turn(tok):
 def test_layouts_give_the_same_tokens(tok, tmp_path):
     path = write_jsonl(
         tmp_path / "mixed.jsonl",
-        [
+        *[
             {"messages": chat(("Do it\n\nnow", "Done")), "prompt_id": "abc"},
             {"prompt": "Do it\n\nnow", "completion": "Done"},
             {"instruction": "Do it", "input": "now", "output": "Done"},
@@ -294,22 +282,6 @@ def test_truncation_and_dropping(tok):
     msg = str(e.value)
     assert "t.jsonl:2: 61 tokens > max_seq_length 30" in msg and "t.jsonl:3: " in msg
     assert "2 problems in 2 records" in msg and "raise max_seq_length" in msg
-
-
-def test_save_load_round_trip(tok, tmp_path):
-    convs = convs_of(chat(("Hi", "Yo")), chat(("A", "B"), ("C", "D"), system="S"))
-    data, _ = tokenize(tok, convs, max_seq_length=64, end_of_turn=EOT)
-    data.save(tmp_path / "tok")
-    back = TokenizedData.load(tmp_path / "tok", mmap=True)
-    assert isinstance(back.tokens, np.memmap) and back.tokens.dtype == np.int32
-    assert len(back) == 2 and back.sources == data.sources
-    for i in range(2):
-        for a, b in zip(back.example(i), data.example(i)):
-            np.testing.assert_array_equal(a, b)
-    assert np.array_equal(TokenizedData.load(tmp_path / "tok", mmap=False).offsets, data.offsets)
-    np.save(tmp_path / "tok" / "offsets.npy", data.offsets[:-1])
-    with pytest.raises(DataError, match="do not match"):
-        TokenizedData.load(tmp_path / "tok")
 
 
 # ---------------------------------------------------------------------------------------------

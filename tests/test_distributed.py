@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_argv
 from safetensors.torch import load_file
 
 from lorafit.demo import demo_data_dir
-from lorafit.tiny import write_tiny_model
 
 TOL = 1e-5  # relative; fp32 sums over a different number of micro-batch pieces
 # adapters (weights O(0.1)) of FSDP with 2 micro-batches per rank vs one batch of 4: Adam's first steps
@@ -26,17 +26,15 @@ def _train(
     tiny: Path, out: Path, nproc: int, per_device: int, extra: list[str] = ()
 ) -> subprocess.CompletedProcess:
     data = demo_data_dir()
-    args = [
-        "train", "--model", str(tiny), "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
-        "--output-dir", str(out), "--no-progress",
-        "--set", "training_config.max_steps=4", "--set", "training_config.logging_steps=1",
-        "--set", "training_config.save_steps=2", "--set", "training_config.max_seq_length=128",
-        "--set", f"training_config.per_device_train_batch_size={per_device}",
-        "--set", "training_config.learning_rate=5e-3", "--set", "peft_config.r=4",
+    sets = [
+        "training_config.max_steps=4", "training_config.logging_steps=1", "training_config.save_steps=2",
+        "training_config.max_seq_length=128", f"training_config.per_device_train_batch_size={per_device}",
+        "training_config.learning_rate=5e-3", "peft_config.r=4",
         # fp32: on a CPU with fast bf16 (auto -> bf16 autocast) oneDNN picks kernels by batch shape, and
         # bf16 rounding of 2 x 2 vs 1 x 4 rows would hide what is compared here (the reduction's exactness)
-        "--set", "training_config.bf16=false", *extra,
+        "training_config.bf16=false",
     ]  # fmt: skip
+    args = train_argv(tiny, data / "train.jsonl", out, *extra, eval_data=data / "eval.jsonl", sets=sets)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "lorafit", *args]
@@ -91,11 +89,10 @@ def _assert_said_once(run: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("dist")
-    tiny = write_tiny_model(root / "tiny")
-    one = _train(tiny, root / "one", nproc=1, per_device=4, extra=SAID)
-    two = _train(tiny, root / "two", nproc=2, per_device=2, extra=SAID)
+    one = _train(tiny_model, root / "one", nproc=1, per_device=4, extra=SAID)
+    two = _train(tiny_model, root / "two", nproc=2, per_device=2, extra=SAID)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     return root, one, two
@@ -128,18 +125,17 @@ def test_the_distributed_adapter_matches(runs):
     assert res_two["tokens"] == res_one["tokens"]
 
 
-def test_distributed_resume_matches_the_uninterrupted_run(runs):
+def test_distributed_resume_matches_the_uninterrupted_run(runs, tiny_model):
     """2 ranks, dropout on: stop after step 2 (its final checkpoint), resume to step 4 = a straight run."""
     root, _, _ = runs
-    tiny = root / "tiny"
     common = ["--set", "peft_config.lora_dropout=0.1", "--set", "training_config.lr_scheduler_type=constant",
               "--set", "data.eval="]  # fmt: skip
-    straight = _train(tiny, root / "straight", nproc=2, per_device=2, extra=common)
+    straight = _train(tiny_model, root / "straight", nproc=2, per_device=2, extra=common)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = _train(tiny, root / "resumed", nproc=2, per_device=2,
+    first = _train(tiny_model, root / "resumed", nproc=2, per_device=2,
                    extra=[*common, "--set", "training_config.max_steps=2"])  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
-    again = _train(tiny, root / "resumed", nproc=2, per_device=2, extra=[*common, "--resume"])
+    again = _train(tiny_model, root / "resumed", nproc=2, per_device=2, extra=[*common, "--resume"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr + again.stdout
     # the longer run (max_steps 2 -> 4) is one warning, by rank 0, not one per rank
@@ -154,17 +150,17 @@ def test_distributed_resume_matches_the_uninterrupted_run(runs):
 
 
 @pytest.fixture(scope="module")
-def sharded(runs):
+def sharded(runs, tiny_model):
     """2 ranks with FSDP: 1 row x 2 micro-batches each (no gradient sync on the first), and 3 eval rows per
     batch, which gives 7 eval batches for 2 ranks (rank 1 runs a padding batch); and a resume of its
     checkpoint-2, sharded again."""
     root, _, _ = runs
     fsdp = ["--set", "training_config.fsdp=full_shard", "--set", "training_config.per_device_eval_batch_size=3",
             *SAID]  # fmt: skip
-    run = _train(root / "tiny", root / "fsdp", nproc=2, per_device=1,
+    run = _train(tiny_model, root / "fsdp", nproc=2, per_device=1,
                  extra=[*fsdp, "--set", "training_config.gradient_accumulation_steps=2"])  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    again = _train(root / "tiny", root / "fsdp-resumed", nproc=2, per_device=1,
+    again = _train(tiny_model, root / "fsdp-resumed", nproc=2, per_device=1,
                    extra=[*fsdp, "--set", "training_config.gradient_accumulation_steps=2",
                           "--resume", str(root / "fsdp" / "checkpoint-2")])  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
@@ -183,7 +179,7 @@ def test_sharded_ranks_give_the_single_process_losses(sharded):
     assert res["tokens"] == res_one["tokens"] and res["trainable_params"] == res_one["trainable_params"]
 
 
-def test_the_sharded_adapter_is_whole_and_matches(sharded, tmp_path):
+def test_the_sharded_adapter_is_whole_and_matches(sharded, tiny_model, tmp_path):
     root, _, _ = sharded
     # as DDP's, with 2 micro-batches summed per rank on top: measured max |diff| 1.6e-5
     a = _assert_adapters_close(root / "one", root / "fsdp", atol=SHARDED_ATOL)
@@ -191,7 +187,7 @@ def test_the_sharded_adapter_is_whole_and_matches(sharded, tmp_path):
     from lorafit.config import ModelConfig
     from lorafit.model import load_model
 
-    model = load_model(ModelConfig(name_or_path=str(root / "tiny"), device="cpu"), training=False)
+    model = load_model(ModelConfig(name_or_path=str(tiny_model), device="cpu"), training=False)
     assert len(lora.load_adapter(model, root / "fsdp")) == 16
     # the checkpoint's AdamW state is whole too (an unsharded run's format), one entry per LoRA tensor
     ts = torch.load(root / "fsdp" / "checkpoint-2" / "training_state.pt", weights_only=True)
@@ -214,11 +210,11 @@ def test_sharded_resume_matches_the_uninterrupted_run(sharded):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_sharded_checkpoint_resumes_in_one_process(sharded):
+def test_a_sharded_checkpoint_resumes_in_one_process(sharded, tiny_model):
     """The checkpoint holds whole tensors (an unsharded run's format): one process with the same global
     batch continues it to the sharded run's losses and adapter, within the 1-vs-2 tolerances."""
     root, _, _ = sharded
-    one = _train(root / "tiny", root / "fsdp-then-one", nproc=1, per_device=2,
+    one = _train(tiny_model, root / "fsdp-then-one", nproc=1, per_device=2,
                  extra=["--set", "training_config.gradient_accumulation_steps=2",
                         "--resume", str(root / "fsdp" / "checkpoint-2")])  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
@@ -226,10 +222,10 @@ def test_a_sharded_checkpoint_resumes_in_one_process(sharded):
     _assert_adapters_close(root / "fsdp", root / "fsdp-then-one", atol=SHARDED_ATOL)
 
 
-def test_sharded_bf16_trains(runs):
+def test_sharded_bf16_trains(runs, tiny_model):
     """bf16 autocast over the sharded model: it runs and learns (not compared bit by bit: bf16 rounding)."""
     root, _, _ = runs
-    run = _train(root / "tiny", root / "fsdp-bf16", nproc=2, per_device=2,
+    run = _train(tiny_model, root / "fsdp-bf16", nproc=2, per_device=2,
                  extra=["--set", "training_config.fsdp=true", "--set", "training_config.bf16=true",
                         "--set", "data.eval=", "--set", "training_config.max_steps=2"])  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
@@ -238,13 +234,12 @@ def test_sharded_bf16_trains(runs):
     assert b == pytest.approx(a, rel=1e-2)
 
 
-def test_fsdp_on_one_process_warns_and_trains_unsharded(runs, tmp_path, caplog):
+def test_fsdp_on_one_process_warns_and_trains_unsharded(tiny_model, tmp_path, caplog):
     from lorafit.config import load_config
     from lorafit.train import prepare
 
-    root, _, _ = runs
     data = demo_data_dir() / "train.jsonl"
-    run = load_config(overrides=[f"model.name_or_path={root / 'tiny'}", f"data.train={data}",
+    run = load_config(overrides=[f"model.name_or_path={tiny_model}", f"data.train={data}",
                                  f"training_config.output_dir={tmp_path / 'out'}", "training_config.fsdp=true"])  # fmt: skip
     with caplog.at_level("WARNING", logger="lorafit"):
         job = prepare(run)

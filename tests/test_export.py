@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import SLICE_TARGETS, logits, lorafit_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -23,10 +24,7 @@ from lorafit import lora
 from lorafit.cli import main
 from lorafit.errors import AdapterError
 from lorafit.export import export_adapter, fused_layout, load_any_adapter, merge_to_hf
-from lorafit.model import plan_lora
-from lorafit.tiny import write_tiny_model
 
-SLICE_TARGETS = ["q_proj", "v_proj", "gate_proj", "o_proj"]
 SPLIT_LEAVES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
 
 
@@ -36,47 +34,20 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_dir(work):
-    return write_tiny_model(work / "base")
-
-
-@pytest.fixture(scope="module")
-def base(base_dir):
+def base(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def lorafit_model(base, targets, seed=1):
-    model = copy.deepcopy(base)
-    plan = plan_lora(model, targets)
-    lora.inject(model, plan.target_modules if (plan.target_modules or not plan.slices) else [], r=4, lora_alpha=8,
-                slices=plan.slices or None)  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora.lora_modules(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
-    return model.eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module", params=["whole", "slices"])
-def trained(request, base, base_dir, work):
+def trained(request, base, tiny_model, work):
     """(model with LoRA, its adapter folder), whole-module (all-linear) or slices (q, v, gate + o_proj)."""
     model = lorafit_model(base, "all-linear" if request.param == "whole" else SLICE_TARGETS)
     folder = lora.save_adapter(
-        model, work / f"adapter-{request.param}", base_model_name_or_path=str(base_dir)
+        model, work / f"adapter-{request.param}", base_model_name_or_path=str(tiny_model)
     )
     return model, folder
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def keys(folder):
@@ -240,12 +211,12 @@ def test_foreign_split_adapter_needs_the_fused_layout(trained, base, tmp_path):
     assert_same_deltas(model, loaded(base, tmp_path / "fused"))
 
 
-def test_generate_load_reads_split_adapters(trained, base, base_dir, ids, tmp_path):
+def test_generate_load_reads_split_adapters(trained, base, tiny_model, ids, tmp_path):
     from lorafit.generation import load
 
     model, folder = trained
     export_adapter(folder, tmp_path / "split", layout="split")
-    net, tok = load(str(base_dir), tmp_path / "split", dtype="fp32", device="cpu")
+    net, tok = load(str(tiny_model), tmp_path / "split", dtype="fp32", device="cpu")
     assert tok.chat_template
     assert_same_deltas(model, net)
 
@@ -253,7 +224,7 @@ def test_generate_load_reads_split_adapters(trained, base, base_dir, ids, tmp_pa
 # ----------------------------------------------------------------------------- loralib files
 
 
-def test_loralib_export_and_import(trained, base, base_dir, tmp_path):
+def test_loralib_export_and_import(trained, base, tiny_model, tmp_path):
     model, folder = trained
     assert (
         run_cli("export", "--adapter", folder, "--layout", "loralib", "--output-dir", tmp_path / "lib") == 0
@@ -275,14 +246,16 @@ def test_loralib_export_and_import(trained, base, base_dir, tmp_path):
     assert_same_deltas(model, loaded(base, tmp_path / "lib" / "adapter_lora.pt"))
 
 
-def test_plain_lora_state_dict_checkpoint_converts_with_base_model(trained, base, base_dir, tmp_path, capsys):
+def test_plain_lora_state_dict_checkpoint_converts_with_base_model(
+    trained, base, tiny_model, tmp_path, capsys
+):
     model, folder = trained
     pt = tmp_path / "ckpt_lora.pt"
     torch.save(lora.lora_state_dict(model), pt)  # what loralib users save: no rank, alpha or slices
     out = tmp_path / "out"
-    assert run_cli("export", "--adapter", pt, "--base-model", base_dir, "--output-dir", out) == 2
+    assert run_cli("export", "--adapter", pt, "--base-model", tiny_model, "--output-dir", out) == 2
     assert "does not record lora_alpha" in capsys.readouterr().err
-    args = ["export", "--adapter", pt, "--base-model", base_dir, "--output-dir", out, "--lora-alpha", "8"]
+    args = ["export", "--adapter", pt, "--base-model", tiny_model, "--output-dir", out, "--lora-alpha", "8"]
     if "slices" in folder.name:  # q+v and q+k have the same shapes here (no GQA): ambiguous
         assert run_cli(*args) == 2
         err = capsys.readouterr().err
@@ -298,11 +271,11 @@ class Payload:
         return (print, ("unpickled!",))
 
 
-def test_loralib_files_are_never_unpickled(base, base_dir, tmp_path, capsys):
+def test_loralib_files_are_never_unpickled(base, tiny_model, tmp_path, capsys):
     pt = tmp_path / "evil.pt"
     torch.save({"model.layers.0.self_attn.o_proj.lora_A": Payload()}, pt)
     with pytest.raises(AdapterError, match="not a readable loralib checkpoint"):
-        export_adapter(pt, tmp_path / "out", base_model=str(base_dir), lora_alpha=8)
+        export_adapter(pt, tmp_path / "out", base_model=str(tiny_model), lora_alpha=8)
     assert "unpickled!" not in capsys.readouterr().out
     pt.rename(tmp_path / "adapter_model.bin")
     with pytest.raises(AdapterError, match="pickled .bin files are never loaded"):
@@ -329,10 +302,10 @@ FRESH = textwrap.dedent(
 )
 
 
-def test_merge_writes_a_plain_hf_model_with_the_adapters_logits(trained, base, base_dir, ids, tmp_path):
+def test_merge_writes_a_plain_hf_model_with_the_adapters_logits(trained, base, tiny_model, ids, tmp_path):
     model, folder = trained
     out = tmp_path / "merged"
-    assert run_cli("merge", "--model", base_dir, "--adapter", folder, "--output-dir", out) == 0
+    assert run_cli("merge", "--model", tiny_model, "--adapter", folder, "--output-dir", out) == 0
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer_config.json", "model.safetensors"} <= names
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # written atomically
@@ -351,7 +324,7 @@ def test_merge_writes_a_plain_hf_model_with_the_adapters_logits(trained, base, b
     assert (merged - logits(base, ids)).abs().max().item() > 0.1
 
 
-def test_merge_in_bf16_rounds_once_and_keeps_the_logits_close(trained, base, base_dir, ids, tmp_path):
+def test_merge_in_bf16_rounds_once_and_keeps_the_logits_close(trained, base, tiny_model, ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, folder = trained
@@ -367,14 +340,14 @@ def test_merge_in_bf16_rounds_once_and_keeps_the_logits_close(trained, base, bas
     assert diff <= 0.1
 
 
-def test_merge_refuses_to_overwrite(trained, base_dir, tmp_path, capsys):
+def test_merge_refuses_to_overwrite(trained, tiny_model, tmp_path, capsys):
     _, folder = trained
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert run_cli("merge", "--adapter", folder, "--output-dir", out) == 2
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
-    assert run_cli("merge", "--adapter", folder, "--output-dir", base_dir, "--overwrite") == 2
+    assert run_cli("merge", "--adapter", folder, "--output-dir", tiny_model, "--overwrite") == 2
     assert "holds the input" in capsys.readouterr().err
     assert run_cli("merge", "--adapter", folder, "--output-dir", out, "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
@@ -384,9 +357,9 @@ def test_merge_refuses_to_overwrite(trained, base_dir, tmp_path, capsys):
 
 
 @pytest.fixture
-def adapter(base, base_dir, tmp_path):
+def adapter(base, tiny_model, tmp_path):
     model = lorafit_model(base, SLICE_TARGETS)
-    return lora.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base_dir))
+    return lora.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_model))
 
 
 def rewrite(folder, edit):
@@ -422,11 +395,13 @@ def test_every_missing_unexpected_and_wrong_shape_key_is_reported_at_once(base, 
     assert not lora.lora_modules(model)  # nothing was changed
 
 
-def test_adapter_for_another_base_model_is_refused_naming_both(adapter, base_dir, tmp_path, capsys):
-    other = write_tiny_model(tmp_path / "other-base", size="tiny")
+def test_adapter_for_another_base_model_is_refused_naming_both(
+    adapter, tiny_model, other_tiny_model, tmp_path, capsys
+):
+    other = other_tiny_model
     assert run_cli("merge", "--model", other, "--adapter", adapter, "--output-dir", tmp_path / "m") == 2
     err = capsys.readouterr().err.rpartition("error: ")[2]  # after transformers' progress bars
-    assert err.startswith("adapter ") and f"trained on base model {base_dir}" in err
+    assert err.startswith("adapter ") and f"trained on base model {tiny_model}" in err
     assert f"not on this model ({other})" in err and "[384, 128]" in err and "[768, 256]" in err
     assert not (tmp_path / "m").exists()
 
@@ -442,7 +417,7 @@ def test_corrupt_safetensors_is_a_clear_error(base, adapter, tmp_path, capsys, d
     assert "error: " in capsys.readouterr().err
 
 
-def test_missing_config_and_pickled_bin_are_refused(base, base_dir, adapter, tmp_path, capsys):
+def test_missing_config_and_pickled_bin_are_refused(base, tiny_model, adapter, tmp_path, capsys):
     (adapter / "adapter_config.json").unlink()
     with pytest.raises(lora.LoraError, match="adapter_config.json: missing"):
         lora.load_adapter(copy.deepcopy(base), adapter)
@@ -450,7 +425,7 @@ def test_missing_config_and_pickled_bin_are_refused(base, base_dir, adapter, tmp
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     (pickled / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
-    assert run_cli("merge", "--adapter", pickled, "--model", base_dir, "--output-dir", tmp_path / "m") == 2
+    assert run_cli("merge", "--adapter", pickled, "--model", tiny_model, "--output-dir", tmp_path / "m") == 2
     captured = capsys.readouterr()
     assert "error: " in captured.err and "adapter_model.bin is never loaded" in captured.err
     assert "unpickled!" not in captured.out

@@ -17,11 +17,12 @@ import pytest
 import torch
 from torch import nn
 
+from bench.qlora import bnb_missing, weight_bytes
 from lorafit import lora, quant
 from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError
 
-needs_bnb = pytest.mark.skipif(quant.available() is not None, reason=str(quant.available()))
+needs_bnb = pytest.mark.skipif(bnb_missing() is not None, reason=str(bnb_missing()))
 
 SLICES = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
@@ -91,28 +92,21 @@ def test_config_quantization():
 # ----------------------------------------------------------------------------- bitsandbytes on CPU
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    from lorafit.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("qlora") / "base")
-
-
-def _load(base_dir, method="nf4", training=True, **kw):
+def _load(tiny_model, method="nf4", training=True, **kw):
     from lorafit.model import load_model
 
-    cfg = ModelConfig(name_or_path=str(base_dir), quantization=method, device="cpu", **kw)
+    cfg = ModelConfig(name_or_path=str(tiny_model), quantization=method, device="cpu", **kw)
     return load_model(cfg, training=training)
 
 
 @needs_bnb
 @pytest.mark.parametrize("method, bound", [("nf4", 0.12), ("fp4", 0.15), ("int8", 0.01)])
-def test_quantized_layer_output_within_its_weight_error(base_dir, method, bound):
+def test_quantized_layer_output_within_its_weight_error(tiny_model, method, bound):
     from safetensors.torch import load_file
 
     name = "model.layers.0.self_attn.qkv_proj"
-    w = load_file(str(base_dir / "model.safetensors"))[f"{name}.weight"]
-    layer = _load(base_dir, method, training=False).get_submodule(name)
+    w = load_file(str(tiny_model / "model.safetensors"))[f"{name}.weight"]
+    layer = _load(tiny_model, method, training=False).get_submodule(name)
     weight_err = float((quant.dequantize_weight(layer) - w).norm() / w.norm())
     assert 0 < weight_err < bound
     x = torch.randn(64, w.shape[1], generator=torch.Generator().manual_seed(0))
@@ -125,10 +119,10 @@ def test_quantized_layer_output_within_its_weight_error(base_dir, method, bound)
 
 @needs_bnb
 @pytest.mark.parametrize("method", ["fp4", "int8"])
-def test_lora_gets_gradients_on_fp4_and_int8(base_dir, method):
+def test_lora_gets_gradients_on_fp4_and_int8(tiny_model, method):
     from lorafit.model import apply_lora
 
-    model = _load(base_dir, method)
+    model = _load(tiny_model, method)
     apply_lora(model, PeftConfig(r=4, target_modules=SLICES, init_lora_weights="gaussian"))
     ids = torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -150,7 +144,7 @@ def _parity_data(path):
 
 
 @pytest.fixture(scope="module")
-def trained(base_dir, tmp_path_factory):
+def trained(tiny_model, tmp_path_factory):
     """A short nf4 run: bf16 base weights, q/v slices of qkv_proj, gate slice, gradient checkpointing."""
     from lorafit.api import build_config
     from lorafit.data import load_conversations
@@ -160,7 +154,7 @@ def trained(base_dir, tmp_path_factory):
     assert len(load_conversations(data)) == 64
     out = tmp_path_factory.mktemp("qrun") / "out"
     cfg = build_config(
-        model=str(base_dir), train_data=data, eval_data=data, output_dir=out,
+        model=str(tiny_model), train_data=data, eval_data=data, output_dir=out,
         training_config={"max_steps": 8, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
                          "max_seq_length": 64, "logging_steps": 4, "eval_strategy": "no", "save_strategy": "no",
                          "gradient_checkpointing": True},
@@ -190,13 +184,13 @@ def test_nf4_training_lowers_loss_and_changes_only_lora(trained):
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     assert dtypes["model.embed_tokens.weight"] == dtypes["lm_head.weight"] == torch.bfloat16
     assert dtypes["model.layers.0.input_layernorm.weight"] == torch.bfloat16
-    assert quant.weight_bytes(model)["quantized"] < 0.3 * 2 * sum(  # bf16 would be 2 bytes per weight
+    assert weight_bytes(model)["quantized"] < 0.3 * 2 * sum(  # bf16 would be 2 bytes per weight
         m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "Linear4bit"
     )
 
 
 @needs_bnb
-def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_dir, tmp_path):
+def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lorafit.export import ERROR_REPORT, merge_to_hf
@@ -214,7 +208,7 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
         want = job.model(input_ids=ids).logits.float()
     with warnings.catch_warnings():
         warnings.simplefilter("error", quant.QuantizationWarning)  # loaded as trained: no warning
-        reloaded, _ = load(str(base_dir), out, dtype="bf16", device="cpu", quantization="nf4")
+        reloaded, _ = load(str(tiny_model), out, dtype="bf16", device="cpu", quantization="nf4")
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits.float(), want)
     # loading into existing wrapped layers (what --resume does) checks their slices and shapes
@@ -230,7 +224,7 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
     # here, weights and activations in bf16); the original base + adapter is further off (its weights
     # differ by the quantization error, ~6%)
     with pytest.warns(quant.QuantizationWarning, match="the base is loaded unquantized"):
-        unquantized, _ = load(str(base_dir), out, dtype="bf16", device="cpu")
+        unquantized, _ = load(str(tiny_model), out, dtype="bf16", device="cpu")
     with torch.no_grad():
         far = unquantized(input_ids=ids).logits.float()
     near_err, far_err = float((got - want).norm() / want.norm()), float((far - want).norm() / want.norm())
@@ -253,7 +247,7 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, base_d
 
 
 @needs_bnb
-def test_merge_of_an_fp32_checkpoint_is_the_trained_model(base_dir, tmp_path):
+def test_merge_of_an_fp32_checkpoint_is_the_trained_model(tiny_model, tmp_path):
     """The tiny checkpoint is fp32 and model.dtype is auto: training quantizes the fp32 weights, and so must
     merge (quantizing their bf16 rounding instead gives other 4-bit codes: 2% off, measured)."""
     from transformers import AutoModelForCausalLM
@@ -265,7 +259,7 @@ def test_merge_of_an_fp32_checkpoint_is_the_trained_model(base_dir, tmp_path):
 
     out = tmp_path / "out"
     cfg = build_config(
-        model=str(base_dir), train_data=_parity_data(tmp_path / "train.jsonl"), output_dir=out,
+        model=str(tiny_model), train_data=_parity_data(tmp_path / "train.jsonl"), output_dir=out,
         training_config={"max_steps": 4, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
                          "max_seq_length": 64, "eval_strategy": "no", "save_strategy": "no"},
         peft_config={"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
@@ -302,14 +296,14 @@ def test_merge_of_an_fp32_checkpoint_is_the_trained_model(base_dir, tmp_path):
 
 
 @needs_bnb
-def test_a_qlora_adapter_run_on_another_base_warns_once(trained, base_dir, recwarn):
+def test_a_qlora_adapter_run_on_another_base_warns_once(trained, tiny_model, recwarn):
     """eval/generate/chat and lorafit.load read the adapter's quantization: without --quantization, or with
     another one, one warning says that results differ from training and how to match it."""
     from lorafit.cli import main
 
     _, _, _, out = trained
     data = _parity_data(out.parent / "eval.jsonl")
-    common = ["--model", str(base_dir), "--adapter", str(out), "--device", "cpu"]
+    common = ["--model", str(tiny_model), "--adapter", str(out), "--device", "cpu"]
     runs = {
         "unquantized": ["generate", *common, "--prompt", "7: even or odd?", "--max-new-tokens", "2"],
         "quantized with fp4": ["eval", *common, "--data", str(data), "--quantization", "fp4"],

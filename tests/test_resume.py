@@ -31,14 +31,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_argv, tree
+from pause_in_checkpoint import PAUSED  # tests/pause_in_checkpoint.py
 from safetensors.torch import load_file
 
 import lorafit.distributed as loss_site  # where the training step calls loss_sum
-from lorafit.checkpoint import PAUSE_ENV, STATE_FILE, atomic_dir, list_checkpoints, output_lock, rotate
+from lorafit.checkpoint import STATE_FILE, atomic_dir, list_checkpoints, output_lock, rotate
 from lorafit.cli import main
 from lorafit.demo import demo_data_dir
 from lorafit.errors import LorafitError
-from lorafit.tiny import write_tiny_model
 
 TIMING_METRICS = {"tokens_per_sec"}
 RUN_SPECIFIC_RESULTS = {"runtime_sec", "tokens_per_sec", "resumed_from", "output_dir"}
@@ -46,13 +47,13 @@ STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def files(tmp_path_factory, tiny_model) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("resume")
     lines = (demo_data_dir() / "train.jsonl").read_text().splitlines()
     (d / "train.jsonl").write_text("\n".join(lines[:40]) + "\n")
     (d / "eval.jsonl").write_text("\n".join(lines[40:52]) + "\n")
     return {
-        "model": write_tiny_model(d / "model"),
+        "model": tiny_model,
         "train": d / "train.jsonl",
         "eval": d / "eval.jsonl",
         "dir": d,
@@ -67,11 +68,7 @@ def train_args(files, out: Path, *extra: str) -> list[str]:
         "training_config.max_seq_length=96", "training_config.learning_rate=5e-3",
         "peft_config.r=4", "peft_config.lora_dropout=0.1",
     ]  # fmt: skip
-    args = ["train", "--model", str(files["model"]), "--data", str(files["train"]), "--eval-data",
-            str(files["eval"]), "--output-dir", str(out), "--no-progress"]  # fmt: skip
-    for s in sets:
-        args += ["--set", s]
-    return args + list(extra)
+    return train_argv(files["model"], files["train"], out, *extra, eval_data=files["eval"], sets=sets)
 
 
 def snapshot(out: Path) -> dict:
@@ -120,17 +117,22 @@ def resume_copy(reference, files, name: str, ckpt: str) -> Path:
     return out
 
 
-def child_env(**extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **extra}
+def child_env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     env.pop("NO_COLOR", None)
     return env
 
 
-def start_child(files, out: Path, log: Path, *extra: str, **env: str) -> subprocess.Popen:
-    """`python -m lorafit train ...` in a new process, its stderr appended to `log`."""
-    args = [sys.executable, "-m", "lorafit", *train_args(files, out, *extra)]
+PAUSER = Path(__file__).with_name("pause_in_checkpoint.py")
+
+
+def start_child(files, out: Path, log: Path, *extra: str, pause: str | None = None) -> subprocess.Popen:
+    """`python -m lorafit train ...` in a new process, its stderr appended to `log`; with `pause`
+    ("checkpoint-8[:SECONDS]") it pauses inside that checkpoint's write (tests/pause_in_checkpoint.py)."""
+    cmd = [sys.executable, "-m", "lorafit"] if pause is None else [sys.executable, str(PAUSER), pause]
     with open(log, "a") as err:
-        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env=child_env(**env))
+        return subprocess.Popen([*cmd, *train_args(files, out, *extra)], stdout=subprocess.DEVNULL, stderr=err,
+                                env=child_env())  # fmt: skip
 
 
 def wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
@@ -183,9 +185,9 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_then_resume_is_bit_exact(re
     """SIGKILL while checkpoint-8 is written (after its files, before the rename): checkpoint-8 is absent,
     checkpoint-4 complete, and --resume (from checkpoint-4) ends bit-identical to the uninterrupted run."""
     out, log = files["dir"] / "sigkill", files["dir"] / "sigkill.log"
-    proc = start_child(files, out, log, **{PAUSE_ENV: "checkpoint-8"})
+    proc = start_child(files, out, log, pause="checkpoint-8")
     try:
-        wait_for(lambda: PAUSE_ENV in log.read_text(), proc, "the pause inside the checkpoint-8 write")
+        wait_for(lambda: PAUSED in log.read_text(), proc, "the pause inside the checkpoint-8 write")
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
     finally:
@@ -207,7 +209,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_130(reference, files):
     """SIGTERM after the first logged steps: a checkpoint at the next step boundary, exit 130, and
     --resume ends bit-identical. (checkpoint-8 pauses 3 s, so the signal always lands before the end.)"""
     out, log = files["dir"] / "sigterm", files["dir"] / "sigterm.log"
-    proc = start_child(files, out, log, **{PAUSE_ENV: "checkpoint-8:3"})
+    proc = start_child(files, out, log, pause="checkpoint-8:3")
     try:
         wait_for(lambda: logged_steps(out) >= 1, proc, "the first logged step")
         proc.send_signal(signal.SIGTERM)
@@ -249,9 +251,9 @@ def test_killed_again_and_again_ends_bit_exact(reference, files):
     final checkpoint's write -- each time continued with `--resume` in a new process; the end is the same."""
     out = files["dir"] / "multikill"
 
-    def kill_when(n: int, cond, **env):
+    def kill_when(n: int, cond, pause: str | None = None):
         log = files["dir"] / f"multikill-{n}.log"
-        proc = start_child(files, out, log, "--resume", **env)
+        proc = start_child(files, out, log, "--resume", pause=pause)
         try:
             wait_for(lambda: cond(log), proc, f"kill point {n}")
             proc.send_signal(signal.SIGKILL)
@@ -260,8 +262,8 @@ def test_killed_again_and_again_ends_bit_exact(reference, files):
             proc.kill()
 
     kill_when(1, lambda log: logged_steps(out) >= 1)  # mid-run, maybe before any checkpoint
-    kill_when(2, lambda log: PAUSE_ENV in log.read_text(), **{PAUSE_ENV: "checkpoint-8"})
-    kill_when(3, lambda log: PAUSE_ENV in log.read_text(), **{PAUSE_ENV: f"checkpoint-{STEPS}"})
+    kill_when(2, lambda log: PAUSED in log.read_text(), pause="checkpoint-8")
+    kill_when(3, lambda log: PAUSED in log.read_text(), pause=f"checkpoint-{STEPS}")
     assert [s for s, _ in list_checkpoints(out)] == [4, 8]
     args = [sys.executable, "-m", "lorafit", *train_args(files, out, "--resume")]
     r = subprocess.run(args, capture_output=True, text=True, env=child_env())
@@ -274,12 +276,12 @@ def test_killed_again_and_again_ends_bit_exact(reference, files):
 
 def test_new_run_into_a_directory_with_checkpoints_is_refused(reference, files, capsys):
     out = reference["out"]
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = tree(out)
     assert main(train_args(files, out)) == 2
     err = capsys.readouterr().err
     assert "already holds another run" in err and "checkpoint-4" in err
     assert "--resume" in err and "--overwrite" in err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert tree(out) == before
 
 
 def test_resume_and_overwrite_together_are_refused(files, capsys):
@@ -318,11 +320,11 @@ def test_resume_of_a_finished_run_without_checkpoints_is_refused(files, capsys):
     out = files["dir"] / "finished-no-ckpt"
     no_ckpt = ["--set", "training_config.save_strategy=no", "--set", "training_config.max_steps=2"]
     assert main(train_args(files, out, *no_ckpt)) == 0
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = tree(out)
     assert main(train_args(files, out, *no_ckpt, "--resume")) == 2
     err = capsys.readouterr().err
     assert "holds a finished run" in err and "--overwrite" in err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert tree(out) == before
 
 
 def test_resume_with_a_changed_setting_warns(reference, files, caplog):

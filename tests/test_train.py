@@ -14,13 +14,8 @@ from lorafit.data import Conversation, tokenize
 from lorafit.loss import linear_cross_entropy, loss_sum
 from lorafit.model import apply_lora, end_of_turn, fix_pad_token, plan_lora, stop_token_ids
 from lorafit.packing import collate, pack
-from lorafit.tiny import build_model, build_tokenizer
+from lorafit.tiny import build_model
 from lorafit.train import lr_lambda
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 def convs(n: int = 12) -> list[Conversation]:
