@@ -121,11 +121,13 @@ def test_histogram_bins():
     assert [(b["lo"], b["hi"], b["count"]) for b in h] == [(10, 16, 2), (17, 23, 1), (24, 30, 1)]
 
 
-def test_no_example_would_train_exits_2_and_says_why(model, tmp_path, capsys):
+def test_no_example_would_train_exits_2_and_says_why(tiny_model, tmp_path, capsys):
     """Every conversation cut before its assistant reply: check-data fails as train would, naming the cause."""
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps(CONVS[3]) + "\n" + json.dumps(CONVS[3]) + "\n")
-    assert main(["check-data", "--model", str(model), "--data", str(data), "--max-seq-length", "16"]) == 2
+    assert (
+        main(["check-data", "--model", str(tiny_model), "--data", str(data), "--max-seq-length", "16"]) == 2
+    )
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (
@@ -134,7 +136,18 @@ def test_no_example_would_train_exits_2_and_says_why(model, tmp_path, capsys):
         "Fix: a larger max_seq_length (--max-seq-length, training_config.max_seq_length)\n"
     )
     assert (
-        main(["check-data", "--model", str(model), "--data", str(data), "--max-seq-length", "16", "--json"])
+        main(
+            [
+                "check-data",
+                "--model",
+                str(tiny_model),
+                "--data",
+                str(data),
+                "--max-seq-length",
+                "16",
+                "--json",
+            ]
+        )
         == 2
     )
     assert capsys.readouterr().out == ""
@@ -164,7 +177,7 @@ def test_nothing_to_train_names_every_reason():
         (True, [], {"NO_COLOR": ""}, True),  # no-color.org: only a non-empty value counts
     ],
 )
-def test_color_only_on_a_terminal(model, data, capsys, monkeypatch, tty, args, env, colored):
+def test_color_only_on_a_terminal(tiny_model, data, capsys, monkeypatch, tty, args, env, colored):
     import sys
 
     monkeypatch.delenv("NO_COLOR", raising=False)
@@ -172,7 +185,7 @@ def test_color_only_on_a_terminal(model, data, capsys, monkeypatch, tty, args, e
         monkeypatch.setenv(key, value)
     capsys.readouterr()
     monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
-    assert main(["check-data", "--model", str(model), "--data", str(data), *args]) == 0
+    assert main(["check-data", "--model", str(tiny_model), "--data", str(data), *args]) == 0
     out = capsys.readouterr().out
     assert ("\x1b[1;32meven<|end|>\x1b[0m" in out) is colored
     assert ("[[even<|end|>]]" in out) is not colored

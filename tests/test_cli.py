@@ -126,7 +126,7 @@ def test_sample_finetune_dicts_drive_finetune_config():
     assert cfg.peft_config.r == 16 and cfg.peft_config.target_modules == "all-linear"
 
 
-def test_the_readme_train_command_with_the_shipped_config(tiny, tmp_path, capsys):
+def test_the_readme_train_command_with_the_shipped_config(tiny_model, tmp_path, capsys):
     """README's first command, as written (--eval-data over the shipped config's eval_split), trains."""
     from lorafit.config import SHIPPED_CONFIGS_DIR, ConfigWarning
 
@@ -135,7 +135,7 @@ def test_the_readme_train_command_with_the_shipped_config(tiny, tmp_path, capsys
     capsys.readouterr()
     with pytest.warns(ConfigWarning) as record:
         rc = main([
-            "train", "--model", str(tiny), "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
+            "train", "--model", str(tiny_model), "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
             "--output-dir", str(out), "--config", str(config), "--no-progress",
             "--set", "training_config.max_steps=2", "--set", "training_config.max_seq_length=128",
             "--set", "training_config.per_device_train_batch_size=1", "--set", "training_config.gradient_accumulation_steps=1",

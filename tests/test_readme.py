@@ -95,6 +95,7 @@ def _run(argv: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    env["HF_HUB_OFFLINE"] = "1"  # a name the substitution missed fails at once instead of retrying the hub
     kw.setdefault("stderr", subprocess.PIPE)
     return subprocess.run(
         argv, cwd=cwd, input=STDIN, stdout=subprocess.PIPE, text=True, env=env, timeout=600, **kw
