@@ -33,9 +33,13 @@ def data(tmp_path) -> Path:
     return write_jsonl(tmp_path / "chat.jsonl", *CONVS)
 
 
+def run_check_data(model: Path, data: Path, *args: str) -> int:
+    """`lorafit check-data --model MODEL --data DATA ARGS...`, run in this process; its exit status."""
+    return main(["check-data", "--model", str(model), "--data", str(data), *args])
+
+
 def test_report_shows_statistics_and_the_trained_tokens(tiny_model, data, capsys):
-    assert main(["check-data", "--model", str(tiny_model), "--data", str(data), "--max-seq-length", "64",
-                 "--example", "1"]) == 0  # fmt: skip
+    assert run_check_data(tiny_model, data, "--max-seq-length", "64", "--example", "1") == 0
     out = capsys.readouterr().out
     assert f"{data}: valid" in out
     assert "conversations              4" in out and "truncated                  1" in out
@@ -50,21 +54,7 @@ def test_report_shows_statistics_and_the_trained_tokens(tiny_model, data, capsys
 
 
 def test_json_statistics_are_what_training_sees(tiny_model, data, tok, capsys):
-    assert (
-        main(
-            [
-                "check-data",
-                "--model",
-                str(tiny_model),
-                "--data",
-                str(data),
-                "--max-seq-length",
-                "64",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert run_check_data(tiny_model, data, "--max-seq-length", "64", "--json") == 0
     got = json.loads(capsys.readouterr().out)
     _, stats = tokenize(tok, load_conversations(data), max_seq_length=64, end_of_turn="<|end|>")
     for key, value in stats.to_dict().items():
@@ -102,15 +92,14 @@ def test_invalid_data_exits_2_with_every_problem(tiny_model, tmp_path, capsys):
     bad.write_text(
         json.dumps(CONVS[0]) + "\n{nope\n" + json.dumps({"messages": [{"role": "user", "content": "q"}]})
     )
-    assert main(["check-data", "--model", str(tiny_model), "--data", str(bad)]) == 2
+    assert run_check_data(tiny_model, bad) == 2
     err = capsys.readouterr().err
     assert "2 problems in 2 records" in err and "bad.jsonl:2: malformed JSON" in err
     assert "bad.jsonl:3: no assistant turn" in err
 
 
 def test_no_truncation_makes_long_conversations_an_error(tiny_model, data, capsys):
-    assert main(["check-data", "--model", str(tiny_model), "--data", str(data), "--max-seq-length", "64",
-                 "--no-truncation"]) == 2  # fmt: skip
+    assert run_check_data(tiny_model, data, "--max-seq-length", "64", "--no-truncation") == 2
     assert "chat.jsonl:4:" in capsys.readouterr().err
 
 
@@ -125,9 +114,7 @@ def test_no_example_would_train_exits_2_and_says_why(tiny_model, tmp_path, capsy
     """Every conversation cut before its assistant reply: check-data fails as train would, naming the cause."""
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps(CONVS[3]) + "\n" + json.dumps(CONVS[3]) + "\n")
-    assert (
-        main(["check-data", "--model", str(tiny_model), "--data", str(data), "--max-seq-length", "16"]) == 2
-    )
+    assert run_check_data(tiny_model, data, "--max-seq-length", "16") == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (
@@ -135,21 +122,7 @@ def test_no_example_would_train_exits_2_and_says_why(tiny_model, tmp_path, capsy
         "max_seq_length=16 and their trained tokens (the assistant replies) come after the cut. "
         "Fix: a larger max_seq_length (--max-seq-length, training_config.max_seq_length)\n"
     )
-    assert (
-        main(
-            [
-                "check-data",
-                "--model",
-                str(tiny_model),
-                "--data",
-                str(data),
-                "--max-seq-length",
-                "16",
-                "--json",
-            ]
-        )
-        == 2
-    )
+    assert run_check_data(tiny_model, data, "--max-seq-length", "16", "--json") == 2
     assert capsys.readouterr().out == ""
 
 
@@ -185,7 +158,7 @@ def test_color_only_on_a_terminal(tiny_model, data, capsys, monkeypatch, tty, ar
         monkeypatch.setenv(key, value)
     capsys.readouterr()
     monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
-    assert main(["check-data", "--model", str(tiny_model), "--data", str(data), *args]) == 0
+    assert run_check_data(tiny_model, data, *args) == 0
     out = capsys.readouterr().out
     assert ("\x1b[1;32meven<|end|>\x1b[0m" in out) is colored
     assert ("[[even<|end|>]]" in out) is not colored
