@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.lora.files import fsync_dir, replace_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -39,35 +40,6 @@ TRAINING_STATE_FILE = "training_state.pt"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 COMPLETE = (STATE_FILE, TRAINING_STATE_FILE, ADAPTER_WEIGHTS)  # files every complete checkpoint has
 LOCK_FILE = ".lorafit.lock"
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file under a temporary name, fsync, then rename over the target."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def fsync_tree(path: Path) -> None:
@@ -194,12 +166,8 @@ def output_lock(output_dir: Path) -> Iterator[None]:
 
 
 def save_training_state(path: Path, state: dict) -> None:
-    """torch.save to a temp name, fsync and rename (tensors, numbers, strings, containers only)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save, atomically (tensors, numbers, strings, containers only)."""
+    replace_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_training_state(path: Path, fix: str | None = None) -> dict:

@@ -35,7 +35,6 @@ the current working directory, not to the config file's directory, as with any c
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -45,7 +44,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -55,6 +53,7 @@ from typing import Any, TypeVar
 import yaml
 
 from lorafit.errors import ConfigError
+from lorafit.lora.files import write_text_atomic
 
 __all__ = [
     "IGNORED_PEFT_KEYS",
@@ -1299,19 +1298,4 @@ def save_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
             data, sort_keys=False, default_flow_style=False, allow_unicode=True
         )
     file.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = file.stat().st_mode & 0o777
-    except FileNotFoundError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, file)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(file, text)

@@ -26,6 +26,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from lorafit.lora.files import write_json_atomic
+
 TASKS = ("parity", "threshold", "last letter")
 SYSTEM = "Answer in one word."
 TRAINING_CONFIG = {
@@ -174,5 +176,5 @@ def run_demo(output_dir: str | Path = "lorafit-demo", *, progress: bool = True, 
         "tokens_per_sec": round(res["tokens"] / train_sec, 1),
         "adapter": str(out / "adapter"),
     }
-    (out / "demo_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out / "demo_results.json", summary, sort_keys=False)
     return summary

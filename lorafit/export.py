@@ -33,6 +33,7 @@ from lorafit.lora.adapter import (
     split_loras,
     write_adapter,
 )
+from lorafit.lora.files import write_json_atomic
 
 LAYOUTS = ("fused", "split", "loralib")
 LORALIB_NAME = "adapter_lora.pt"
@@ -235,7 +236,7 @@ def write_loralib(
     }
     info = {"format": LORALIB_FORMAT, "base_model": base_reference(base_model), "use_rslora": use_rslora,
             "base_shapes": base_shapes or {}, "modules": modules}  # fmt: skip
-    (out_dir / LORALIB_NAME).with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json_atomic((out_dir / LORALIB_NAME).with_suffix(".json"), info, sort_keys=False)
     return out_dir / LORALIB_NAME
 
 

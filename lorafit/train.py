@@ -69,8 +69,6 @@ from lorafit.checkpoint import (
     remove_stale_temporaries,
     rotate,
     save_training_state,
-    write_bytes_atomic,
-    write_json_atomic,
 )
 from lorafit.config import RunConfig, save_config
 from lorafit.data import TokenizedData, TokenStats, load_conversations, split_eval, tokenize
@@ -78,6 +76,7 @@ from lorafit.distributed import Dist, all_sum
 from lorafit.errors import ConfigError, DataError, LorafitError
 from lorafit.evaluation import autocast, compute_dtype, eval_loss, rows_for
 from lorafit.lora.adapter import base_reference
+from lorafit.lora.files import replace_atomic, write_bytes_atomic, write_json_atomic
 from lorafit.model import (
     apply_lora,
     bf16_is_fast,
@@ -870,7 +869,5 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)

@@ -47,6 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from lorafit.lora.files import write_bytes_atomic, write_json_atomic
 from lorafit.lora.inject import inject
 from lorafit.lora.layers import Embedding, Linear, MergedLinear, WrappedLinear
 from lorafit.lora.state import LoraError, LoRALayer, lora_modules
@@ -112,17 +113,6 @@ def base_reference(name: str | os.PathLike | None) -> str | None:
 
 def _scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / (math.sqrt(r) if use_rslora else r)
-
-
-def _replace_atomic(write, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -293,10 +283,8 @@ def write_adapter(
         **(extra_metadata or {}),
     }
     data = _safetensors_bytes(tensors, {"format": "pt", "lorafit": json.dumps(meta, sort_keys=True)})
-    _replace_atomic(lambda p: p.write_bytes(data), out / WEIGHTS_NAME)
-    _replace_atomic(
-        lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"), out / CONFIG_NAME
-    )
+    write_bytes_atomic(out / WEIGHTS_NAME, data)
+    write_json_atomic(out / CONFIG_NAME, config)
     return out
 
 
