@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 
-from bench.run import LABELS, TOOLS
+TOOLS = ["lorafit", "peft", "trl"]  # the tools bench.run runs side by side, in this order
+LABELS = {"lorafit": "lorafit", "peft": "plain PEFT loop", "trl": "TRL SFTTrainer + PEFT"}
 
 TARGETS = {"tps_vs_trl": 4.0, "tps_vs_peft": 2.0, "rss_vs_trl": 0.5, "eval_vs_trl": 0.02, "mfu": 0.40}
 

@@ -25,9 +25,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.report import LABELS, TOOLS, print_tables, render
+
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ["lorafit", "peft", "trl"]
-LABELS = {"lorafit": "lorafit", "peft": "plain PEFT loop", "trl": "TRL SFTTrainer + PEFT"}
 VOCAB = 32064
 
 
@@ -483,7 +483,6 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.report import print_tables, render
 
     args, plan = parse(argv)
     command = "python -m bench.run " + " ".join(
