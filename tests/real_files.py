@@ -23,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -90,13 +91,38 @@ def vocab_file(name: str) -> Path:
     return path
 
 
-def real_tokenizer(name: str):
-    """The real tokenizer (with its chat template) of llama.cpp's vocab file for `name`."""
-    pytest.importorskip("gguf", reason="reading GGUF tokenizers needs the gguf package (pip install gguf)")
+def _converted(name: str, gguf: Callable[[], Path]):
+    """A tokenizer read from a GGUF file, converted once and then loaded from its saved folder.
+
+    Converting a GGUF vocabulary takes transformers 5-50 s; `save_pretrained` output loads in one.
+    """
     from transformers import AutoTokenizer
 
-    path = vocab_file(name)
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    saved = CACHE / "tokenizers" / name
+    if not (saved / "tokenizer_config.json").is_file():
+        pytest.importorskip(
+            "gguf", reason="reading GGUF tokenizers needs the gguf package (pip install gguf)"
+        )
+        path = gguf()
+        with _locked():
+            if not (saved / "tokenizer_config.json").is_file():
+                tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                staging = Path(tempfile.mkdtemp(dir=CACHE))
+                tok.save_pretrained(staging)
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(saved, ignore_errors=True)
+                os.replace(staging, saved)
+    return AutoTokenizer.from_pretrained(saved)
+
+
+def real_tokenizer(name: str):
+    """The real tokenizer (with its chat template) of llama.cpp's vocab file for `name`."""
+    return _converted(name, lambda: vocab_file(name))
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer and chat template (pad token = its end-of-turn token)."""
+    return _converted("smollm2", smollm2_gguf)
 
 
 def smollm2_gguf() -> Path:
