@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-from real_files import real_tokenizer, smollm2_tokenizer
+from families import family_tokenizer
 
 from lorafit.errors import DataError
 from lorafit.templates import FOLD_SEPARATOR, ChatTemplate, missing_content, prepare, render
 
-# The published structure of each family's template (as in its tokenizer_config.json).
-LLAMA3 = (
-    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
-    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-MISTRAL = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
-GEMMA = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + "
-    "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
 CHAT = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi there"},
@@ -38,24 +15,8 @@ CHAT = [
 ]
 
 
-@functools.cache
 def family(name: str):
-    """A real tokenizer per family; the llama.cpp vocab files of Llama 3 and Mistral carry no
-    template, so theirs is set to the published one; Gemma's markers are added to the SPM vocab."""
-    if name == "smollm2":
-        return smollm2_tokenizer()
-    vocab = {
-        "phi-3": "phi-3",
-        "qwen2": "qwen2",
-        "llama3": "llama-bpe",
-        "mistral": "llama-spm",
-        "gemma": "llama-spm",
-    }
-    tok = real_tokenizer(vocab[name])
-    if name == "gemma":
-        tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    tok.chat_template = {"llama3": LLAMA3, "mistral": MISTRAL, "gemma": GEMMA}.get(name, tok.chat_template)
-    return tok
+    return family_tokenizer({"phi-3": "phi3"}.get(name, name))
 
 
 @pytest.mark.parametrize(
