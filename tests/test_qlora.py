@@ -254,8 +254,8 @@ def test_merge_of_an_fp32_checkpoint_is_the_trained_model(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lorafit.api import build_config
-    from lorafit.evaluation import autocast
     from lorafit.export import merge_to_hf
+    from lorafit.precision import autocast
     from lorafit.train import prepare, run
 
     out = tmp_path / "out"
