@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 def _machine() -> dict:
     import torch
 
-    from lorafit.model import cpu_has_fast_bf16
+    from lorafit.precision import cpu_has_fast_bf16
 
     try:
         import bitsandbytes

@@ -20,6 +20,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lorafit.precision import mixed_precision  # torch only: cheap
+
+# The pipeline modules are imported inside each function (an entry point): `import lorafit` stays light.
+
 
 def _section(value) -> dict | None:
     if value is None:
@@ -169,7 +173,7 @@ def evaluate(
     from lorafit.data import load_conversations, tokenize
     from lorafit.evaluation import eval_loss
     from lorafit.generation import load as _load
-    from lorafit.model import bf16_is_fast, end_of_turn
+    from lorafit.model import end_of_turn
 
     if data is None:
         from lorafit.errors import ConfigError
@@ -183,7 +187,7 @@ def evaluate(
         tok, convs, max_seq_length=max_seq_length, end_of_turn=end_of_turn(tok), train_on=train_on
     )
     device_t = next(net.parameters()).device
-    precision = "bf16" if bf16_is_fast(device_t) else "no"
+    precision = mixed_precision(None, False, device_t)  # auto, as training_config.bf16: null
     res = eval_loss(
         net, tokens, batch_size=batch_size, max_seq_length=max_seq_length, pad_id=tok.pad_token_id,
         device=device_t, precision=precision, packing=packing,

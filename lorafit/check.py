@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafit.data import _render, encode, load_conversations, tokenize
+from lorafit.data import encode, load_conversations, render_conversation, tokenize
 from lorafit.errors import ConfigError, DataError
+from lorafit.model import end_of_turn, load_tokenizer
 
 OPEN, CLOSE = "[[", "]]"
 COLOR_ON, COLOR_OFF = "\x1b[1;32m", "\x1b[0m"  # bold green
@@ -41,7 +42,7 @@ def example_segments(
     Each token's text runs from the end of the previous token to its own end (so whitespace a
     tokenizer folds into a token stays with it); neighbouring segments with the same flag are merged.
     """
-    text = _render(tokenizer, messages, add_generation_prompt=False)
+    text = render_conversation(tokenizer, messages, add_generation_prompt=False)
     ids, sup = encode(tokenizer, messages, end_of_turn=end_of_turn, train_on=train_on)
     offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
     segments: list[tuple[str, bool]] = []
@@ -93,8 +94,6 @@ def check_data(
     Raises DataError (every problem of the file, with file:line) when the data is not valid, and
     ConfigError for bad arguments. Writes nothing.
     """
-    from lorafit.model import end_of_turn, load_tokenizer
-
     if max_seq_length < 2:
         raise ConfigError(f"--max-seq-length must be at least 2, got {max_seq_length}")
     if example < 0:

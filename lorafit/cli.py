@@ -28,6 +28,8 @@ import logging
 import sys
 import warnings
 
+# lorafit's own modules are imported inside each command (an entry point): `lorafit --help` stays fast.
+
 
 def _one_line_warnings() -> None:
     def fmt(message, category, filename, lineno, line=None):

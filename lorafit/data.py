@@ -408,7 +408,9 @@ def split_eval(convs: Sequence[Conversation], fraction: float, seed: int) -> tup
 # Tokens and the loss mask.
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """`messages` as text through the tokenizer's own chat template (what training tokenizes); a
+    template that cannot render them is a DataError."""
     try:
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -430,7 +432,7 @@ def assistant_spans(tokenizer, messages: list[dict], text: str, end_of_turn: str
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        prefix = render_conversation(tokenizer, messages[:i], add_generation_prompt=True)
         if not text.startswith(prefix):
             raise DataError(
                 f"the chat template is not prefix-stable: rendering messages[:{i}] with the generation prompt "
@@ -485,7 +487,7 @@ def encode(
     """
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
-    text = _render(tokenizer, messages, add_generation_prompt=False)
+    text = render_conversation(tokenizer, messages, add_generation_prompt=False)
     try:
         enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     except NotImplementedError:
@@ -651,23 +653,17 @@ def tokenize(
     return data, stats
 
 
-# Rows, packing and batches live in lorafit.packing; re-exported here for one import site.
-from lorafit.packing import Batches, collate, pack, single_rows  # noqa: E402
-
 __all__ = [
     "ROLES",
     "TRAIN_ON",
-    "Batches",
     "Conversation",
     "TokenStats",
     "TokenizedData",
     "assistant_spans",
-    "collate",
     "encode",
     "load_conversations",
-    "pack",
     "record_to_messages",
-    "single_rows",
+    "render_conversation",
     "split_eval",
     "tokenize",
 ]

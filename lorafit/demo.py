@@ -28,6 +28,8 @@ from pathlib import Path
 
 from lorafit.lora.files import write_json_atomic
 
+# The pipeline (api, generation, tiny) is imported inside the functions, as in cli.py: an entry point.
+
 TASKS = ("parity", "threshold", "last letter")
 SYSTEM = "Answer in one word."
 TRAINING_CONFIG = {

@@ -6,30 +6,15 @@ default), not a mean of per-batch means, so it does not depend on the batch size
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
 from lorafit.data import TokenizedData
+from lorafit.distributed import all_sum
 from lorafit.loss import loss_sum
 from lorafit.packing import collate, pack, single_rows, to_device
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast for the forward pass, or nothing for fp32 (precision "no")."""
-    if precision == "no":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def compute_dtype(precision: str, model) -> torch.dtype:
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    return model.get_output_embeddings().weight.dtype
+from lorafit.precision import autocast, compute_dtype
 
 
 def rows_for(data: TokenizedData, max_seq_length: int, packing: bool) -> list[list[int]]:
@@ -102,8 +87,6 @@ def eval_loss(
         if module is not None and hasattr(module, "reshard"):
             module.reshard()  # the root group stays gathered after a forward without backward
     if dist is not None and dist.enabled:
-        from lorafit.distributed import all_sum
-
         total, targets, tokens = all_sum(dist, total, targets, tokens)
         targets, tokens = int(targets), int(tokens)
     loss = total / targets if targets else float("nan")

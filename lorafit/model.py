@@ -15,10 +15,8 @@ Everything else is any Hugging Face causal LM through the Auto classes.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +26,12 @@ from lorafit.attention import use_packed_sdpa
 from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.lora.inject import target_names
+from lorafit.precision import (
+    DTYPES,  # noqa: F401  export.py still imports DTYPES from here; its home is precision
+    bnb_compute_dtype,
+    lora_dtype,
+    weight_dtype,
+)
 
 log = logging.getLogger("lorafit")
 
@@ -44,10 +48,7 @@ FUSED_SLICES = {
     "up_proj": ("gate_up_proj", 1),
 }
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- devices and dtypes
+# ----------------------------------------------------------------------------- devices
 
 
 def device_missing(name: str) -> str | None:
@@ -89,42 +90,6 @@ def resolve_device(name: str = "auto", key: str = "model.device", where: str | N
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16).
-
-    Without them PyTorch emulates bf16 and a bf16 matmul is several times SLOWER than fp32, so
-    bf16 compute on such a CPU is never chosen automatically.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return cpu_has_fast_bf16()
-    return False
-
-
-def weight_dtype(cfg: ModelConfig, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype the frozen base weights are held in.
-
-    `auto`: the checkpoint's own dtype (Phi-3 ships bf16), except that bf16/fp16 weights on a CPU
-    without fast bf16 are loaded as fp32, which is faster there than emulated half precision.
-    """
-    if cfg.dtype != "auto":
-        return DTYPES[cfg.dtype]
-    dtype = checkpoint_dtype or torch.float32
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16():
-        return torch.float32
-    return dtype
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -216,7 +181,7 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
             f"cannot load a model config from {cfg.name_or_path!r}: {e}\n"
             "Fix: pass a local model directory or a Hugging Face hub id (model.name_or_path / --model)."
         ) from e
-    dtype = weight_dtype(cfg, device, getattr(hf_config, "dtype", None))
+    dtype = weight_dtype(cfg.dtype, device, getattr(hf_config, "dtype", None))
     attn = cfg.attn_implementation
     if attn == "flash_attention_2" and device.type != "cuda":
         raise ConfigError(
@@ -224,7 +189,7 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
         )
     quantized = {}
     if cfg.quantization != "none":  # see lorafit/quant.py; lm_head and embeddings keep `dtype`
-        compute = quant.compute_dtype(cfg.bnb_4bit_compute_dtype, device)
+        compute = bnb_compute_dtype(cfg.bnb_4bit_compute_dtype, device)
         quantized = {
             "quantization_config": quant.bnb_config(
                 cfg.quantization, double_quant=cfg.bnb_4bit_use_double_quant, compute=compute
@@ -305,13 +270,6 @@ def plan_lora(model, target_modules: str | list[str]) -> LoraPlan:
     return LoraPlan(plain, slices)
 
 
-def lora_dtype(peft: PeftConfig, model) -> torch.dtype:
-    """LoRA weights default to fp32 (optimizer quality) whatever the base dtype."""
-    if peft.lora_dtype == "auto":
-        return torch.float32
-    return DTYPES[peft.lora_dtype]
-
-
 def apply_lora(model, peft: PeftConfig) -> list[str]:
     """Put LoRA layers on the model as `peft` asks; freeze everything else. Returns adapted names."""
     plan = plan_lora(model, peft.target_modules)
@@ -328,7 +286,7 @@ def apply_lora(model, peft: PeftConfig) -> list[str]:
             slices=plan.slices or None,
             use_rslora=peft.use_rslora,
             init_lora_weights="gaussian" if peft.init_lora_weights == "gaussian" else "default",
-            lora_dtype=lora_dtype(peft, model),
+            lora_dtype=lora_dtype(peft.lora_dtype),
             wrap=wrap,
         )
     except lora.LoraError as e:
@@ -381,7 +339,7 @@ def continue_lora(model, peft: PeftConfig, adapter: str) -> list[str]:
 
     try:
         names = load_any_adapter(
-            model, adapter, trainable=True, dtype=lora_dtype(peft, model), lora_dropout=peft.lora_dropout
+            model, adapter, trainable=True, dtype=lora_dtype(peft.lora_dtype), lora_dropout=peft.lora_dropout
         )
     except AdapterError as e:
         raise AdapterError(f"model.adapter (--adapter) {adapter}: {e}") from e

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import ConfigError
+from lorafit.precision import dtype_name
 
 METHODS = ("nf4", "fp4", "int8")
 INSTALL_HINT = "pip install 'lorafit[qlora]' (bitsandbytes)"
@@ -80,19 +81,9 @@ def _bnb():
     return bitsandbytes
 
 
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype 4-bit weights are dequantized to for each matmul (model.bnb_4bit_compute_dtype)."""
-    from lorafit.model import DTYPES, bf16_is_fast
-
-    if name != "auto":
-        return DTYPES[name]
-    if bf16_is_fast(device):
-        return torch.bfloat16
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
 def bnb_config(method: str, *, double_quant: bool = True, compute: torch.dtype = torch.bfloat16):
-    """transformers' BitsAndBytesConfig for `method` (nf4, fp4 or int8); lm_head is never quantized."""
+    """transformers' BitsAndBytesConfig for `method` (nf4, fp4 or int8); lm_head is never quantized.
+    `compute`: the 4-bit compute dtype, as lorafit.precision.bnb_compute_dtype chooses it."""
     if method not in METHODS:
         raise ConfigError(f"model.quantization: expected one of none, {', '.join(METHODS)}, got {method!r}")
     _bnb()
@@ -148,16 +139,6 @@ def release_checkpoint(model: nn.Module) -> None:
                 t.data = t.data.clone()
             else:
                 m._buffers[name] = t.clone()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The config name (fp32, bf16, fp16) of a torch dtype."""
-    from lorafit.model import DTYPES
-
-    for name, d in DTYPES.items():
-        if d == dtype:
-            return name
-    raise ConfigError(f"no lorafit dtype name for {dtype}")
 
 
 def quantized_with(model: nn.Module) -> dict:

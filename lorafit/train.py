@@ -74,12 +74,11 @@ from lorafit.config import RunConfig, save_config
 from lorafit.data import TokenizedData, TokenStats, load_conversations, split_eval, tokenize
 from lorafit.distributed import Dist, all_sum
 from lorafit.errors import ConfigError, DataError, LorafitError
-from lorafit.evaluation import autocast, compute_dtype, eval_loss, rows_for
+from lorafit.evaluation import eval_loss, rows_for
 from lorafit.lora.adapter import base_reference
 from lorafit.lora.files import replace_atomic, write_bytes_atomic, write_json_atomic
 from lorafit.model import (
     apply_lora,
-    bf16_is_fast,
     continue_lora,
     end_of_turn,
     hold_frozen_linears_in,
@@ -90,6 +89,7 @@ from lorafit.model import (
     trainable_summary,
 )
 from lorafit.packing import Batches, collate, to_device
+from lorafit.precision import autocast, bf16_is_fast, compute_dtype
 
 log = logging.getLogger("lorafit")
 

@@ -11,19 +11,10 @@ from conftest import write_jsonl
 
 from lorafit import lora
 from lorafit.attention import PACKED_SDPA, segment_kwargs, use_packed_sdpa
-from lorafit.data import (
-    Batches,
-    Conversation,
-    collate,
-    encode,
-    load_conversations,
-    pack,
-    single_rows,
-    split_eval,
-    tokenize,
-)
+from lorafit.data import Conversation, encode, load_conversations, split_eval, tokenize
 from lorafit.errors import DataError
 from lorafit.loss import loss_sum
+from lorafit.packing import Batches, collate, pack, single_rows
 from lorafit.tiny import build_model, build_tokenizer
 
 EOT = "<|end|>"

@@ -21,6 +21,7 @@ from bench.qlora import bnb_missing, weight_bytes
 from lorafit import lora, quant
 from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError
+from lorafit.precision import bnb_compute_dtype, dtype_name
 
 needs_bnb = pytest.mark.skipif(bnb_missing() is not None, reason=str(bnb_missing()))
 
@@ -198,7 +199,7 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, tiny_m
 
     job, _, _, out = trained
     meta = lora.read_adapter(out).meta
-    compute = quant.dtype_name(quant.compute_dtype("auto", torch.device("cpu")))
+    compute = dtype_name(bnb_compute_dtype("auto", torch.device("cpu")))
     assert meta["quantization"] == {
         "method": "nf4", "double_quant": True, "dtype": "bf16", "compute_dtype": compute, "blocksize": 64
     }  # fmt: skip
@@ -253,8 +254,8 @@ def test_merge_of_an_fp32_checkpoint_is_the_trained_model(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lorafit.api import build_config
-    from lorafit.evaluation import autocast
     from lorafit.export import merge_to_hf
+    from lorafit.precision import autocast
     from lorafit.train import prepare, run
 
     out = tmp_path / "out"
@@ -269,7 +270,7 @@ def test_merge_of_an_fp32_checkpoint_is_the_trained_model(tiny_model, tmp_path):
     run(job, progress=False)
     recorded = lora.read_adapter(out).meta["quantization"]
     assert recorded["dtype"] == "fp32" and recorded["blocksize"] == 64 and recorded["double_quant"] is True
-    assert recorded["compute_dtype"] == quant.dtype_name(quant.compute_dtype("auto", torch.device("cpu")))
+    assert recorded["compute_dtype"] == dtype_name(bnb_compute_dtype("auto", torch.device("cpu")))
 
     merged_dir = merge_to_hf(None, out, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)

@@ -180,8 +180,8 @@ def test_trained_biases_are_saved_and_reloaded(tmp_path):
 
 def test_frozen_linears_held_in_bf16_compute_what_autocast_did(tok):
     """bf16 training: storing the frozen linear weights in bf16 changes no bit of the loss or gradients."""
-    from lorafit.evaluation import autocast
     from lorafit.model import hold_frozen_linears_in
+    from lorafit.precision import autocast
 
     model = build_model(tok)
     apply_lora(model, PeftConfig(r=4, target_modules="all-linear"))
