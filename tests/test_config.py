@@ -7,6 +7,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -26,6 +27,7 @@ from lorafit.config import (
     load_config,
     save_config,
 )
+from lorafit.config.base import Section, option
 from lorafit.errors import ConfigError, LorafitError
 
 # Microsoft's sample_finetune.py (Phi-3-mini-4k-instruct), verbatim.
@@ -887,3 +889,50 @@ def test_exactly_the_optional_fields_accept_null():
                     WRONG_TYPE_MESSAGES[f"{section}.{f.name}"].replace("[1, 2] (list)", "None (NoneType)")
                 )
     assert accepted == NULLABLE
+
+
+@dataclasses.dataclass
+class Example(Section):
+    SECTION = "example"
+
+    n: int | None = option(None, ge=2)
+    mode: Literal["on", "off"] = option("on", aliases={"yes": "on"}, false_means="off")
+    scale: int | float = option(1, gt=0)
+
+
+def test_a_field_is_checked_by_its_annotation_and_its_options():
+    assert Example(n="3").n == 3 and Example().n is None
+    assert Example(mode="YES").mode == "on" and Example(mode=False).mode == "off"
+    assert Example(scale=2).scale == 2 and type(Example(scale=2).scale) is int
+    assert Example(scale="0.5").scale == 0.5
+    with pytest.raises(ConfigError) as e:
+        Example(n=1, mode="auto", scale=0)
+    assert str(e.value) == (
+        "invalid config (3 problems):\n"
+        "  <Example>: example.n: expected an integer >= 2 or null, got 1 (int)\n"
+        "  <Example>: example.mode: expected one of 'on', 'off', got 'auto' (str)\n"
+        "  <Example>: example.scale: expected a number > 0, got 0 (int)"
+    )
+
+
+def test_a_misdeclared_field_is_a_type_error():
+    @dataclasses.dataclass
+    class BoundOnAString(Section):
+        name: str = option("a", ge=1)
+
+    @dataclasses.dataclass
+    class NoCheckForAList(Section):
+        names: list[str] = option(None)
+
+    with pytest.raises(TypeError, match=r"BoundOnAString.name: ge do not apply to <class 'str'>"):
+        BoundOnAString()
+    with pytest.raises(TypeError, match=r"NoCheckForAList.names: no check for list\[str\]; give check="):
+        NoCheckForAList()
+
+
+def test_the_distributed_keys_say_what_lorafit_does_instead():
+    assert (
+        IGNORED_TRAINING_KEYS["deepspeed"] == "not supported; lorafit uses DDP or FSDP (training_config.fsdp)"
+    )
+    assert IGNORED_TRAINING_KEYS["local_rank"].startswith("set by torchrun")
+    assert not [key for key, why in IGNORED_TRAINING_KEYS.items() if "single device" in why]

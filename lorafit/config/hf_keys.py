@@ -51,7 +51,7 @@ IGNORED_TRAINING_KEYS: dict[str, str] = {
     "use_cpu": "choose the device with model.device",
     "no_cuda": "choose the device with model.device",
     "local_rank": "set by torchrun; lorafit reads the process group from the environment",
-    "ddp_find_unused_parameters": "lorafit sets up DistributedDataParallel itself",
+    "ddp_find_unused_parameters": "lorafit wraps the model in DDP or FSDP itself",
     "ddp_backend": "lorafit chooses it: nccl on CUDA, gloo otherwise",
     "deepspeed": "not supported; lorafit uses DDP or FSDP (training_config.fsdp)",
     "fsdp_config": "lorafit shards each decoder layer with FSDP2 itself (training_config.fsdp)",
