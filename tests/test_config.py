@@ -7,6 +7,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -26,6 +27,7 @@ from lorafit.config import (
     load_config,
     save_config,
 )
+from lorafit.config.base import Section, option
 from lorafit.errors import ConfigError, LorafitError
 
 # Microsoft's sample_finetune.py (Phi-3-mini-4k-instruct), verbatim.
@@ -783,3 +785,154 @@ def test_numbers_at_the_edge_still_fit():
     cfg = load_config(None, overrides=["training_config.learning_rate=1e38", "training_config.adam_beta1=0"])
     assert cfg.training_config.learning_rate == 1e38
     assert load_config(None, overrides=["peft_config.lora_alpha=1e39"]).peft_config.lora_alpha == 1e39  # /16
+
+
+# The message each field gives for a value of the wrong type (a list), as lorafit has always worded it.
+WRONG_TYPE_MESSAGES = {
+    "model.name_or_path": "expected a non-empty string, got [1, 2] (list)",
+    "model.adapter": "expected a non-empty string or null, got [1, 2] (list)",
+    "model.dtype": "expected one of 'auto', 'bf16', 'fp16', 'fp32', got [1, 2] (list)",
+    "model.attn_implementation": "expected one of 'sdpa', 'eager', 'flash_attention_2', got [1, 2] (list)",
+    "model.device": "expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got [1, 2] (list)",
+    "model.trust_remote_code": "expected true or false, got [1, 2] (list)",
+    "model.revision": "expected a non-empty string or null, got [1, 2] (list)",
+    "model.quantization": "expected one of 'none', 'nf4', 'fp4', 'int8', got [1, 2] (list)",
+    "model.bnb_4bit_use_double_quant": "expected true or false, got [1, 2] (list)",
+    "model.bnb_4bit_compute_dtype": "expected one of 'auto', 'bf16', 'fp16', 'fp32', got [1, 2] (list)",
+    "data.train": "expected a non-empty string or null, got [1, 2] (list)",
+    "data.eval": "expected a non-empty string or null, got [1, 2] (list)",
+    "data.eval_split": "expected a float in [0, 1), got [1, 2] (list)",
+    "data.train_split": "expected a non-empty string, got [1, 2] (list)",
+    "data.eval_split_name": "expected a non-empty string or null, got [1, 2] (list)",
+    "data.train_on": "expected one of 'assistant', 'all', got [1, 2] (list)",
+    "data.truncation": "expected true or false, got [1, 2] (list)",
+    "training_config.learning_rate": "expected a float > 0, got [1, 2] (list)",
+    "training_config.per_device_train_batch_size": "expected an integer >= 1, got [1, 2] (list)",
+    "training_config.per_device_eval_batch_size": "expected an integer >= 1, got [1, 2] (list)",
+    "training_config.gradient_accumulation_steps": "expected an integer >= 1, got [1, 2] (list)",
+    "training_config.num_train_epochs": "expected a float > 0, got [1, 2] (list)",
+    "training_config.max_steps": "expected -1 or an integer >= 1, got [1, 2] (list)",
+    "training_config.lr_scheduler_type": "expected one of 'linear', 'cosine', 'constant', 'constant_with_warmup', got [1, 2] (list); other transformers schedulers are not supported",
+    "training_config.warmup_ratio": "expected a float in [0, 1], got [1, 2] (list)",
+    "training_config.warmup_steps": "expected an integer >= 0, got [1, 2] (list)",
+    "training_config.weight_decay": "expected a float >= 0, got [1, 2] (list)",
+    "training_config.adam_beta1": "expected a float in [0, 1), got [1, 2] (list)",
+    "training_config.adam_beta2": "expected a float in [0, 1), got [1, 2] (list)",
+    "training_config.adam_epsilon": "expected a float > 0, got [1, 2] (list)",
+    "training_config.max_grad_norm": "expected a float >= 0, got [1, 2] (list)",
+    "training_config.logging_steps": "expected an integer >= 1, got [1, 2] (list)",
+    "training_config.eval_strategy": "expected one of 'no', 'steps', 'epoch', got [1, 2] (list)",
+    "training_config.eval_steps": "expected an integer >= 1 or null, got [1, 2] (list)",
+    "training_config.save_strategy": "expected one of 'steps', 'epoch', 'no', got [1, 2] (list)",
+    "training_config.save_steps": "expected an integer >= 1, got [1, 2] (list)",
+    "training_config.save_total_limit": "expected an integer >= 1 or null, got [1, 2] (list)",
+    "training_config.seed": "expected an integer >= 0, got [1, 2] (list)",
+    "training_config.bf16": "expected true, false or null (auto), got [1, 2] (list)",
+    "training_config.fp16": "expected true or false, got [1, 2] (list)",
+    "training_config.gradient_checkpointing": "expected true or false, got [1, 2] (list)",
+    "training_config.gradient_checkpointing_kwargs": "expected a mapping of string keys to values, or null, got [1, 2] (list)",
+    "training_config.output_dir": "expected a non-empty string, got [1, 2] (list)",
+    "training_config.max_seq_length": "expected an integer >= 1, got [1, 2] (list)",
+    "training_config.packing": "expected true or false, got [1, 2] (list)",
+    "training_config.skip_nonfinite_batches": "expected an integer >= 0, got [1, 2] (list)",
+    "training_config.fsdp": "expected true, false, 'full_shard' or 'full_shard auto_wrap', got [1, 2] (list)",
+    "peft_config.r": "expected an integer >= 1, got [1, 2] (list)",
+    "peft_config.lora_alpha": "expected a number > 0, got [1, 2] (list)",
+    "peft_config.lora_dropout": "expected a float in [0, 1), got [1, 2] (list)",
+    "peft_config.bias": "expected one of 'none', 'all', 'lora_only', got [1, 2] (list)",
+    "peft_config.task_type": "expected one of 'CAUSAL_LM', got [1, 2] (list); lorafit fine-tunes causal language models only",
+    "peft_config.target_modules": "expected 'all-linear', a module name, a regular expression (string) or a non-empty list of module names, got [1, 2] (list)",
+    "peft_config.exclude_modules": "expected null, a regular expression (string) or a list of module names, got [1, 2] (list)",
+    "peft_config.modules_to_save": "expected null or a list of module names such as [lm_head], got [1, 2] (list)",
+    "peft_config.use_rslora": "expected true or false, got [1, 2] (list)",
+    "peft_config.init_lora_weights": "expected true or 'gaussian', got [1, 2] (list)",
+    "peft_config.lora_dtype": "expected one of 'auto', 'fp32', 'bf16', 'fp16', got [1, 2] (list)",
+}
+
+# Fields that accept null (fsdp reads it as false).
+NULLABLE = {
+    "model.adapter",
+    "model.revision",
+    "data.train",
+    "data.eval",
+    "data.eval_split_name",
+    "training_config.eval_steps",
+    "training_config.save_total_limit",
+    "training_config.bf16",
+    "training_config.gradient_checkpointing_kwargs",
+    "training_config.fsdp",
+    "peft_config.exclude_modules",
+    "peft_config.modules_to_save",
+}
+
+
+def test_every_field_names_its_type_when_given_a_wrong_one():
+    every = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert set(WRONG_TYPE_MESSAGES) == every
+    for key, message in WRONG_TYPE_MESSAGES.items():
+        section, name = key.split(".")
+        cls = SECTIONS[section]
+        with pytest.raises(ConfigError) as e:
+            cls(**{name: [1, 2]})
+        assert str(e.value) == f"invalid config: <{cls.__name__}>: {key}: {message}"
+
+
+def test_exactly_the_optional_fields_accept_null():
+    accepted = set()
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            try:
+                cls(**{f.name: None})
+                accepted.add(f"{section}.{f.name}")
+            except ConfigError as e:
+                assert str(e).endswith(
+                    WRONG_TYPE_MESSAGES[f"{section}.{f.name}"].replace("[1, 2] (list)", "None (NoneType)")
+                )
+    assert accepted == NULLABLE
+
+
+@dataclasses.dataclass
+class Example(Section):
+    SECTION = "example"
+
+    n: int | None = option(None, ge=2)
+    mode: Literal["on", "off"] = option("on", aliases={"yes": "on"}, false_means="off")
+    scale: int | float = option(1, gt=0)
+
+
+def test_a_field_is_checked_by_its_annotation_and_its_options():
+    assert Example(n="3").n == 3 and Example().n is None
+    assert Example(mode="YES").mode == "on" and Example(mode=False).mode == "off"
+    assert Example(scale=2).scale == 2 and type(Example(scale=2).scale) is int
+    assert Example(scale="0.5").scale == 0.5
+    with pytest.raises(ConfigError) as e:
+        Example(n=1, mode="auto", scale=0)
+    assert str(e.value) == (
+        "invalid config (3 problems):\n"
+        "  <Example>: example.n: expected an integer >= 2 or null, got 1 (int)\n"
+        "  <Example>: example.mode: expected one of 'on', 'off', got 'auto' (str)\n"
+        "  <Example>: example.scale: expected a number > 0, got 0 (int)"
+    )
+
+
+def test_a_misdeclared_field_is_a_type_error():
+    @dataclasses.dataclass
+    class BoundOnAString(Section):
+        name: str = option("a", ge=1)
+
+    @dataclasses.dataclass
+    class NoCheckForAList(Section):
+        names: list[str] = option(None)
+
+    with pytest.raises(TypeError, match=r"BoundOnAString.name: ge do not apply to <class 'str'>"):
+        BoundOnAString()
+    with pytest.raises(TypeError, match=r"NoCheckForAList.names: no check for list\[str\]; give check="):
+        NoCheckForAList()
+
+
+def test_the_distributed_keys_say_what_lorafit_does_instead():
+    assert (
+        IGNORED_TRAINING_KEYS["deepspeed"] == "not supported; lorafit uses DDP or FSDP (training_config.fsdp)"
+    )
+    assert IGNORED_TRAINING_KEYS["local_rank"].startswith("set by torchrun")
+    assert not [key for key, why in IGNORED_TRAINING_KEYS.items() if "single device" in why]
