@@ -22,6 +22,7 @@ tokens marked::
 from __future__ import annotations
 
 import math
+import warnings as warnings_module
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import numpy as np
 from lorafit.data import encode, load_conversations, render_conversation, tokenize
 from lorafit.errors import ConfigError, DataError
 from lorafit.model import end_of_turn, load_tokenizer
+from lorafit.templates import ChatTemplate, SystemMessageWarning, prepare
 
 OPEN, CLOSE = "[[", "]]"
 COLOR_ON, COLOR_OFF = "\x1b[1;32m", "\x1b[0m"  # bold green
@@ -88,6 +90,7 @@ def check_data(
     split: str | None = None,
     bins: int = 10,
     tokenizer=None,
+    system_message: str = "auto",
 ) -> dict:
     """Validate `data` for `model`'s tokenizer and return the statistics and one rendered example.
 
@@ -101,9 +104,12 @@ def check_data(
     tok = tokenizer or load_tokenizer(str(model))
     convs = load_conversations(data, split=split)
     eot = end_of_turn(tok)
-    _, stats = tokenize(
-        tok, convs, max_seq_length=max_seq_length, end_of_turn=eot, train_on=train_on, truncation=truncation
-    )
+    with warnings_module.catch_warnings():  # reported below, as one of the report's warnings
+        warnings_module.simplefilter("ignore", SystemMessageWarning)
+        _, stats = tokenize(
+            tok, convs, max_seq_length=max_seq_length, end_of_turn=eot, train_on=train_on, truncation=truncation,
+            system_message=system_message,
+        )  # fmt: skip
     if stats.examples == 0:
         raise DataError(nothing_to_train(data, stats, max_seq_length=max_seq_length, train_on=train_on))
     warnings = []
@@ -117,9 +123,22 @@ def check_data(
         warnings.append(
             f"{stats.dropped} conversation(s) have no trained token left (after truncation) and are skipped"
         )
+    template = ChatTemplate.probe(tok)
+    folded, dropped = stats.system_messages.get("folded", 0), stats.system_messages.get("dropped", 0)
+    if folded:
+        why = "" if system_message == "fold" else " (this model's chat template renders no system message)"
+        warnings.append(
+            f"{folded} conversation(s) have a system message folded into the first user turn{why}: the system "
+            "text, a blank line, then the user text. Set data.system_message to drop or error to change this"
+        )
+    if dropped:
+        warnings.append(
+            f"{dropped} conversation(s) have their system message left out (data.system_message=drop)"
+        )
     idx = min(example, len(convs) - 1)
+    messages, _ = prepare(convs[idx].messages, template, system_message)
     segments, cut = example_segments(
-        tok, convs[idx].messages, max_seq_length=max_seq_length, end_of_turn=eot, train_on=train_on
+        tok, messages, max_seq_length=max_seq_length, end_of_turn=eot, train_on=train_on
     )
     return {
         "model": str(model),
@@ -127,6 +146,8 @@ def check_data(
         "max_seq_length": max_seq_length,
         "train_on": train_on,
         "end_of_turn": eot,
+        "system_message": system_message,
+        "template_renders_system": template.renders_system,
         **stats.to_dict(),
         "supervised_fraction": stats.supervised_tokens / stats.tokens if stats.tokens else 0.0,
         "histogram": histogram(stats.lengths, bins),
@@ -168,6 +189,18 @@ def nothing_to_train(data, stats, *, max_seq_length: int, train_on: str) -> str:
     )
 
 
+def system_summary(report: dict) -> str:
+    """What happened to system messages, e.g. "12 folded into the first user turn: the template renders none"."""
+    counts = report["system_messages"]
+    if not counts:
+        return "none in the data" + (
+            "" if report["template_renders_system"] else "; the template renders none"
+        )
+    said = {"kept": "kept", "folded": "folded into the first user turn", "dropped": "left out"}
+    parts = ", ".join(f"{n:,} {said[k]}" for k, n in sorted(counts.items()))
+    return parts + ("" if report["template_renders_system"] else ": the template renders none")
+
+
 def marked(segments: list[tuple[str, bool]], color: bool = False) -> str:
     """The example text with its trained spans in [[...]] (or coloured)."""
     on, off = (COLOR_ON, COLOR_OFF) if color else (OPEN, CLOSE)
@@ -187,6 +220,7 @@ def format_report(report: dict, color: bool = False) -> str:
         f"  supervised tokens {r['supervised_tokens']:>10,}   ({100 * r['supervised_fraction']:.1f}% of tokens get "
         f"loss; {r['targets']:,} targets)",
         f"  truncated         {r['truncated']:>10,}   (longer than {r['max_seq_length']} tokens)",
+        f"  system messages   {sum(r['system_messages'].values()):>10,}   ({system_summary(r)})",
         "",
         "length histogram (tokens per example):",
     ]

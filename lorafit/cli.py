@@ -119,7 +119,7 @@ def cmd_check_data(a) -> int:
 
     report = check_data(
         a.model, a.data, max_seq_length=a.max_seq_length, train_on=a.train_on, truncation=not a.no_truncation,
-        example=a.example,
+        example=a.example, system_message=a.system_message,
     )  # fmt: skip
     if a.json:
         print(json.dumps(report, indent=2))
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--data", required=True, help="chat data: .jsonl/.json/.parquet or a datasets hub id")
     cd.add_argument("--max-seq-length", type=int, default=2048, help="training_config.max_seq_length")
     cd.add_argument("--train-on", default="assistant", choices=["assistant", "all"], help="data.train_on")
+    cd.add_argument("--system-message", default="auto", choices=["auto", "fold", "drop", "error"],
+                    help="data.system_message: what to do with a system message the chat template does not render")  # fmt: skip
     cd.add_argument("--no-truncation", action="store_true",
                     help="an over-long conversation is an error (data.truncation=false)")  # fmt: skip
     cd.add_argument("--example", type=int, default=0, help="which conversation to show (0-based)")

@@ -34,6 +34,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from lorafit import templates
 from lorafit.errors import ConfigError, DataError, LorafitError
+from lorafit.templates import SystemMessageWarning
 
 ROLES = ("system", "user", "assistant")
 TRAIN_ON = ("assistant", "all")
@@ -411,12 +415,7 @@ def split_eval(convs: Sequence[Conversation], fraction: float, seed: int) -> tup
 def render_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     """`messages` as text through the tokenizer's own chat template (what training tokenizes); a
     template that cannot render them is a DataError."""
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except Exception as e:  # no template, or the template raised (e.g. "roles must alternate")
-        raise DataError(f"the tokenizer's chat template cannot render this conversation: {e}") from None
+    return templates.render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
 
 def assistant_spans(tokenizer, messages: list[dict], text: str, end_of_turn: str) -> list[tuple[int, int]]:
@@ -488,6 +487,9 @@ def encode(
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     text = render_conversation(tokenizer, messages, add_generation_prompt=False)
+    missing = templates.missing_content(text, messages)
+    if missing:
+        raise DataError(templates.describe_missing(missing))
     try:
         enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     except NotImplementedError:
@@ -554,6 +556,8 @@ class TokenStats:
     max_len: int
     mean_len: float
     lengths: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # What happened to system messages: counts of "kept", "folded", "dropped" (see lorafit.templates).
+    system_messages: dict[str, int] = field(default_factory=dict)
 
     def histogram(self, bins: int = 10) -> list[tuple[int, int, int]]:
         """Example lengths in `bins` equal integer bins: ``(lo, hi, count)`` with ``lo <= length < hi``."""
@@ -574,6 +578,7 @@ class TokenStats:
             "dropped": self.dropped,
             "max_len": self.max_len,
             "mean_len": self.mean_len,
+            "system_messages": dict(self.system_messages),
         }
 
 
@@ -585,8 +590,13 @@ def tokenize(
     end_of_turn: str,
     train_on: str = "assistant",
     truncation: bool = True,
+    system_message: str = "auto",
 ) -> tuple[TokenizedData, TokenStats]:
     """Encode every conversation (see `encode`) into one TokenizedData.
+
+    System messages follow `system_message` (see `lorafit.templates`): with "auto", a template that
+    renders no system message gets its text folded into the first user turn, counted in
+    ``stats.system_messages`` and reported in one SystemMessageWarning naming the data.
 
     Truncation: an example longer than `max_seq_length` keeps its first `max_seq_length` tokens and is
     counted in ``stats.truncated`` (its last reply may lose its end token); with ``truncation=False``
@@ -602,9 +612,13 @@ def tokenize(
     sups: list[np.ndarray] = []
     sources: list[str] = []
     truncated = dropped = 0
+    template = templates.ChatTemplate.probe(tokenizer)
+    system = Counter()
     for conv in conversations:
         try:
-            ids, sup = encode(tokenizer, conv.messages, end_of_turn=end_of_turn, train_on=train_on)
+            messages, action = templates.prepare(conv.messages, template, system_message)
+            system.update([action] if action else [])
+            ids, sup = encode(tokenizer, messages, end_of_turn=end_of_turn, train_on=train_on)
         except DataError as e:
             problems.add(conv.location, str(e))
             continue
@@ -621,8 +635,18 @@ def tokenize(
         sups.append(np.asarray(sup, dtype=bool))
         sources.append(conv.location)
     problems.raise_if_any(
-        "tokenization", "Fix: change the chat template, train_on or end_of_turn as said above"
+        "tokenization",
+        "Fix: change the chat template, train_on, end_of_turn or data.system_message as said above",
     )
+    if system_message == "auto" and system["folded"]:
+        where = conversations[0].location.rsplit(":", 1)[0] if conversations else "the data"
+        warnings.warn(
+            f"{where}: {system['folded']} of {len(conversations)} conversations have a system message that this "
+            f"model's chat template does not render; its text was folded into the first user turn (system text, a "
+            f"blank line, then the user text). Set data.system_message to drop or error to change this",
+            SystemMessageWarning,
+            stacklevel=2,
+        )
     too_long.raise_if_any(
         f"examples longer than max_seq_length={max_seq_length}",
         "Fix: raise max_seq_length, shorten these conversations, or allow truncation",
@@ -649,6 +673,7 @@ def tokenize(
         max_len=int(lengths.max()) if len(lengths) else 0,
         mean_len=float(lengths.mean()) if len(lengths) else 0.0,
         lengths=lengths,
+        system_messages=dict(system),
     )
     return data, stats
 

@@ -15,6 +15,7 @@ Everything else is any Hugging Face causal LM through the Auto classes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from torch import nn
 from lorafit import lora, quant
 from lorafit.attention import use_packed_sdpa
 from lorafit.config import ModelConfig, PeftConfig
-from lorafit.errors import ConfigError, LorafitError
+from lorafit.errors import ConfigError, DataError, LorafitError
 from lorafit.lora.inject import target_names
 from lorafit.precision import (
     DTYPES,  # noqa: F401  export.py still imports DTYPES from here; its home is precision
@@ -32,6 +33,7 @@ from lorafit.precision import (
     lora_dtype,
     weight_dtype,
 )
+from lorafit.templates import ChatTemplate
 
 log = logging.getLogger("lorafit")
 
@@ -96,7 +98,16 @@ def resolve_device(name: str = "auto", key: str = "model.device", where: str | N
 
 
 def end_of_turn(tokenizer) -> str:
-    """The token that closes an assistant turn in this tokenizer's chat template."""
+    """The token that closes an assistant turn, read from the tokenizer's own chat template: the
+    special token the template writes right after an assistant reply (`<|end|>` for Phi-3,
+    `<|im_end|>` for ChatML models, `<|eot_id|>` for Llama 3, `</s>` for Mistral, `<end_of_turn>`
+    for Gemma). Without a template, or when the template writes none, a known end-of-turn token in
+    the vocabulary, else the EOS token."""
+    if getattr(tokenizer, "chat_template", None):
+        with contextlib.suppress(DataError):
+            found = ChatTemplate.probe(tokenizer).end_of_turn
+            if found:
+                return found
     vocab = tokenizer.get_vocab()
     for tok in END_OF_TURN_CANDIDATES:
         if tok in vocab:

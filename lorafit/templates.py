@@ -31,6 +31,12 @@ from dataclasses import dataclass
 from lorafit.errors import DataError
 
 SYSTEM_MESSAGE = ("auto", "fold", "drop", "error")
+
+
+class SystemMessageWarning(UserWarning):
+    """System messages were folded into the first user turn because the template renders none."""
+
+
 FOLD_SEPARATOR = "\n\n"
 
 # Probe texts: plain letters, so no template trims, escapes or splits them.

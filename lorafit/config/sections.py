@@ -51,7 +51,7 @@ class ModelConfig(Section):
     # 4-bit only: also quantize the per-block scales (~0.4 bit/parameter saved, QLoRA's "double quant").
     bnb_4bit_use_double_quant: bool = option(True)
     # 4-bit only: dtype the 4-bit weights are dequantized to for each matmul. auto: bf16 where it is
-    # fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp16 on CUDA and fp32 on CPU.
+    # fast (CUDA compute capability >= 8, CPUs with AMX/AVX512-BF16), else fp16 on CUDA and fp32 on CPU.
     bnb_4bit_compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", aliases=DTYPE_ALIASES)
 
 
@@ -76,6 +76,11 @@ class DataConfig(Section):
     train_on: Literal["assistant", "all"] = option("assistant")
     # true: a conversation longer than max_seq_length is truncated; false: it is an error.
     truncation: bool = option(True)
+    # A system message on a model whose chat template does not render one (the real Phi-3-mini template
+    # keeps only user and assistant turns; Gemma's and Mistral's raise). auto: kept where the template
+    # renders it, else folded into the first user turn (system text, a blank line, the user text), with one
+    # warning; fold: always folded; drop: always left out; error: stop when the template would lose it.
+    system_message: Literal["auto", "fold", "drop", "error"] = option("auto")
 
     def _cross_checks(self) -> list[tuple[str, str]]:
         problems = []
