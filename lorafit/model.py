@@ -8,6 +8,8 @@ What is Phi-3-specific lives here and nowhere else:
   over the whole output), or the split names `q_proj k_proj v_proj gate_proj up_proj`, which
   adapt only those slices of the fused module (loralib `MergedLinear` semantics). PEFT cannot
   express the latter: on Phi-3, `["q_proj", "v_proj"]` silently matches nothing in PEFT.
+  `fused_layout(model)` (from `FUSED_SLICES` and the config's sizes) is the one description of
+  these pieces that adapters.py and export.py use to split and fuse adapters.
 - The end of an assistant turn is `<|end|>`; generation stops at `<|end|>` or `<|endoftext|>`.
 
 Everything else is any Hugging Face causal LM through the Auto classes.
@@ -355,6 +357,7 @@ def apply_lora(model, peft: PeftConfig) -> list[str]:
 
 
 def train_only_lora(model, peft: PeftConfig) -> None:
+    """Train the LoRA factors, the biases `peft.bias` asks for and `peft.modules_to_save`; freeze the rest."""
     lora.mark_only_lora_as_trainable(model, bias=peft.bias)
     for name in peft.modules_to_save or []:
         module = find_module(model, name)
