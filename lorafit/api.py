@@ -108,7 +108,7 @@ def finetune(
     `adapter` (config key `model.adapter`) trains an existing adapter further: a PEFT or lorafit adapter
     folder (fused or split keys, slice adapters) or a loralib export. Its LoRA shape (ranks, alphas,
     rank_pattern/alpha_pattern, rsLoRA, target modules) is used; a peft_config value set to something
-    else than the default that disagrees with it is an error (lorafit.model.continue_lora). Its base
+    else than the default that disagrees with it is an error (lorafit.adapters.continue_lora). Its base
     must fit the model. The optimizer and the learning-rate schedule start fresh (step 0).
     """
     from lorafit.config import ConfigWarning

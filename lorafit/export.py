@@ -8,56 +8,41 @@
 
 All conversions are exact: factors are copied or cut, never recomputed. Merging adds the fp32 delta
 (`delta_weight()`) to each base weight and rounds once into the base dtype. Outputs are written to a
-temporary folder and renamed into place. transformers is imported inside the functions.
+temporary folder and renamed into place. transformers is imported inside the functions. Reading
+adapters of every layout (and the loralib file format) is lorafit/adapters.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorafit import lora
-from lorafit.checkpoint import atomic_dir
-from lorafit.errors import AdapterError
-from lorafit.lora.adapter import (
-    WEIGHTS_NAME,
-    ModuleLora,
-    apply_loras,
-    base_reference,
-    fuse_loras,
-    parse_adapter,
-    split_loras,
-    write_adapter,
+from lorafit import lora, quant
+from lorafit.adapters import (
+    adapter_error,
+    adapter_quantization,
+    load_any_adapter,
+    loralib_file,
+    loralib_sidecar,
+    read_loralib,
+    recorded_base,
+    write_loralib,
 )
-from lorafit.lora.files import write_json_atomic
+from lorafit.checkpoint import atomic_dir
+from lorafit.config import ModelConfig
+from lorafit.errors import AdapterError
+from lorafit.lora.factors import fuse_loras, split_loras
+from lorafit.lora.peft_format import parse_adapter, write_adapter
+from lorafit.model import fused_layout, fused_pieces, load_model
+from lorafit.precision import DTYPES, parse_dtype
 
 LAYOUTS = ("fused", "split", "loralib")
-LORALIB_NAME = "adapter_lora.pt"
-LORALIB_FORMAT = "lorafit-loralib-1"
 
 
-# ----------------------------------------------------------------------------- fused layouts
-
-
-def _pieces() -> dict[str, list[str]]:
-    from lorafit.model import FUSED_SLICES
-
-    out: dict[str, list[str]] = {}
-    for piece, (fused, _) in sorted(FUSED_SLICES.items(), key=lambda kv: kv[1][1]):
-        out.setdefault(fused, []).append(piece)
-    return out
-
-
-def fused_layout(model: nn.Module) -> dict[str, tuple[list[str], list[int]]]:
-    """{fused leaf: (piece leaves, row sizes)} of the model, e.g. Phi-3's qkv_proj -> q/k/v_proj."""
-    from lorafit.model import fused_split_sizes
-
-    pieces = _pieces()
-    return {f: (pieces[f], sizes) for f, sizes in fused_split_sizes(model).items() if f in pieces}
+# ----------------------------------------------------------------------------- layouts
 
 
 def _meta_model(base: str, trust_remote_code: bool = False) -> nn.Module:
@@ -78,7 +63,7 @@ def _meta_model(base: str, trust_remote_code: bool = False) -> nn.Module:
 def _layout_for(loras: dict, recorded: dict, base: str | None, split: bool, trust_remote_code=False) -> dict:
     """The fused layout a conversion needs: recorded in the adapter, from its slices, or from the base
     (only loaded when a fused module must be split, or pieces fused, without a recorded layout)."""
-    pieces = _pieces()
+    pieces = fused_pieces()
     layout = {k: (v["pieces"], v["split_sizes"]) for k, v in recorded.items()}
     for name, m in loras.items():
         leaf = name.rpartition(".")[2]
@@ -99,173 +84,6 @@ def _layout_for(loras: dict, recorded: dict, base: str | None, split: bool, trus
             )
         layout = {**fused_layout(_meta_model(base, trust_remote_code)), **layout}
     return layout
-
-
-# ----------------------------------------------------------------------------- loralib checkpoints
-
-
-def loralib_file(path: str | Path) -> Path | None:
-    """The loralib checkpoint an adapter path stands for: the .pt file itself, or the `adapter_lora.pt`
-    in a folder written by `lorafit export --layout loralib`; None for a PEFT adapter folder."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir() and not (path / WEIGHTS_NAME).exists() and (path / LORALIB_NAME).is_file():
-        return path / LORALIB_NAME
-    return None
-
-
-def recorded_base(adapter: str | Path) -> str | None:
-    """The base model an adapter records (PEFT folder: adapter_config.json; loralib: the JSON beside the .pt)."""
-    pt = loralib_file(adapter)
-    try:
-        return _sidecar(pt).get("base_model") if pt else lora.read_adapter(adapter).base_model
-    except lora.LoraError as e:
-        raise AdapterError(str(e)) from e
-
-
-def _sidecar(pt: Path) -> dict:
-    side = pt.with_suffix(".json")
-    try:
-        info = json.loads(side.read_text()) if side.is_file() else {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{side}: unreadable ({e}). Fix: delete it and pass --lora-alpha.") from e
-    return info if info.get("format") == LORALIB_FORMAT else {}
-
-
-def _guess_slices(name, a, b, r, mod, layout, target_modules) -> tuple[dict | None, str | None]:
-    """(slices, problem) for loralib factors on a plain Linear: whole module or which fused pieces."""
-    if a.shape[0] == r and b.shape[0] == mod.out_features:
-        return None, None
-    leaf = name.rpartition(".")[2]
-    if leaf not in layout or a.shape[0] % r:
-        return None, f"wrong shape for {name}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} on {mod}"
-    pieces, sizes = layout[leaf]
-    k = a.shape[0] // r
-    if target_modules and any(p in target_modules for p in pieces):
-        options = [tuple(i for i, p in enumerate(pieces) if p in target_modules)]
-    else:
-        options = list(itertools.combinations(range(len(pieces)), k))
-    options = [o for o in options if len(o) == k and sum(sizes[i] for i in o) == b.shape[0]]
-    if len(options) != 1:
-        what = " or ".join("+".join(pieces[i] for i in o) for o in options) or "no combination of pieces"
-        return (
-            None,
-            f"{name}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} fit {what}; pass --target-modules",
-        )
-    return {"split_sizes": list(sizes), "enable_lora": [i in options[0] for i in range(len(pieces))]}, None
-
-
-def read_loralib(
-    path: str | Path, model: nn.Module, *, lora_alpha: float | None = None, target_modules=None
-) -> tuple[dict[str, ModuleLora], dict[str, torch.Tensor], list[str], dict]:
-    """A `lora_state_dict` checkpoint as (loras, full params, problems, sidecar info).
-
-    Read with `torch.load(weights_only=True)` only. loralib files hold no rank, alpha or slices: r is
-    read off lora_B, the slices of a fused module off the factor shapes and the model's fused layout
-    (`target_modules` disambiguates), and alpha comes from the `adapter_lora.json` written beside
-    lorafit's exports, or from `lora_alpha`.
-    """
-    path = Path(path).expanduser()
-    if path.suffix == ".bin":
-        raise AdapterError(
-            f"{path}: pickled .bin files are never loaded. Fix: use a safetensors adapter folder."
-        )
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or would need unpickling arbitrary objects
-        raise AdapterError(
-            f"{path}: not a readable loralib checkpoint ({type(e).__name__}: {e}). "
-            "Fix: pass a file written by torch.save(lora.lora_state_dict(model), path), or an adapter folder."
-        ) from e
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        raise AdapterError(f"{path}: not a lora_state_dict (a dict of tensors by parameter name)")
-    info = _sidecar(path)
-    named, layout = dict(model.named_modules()), fused_layout(model)
-    groups: dict[str, dict] = {}
-    full: dict[str, torch.Tensor] = {}
-    for key, t in sd.items():
-        stem, _, which = key.rpartition(".")
-        if which in ("lora_A", "lora_B"):
-            groups.setdefault(stem, {})[which[-1]] = t
-        else:
-            full[key] = t
-    loras, problems = {}, []
-    for name, g in sorted(groups.items()):
-        spec, mod = info.get("modules", {}).get(name), named.get(name)
-        if "A" not in g or "B" not in g:
-            problems.append(f"missing key: {name} has only lora_{'A' if 'A' in g else 'B'}")
-            continue
-        a, b = g["A"], g["B"]
-        if spec:
-            slices = {k: spec[k] for k in ("split_sizes", "enable_lora")} if "split_sizes" in spec else None
-            loras[name] = ModuleLora(spec["kind"], a, b, spec["r"], spec["lora_alpha"], slices)
-            continue
-        if lora_alpha is None:
-            raise AdapterError(
-                f"{path}: a loralib checkpoint does not record lora_alpha. "
-                "Fix: pass --lora-alpha with the value used in training (loralib's default is 1)."
-            )
-        r = b.shape[1]
-        if isinstance(mod, lora.MergedLinear):
-            slices = {"split_sizes": list(mod.split_sizes), "enable_lora": list(mod.enable_lora)}
-            loras[name] = ModuleLora("linear", a, b, r, lora_alpha, slices)
-        elif isinstance(mod, nn.Embedding):
-            loras[name] = ModuleLora("embedding", a, b, a.shape[0], lora_alpha)
-        elif isinstance(mod, nn.Linear):
-            slices, problem = _guess_slices(name, a, b, r, mod, layout, target_modules)
-            if problem:
-                problems.append(problem)
-            else:
-                loras[name] = ModuleLora("linear", a, b, r, lora_alpha, slices)
-        else:
-            what = "no module" if mod is None else f"a {type(mod).__name__}"
-            problems.append(f"unexpected key {name}.lora_A/B: the model has {what} named {name!r}")
-    return loras, full, problems, info
-
-
-def write_loralib(
-    out_dir: Path, loras: dict, full: dict, *, use_rslora: bool, base_model, base_shapes
-) -> Path:
-    """OUT/adapter_lora.pt (`lora_state_dict` keys) + OUT/adapter_lora.json (rank, alpha, slices)."""
-    sd = {f"{n}.lora_{w}": t.contiguous() for n, m in loras.items() for w, t in (("A", m.A), ("B", m.B))}
-    sd.update({k: t.contiguous() for k, t in full.items()})
-    torch.save(sd, out_dir / LORALIB_NAME)
-    modules = {
-        n: {"kind": m.kind, "r": m.r, "lora_alpha": m.alpha, **(m.slices or {})} for n, m in loras.items()
-    }
-    info = {"format": LORALIB_FORMAT, "base_model": base_reference(base_model), "use_rslora": use_rslora,
-            "base_shapes": base_shapes or {}, "modules": modules}  # fmt: skip
-    write_json_atomic((out_dir / LORALIB_NAME).with_suffix(".json"), info, sort_keys=False)
-    return out_dir / LORALIB_NAME
-
-
-# ----------------------------------------------------------------------------- loading and exporting
-
-
-def load_any_adapter(
-    model: nn.Module, adapter: str | Path, *, trainable: bool = False, dtype=None, lora_alpha=None,
-    target_modules=None, lora_dropout: float = 0.0,
-) -> list[str]:  # fmt: skip
-    """Load an adapter of any layout onto `model`: a PEFT folder (fused or split keys), a loralib file, or
-    the folder `lorafit export --layout loralib` writes (its adapter_lora.json gives alpha, ranks and base;
-    a bare loralib file needs `lora_alpha`). `lora_dropout` is the dropout of the injected layers."""
-    path = Path(adapter).expanduser()
-    try:
-        pt = loralib_file(path)
-        if pt is None:
-            return lora.load_adapter(model, path, trainable=trainable, dtype=dtype, fused=fused_layout(model),
-                                     lora_dropout=lora_dropout)  # fmt: skip
-        loras, full, problems, info = read_loralib(
-            pt, model, lora_alpha=lora_alpha, target_modules=target_modules
-        )
-        return apply_loras(
-            model, loras, full, use_rslora=bool(info.get("use_rslora")), trainable=trainable, dtype=dtype,
-            problems=problems, source=pt, base_model=info.get("base_model"), base_shapes=info.get("base_shapes"),
-            lora_dropout=lora_dropout,
-        )  # fmt: skip
-    except lora.LoraError as e:
-        raise AdapterError(str(e)) from e
 
 
 def _check_output(out: Path, overwrite: bool, sources: list[Path]) -> None:
@@ -303,7 +121,7 @@ def export_adapter(
     cfg: dict = {}
     try:
         if src.is_file():
-            base = base_model or _sidecar(src).get("base_model")
+            base = base_model or loralib_sidecar(src).get("base_model")
             if not base:
                 raise AdapterError(f"{src}: converting a loralib checkpoint needs --base-model M")
             net = _meta_model(base, trust_remote_code)
@@ -341,7 +159,7 @@ def export_adapter(
                 write_adapter(tmp, loras, full, use_rslora=use_rslora, base_model_name_or_path=base,
                               base_shapes=shapes, extra_metadata=extra, **keep)  # fmt: skip
     except lora.LoraError as e:
-        raise AdapterError(str(e)) from e
+        raise adapter_error(e) from e
     return out
 
 
@@ -392,16 +210,6 @@ BASE_WEIGHTS = ("dequantized", "original")
 ERROR_REPORT = "quantization_error.json"
 
 
-def adapter_quantization(src: Path) -> dict:
-    """The quantization a lorafit adapter was trained with ({} when none or not recorded)."""
-    if loralib_file(src) is not None:
-        return {}
-    try:
-        return dict(lora.read_adapter(src).meta.get("quantization") or {})
-    except lora.LoraError:
-        return {}
-
-
 def merge_to_hf(
     model: str | None,
     adapter: str | Path,
@@ -432,8 +240,6 @@ def merge_to_hf(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorafit.model import DTYPES
-
     if dtype != "auto" and dtype not in DTYPES:
         raise AdapterError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     if base_weights not in BASE_WEIGHTS:
@@ -449,15 +255,15 @@ def merge_to_hf(
     method = quantization or trained.get("method") or "none"
     if double_quant is None:
         double_quant = bool(trained.get("double_quant", True))
-    if method != "none":
-        from lorafit import quant
     try:
         if method != "none" and base_weights == "dequantized":
             # what training recorded applies when merging with the method it trained with
             net = _load_as_trained(model, method, double_quant, trained if method == trained.get("method") else {},
                                    trust_remote_code)  # fmt: skip
         else:  # "original": the unquantized weights, merged in fp32, written in bf16
-            load_dtype = torch.float32 if method != "none" else "auto" if dtype == "auto" else DTYPES[dtype]
+            load_dtype = (
+                torch.float32 if method != "none" else "auto" if dtype == "auto" else parse_dtype(dtype)
+            )
             net = AutoModelForCausalLM.from_pretrained(
                 model, trust_remote_code=trust_remote_code, dtype=load_dtype
             )
@@ -476,7 +282,7 @@ def merge_to_hf(
     if leftover:  # pragma: no cover - merge_into_base replaces every LoRA layer
         raise AdapterError(f"merge left LoRA weights behind: {leftover[:3]}")
     if method != "none":
-        net.to(torch.bfloat16 if dtype == "auto" else DTYPES[dtype])
+        net.to(torch.bfloat16 if dtype == "auto" else parse_dtype(dtype))
     net.config.use_cache = True
     with atomic_dir(out) as tmp:
         net.save_pretrained(tmp, max_shard_size="5GB")  # shards the size Phi-3's own repository uses
@@ -493,10 +299,6 @@ def _load_as_trained(model: str, method: str, double_quant: bool, trained: dict,
     checkpoint quantized from fp32 and from its bf16 rounding gives other 4-bit codes), with its double
     quant and compute dtype. An adapter that records none of this (trained before lorafit recorded it)
     gets what `model.dtype: auto` loads on this CPU. A blocksize other than the recorded one is an error."""
-    from lorafit import quant
-    from lorafit.config import ModelConfig
-    from lorafit.model import load_model
-
     cfg = ModelConfig(
         name_or_path=str(model), dtype=trained.get("dtype", "auto"), device="cpu", quantization=method,
         bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=trained.get("compute_dtype", "auto"),
@@ -519,8 +321,6 @@ def _quantization_error(
 ) -> dict:
     """The per-layer quantization error report: loaded quantized layers against the checkpoint, or (for
     base_weights="original") each linear weight but the output head quantized and dequantized again."""
-    from lorafit import quant
-
     if base_weights == "dequantized":
         pairs = quant.dequantized_pairs(net, model)
     else:

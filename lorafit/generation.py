@@ -11,19 +11,11 @@ from pathlib import Path
 
 import torch
 
+from lorafit.adapters import adapter_base, adapter_quantization, load_any_adapter
 from lorafit.config import ModelConfig
 from lorafit.errors import AdapterError
 from lorafit.model import load_model, load_tokenizer, resolve_device, stop_token_ids
-
-
-def adapter_base(adapter: str | Path) -> str:
-    """The base model an adapter (any layout lorafit reads) records; an AdapterError if it records none."""
-    from lorafit.export import recorded_base
-
-    base = recorded_base(adapter)
-    if not base:
-        raise AdapterError(f"{adapter}: the adapter records no base model. Fix: pass --model BASE")
-    return base
+from lorafit.quant import check_adapter_quantization
 
 
 def load(
@@ -55,9 +47,6 @@ def load(
         model = adapter_base(adapter)
     recorded: dict = {}
     if adapter is not None:
-        from lorafit.export import adapter_quantization
-        from lorafit.quant import check_adapter_quantization
-
         recorded = adapter_quantization(Path(adapter).expanduser())
         check_adapter_quantization(recorded, quantization, adapter)
     double_quant = recorded.get("double_quant") if recorded.get("method") == quantization else None
@@ -70,8 +59,6 @@ def load(
     tokenizer = load_tokenizer(cfg.name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     net = load_model(cfg, device=torch_device, training=False)
     if adapter is not None:
-        from lorafit.export import load_any_adapter  # fused or split PEFT keys, or a loralib file
-
         load_any_adapter(net, adapter, lora_alpha=lora_alpha, target_modules=target_modules)
     net.eval()
     return net, tokenizer

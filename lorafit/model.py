@@ -8,6 +8,8 @@ What is Phi-3-specific lives here and nowhere else:
   over the whole output), or the split names `q_proj k_proj v_proj gate_proj up_proj`, which
   adapt only those slices of the fused module (loralib `MergedLinear` semantics). PEFT cannot
   express the latter: on Phi-3, `["q_proj", "v_proj"]` silently matches nothing in PEFT.
+  `fused_layout(model)` (from `FUSED_SLICES` and the config's sizes) is the one description of
+  these pieces that adapters.py and export.py use to split and fuse adapters.
 - The end of an assistant turn is `<|end|>`; generation stops at `<|end|>` or `<|endoftext|>`.
 
 Everything else is any Hugging Face causal LM through the Auto classes.
@@ -28,7 +30,6 @@ from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError, DataError, LorafitError
 from lorafit.lora.inject import target_names
 from lorafit.precision import (
-    DTYPES,  # noqa: F401  export.py still imports DTYPES from here; its home is precision
     bnb_compute_dtype,
     lora_dtype,
     weight_dtype,
@@ -251,6 +252,23 @@ def fused_split_sizes(model) -> dict[str, list[int]]:
     return sizes
 
 
+def fused_pieces() -> dict[str, list[str]]:
+    """{fused leaf: its piece leaves in row order}, FUSED_SLICES read the other way round:
+    {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}."""
+    out: dict[str, list[str]] = {}
+    for piece, (fused, _) in sorted(FUSED_SLICES.items(), key=lambda kv: kv[1][1]):
+        out.setdefault(fused, []).append(piece)
+    return out
+
+
+def fused_layout(model) -> dict[str, tuple[list[str], list[int]]]:
+    """{fused leaf: (piece leaves, row sizes)} of the fused projections this model has, e.g. Phi-3's
+    {"qkv_proj": (["q_proj", "k_proj", "v_proj"], [3072, 1024, 1024]), ...}: the layout
+    lorafit.lora's split_loras/fuse_loras/load_adapter take."""
+    pieces = fused_pieces()
+    return {f: (pieces[f], sizes) for f, sizes in fused_split_sizes(model).items() if f in pieces}
+
+
 def plan_lora(model, target_modules: str | list[str]) -> LoraPlan:
     """Translate split names (q_proj, v_proj, ...) into slices of fused modules where needed.
 
@@ -302,88 +320,17 @@ def apply_lora(model, peft: PeftConfig) -> list[str]:
         )
     except lora.LoraError as e:
         raise ConfigError(f"peft_config.target_modules: {e}") from e
-    _train_only_lora(model, peft)
+    train_only_lora(model, peft)
     return names
 
 
-def _train_only_lora(model, peft: PeftConfig) -> None:
+def train_only_lora(model, peft: PeftConfig) -> None:
+    """Train the LoRA factors, the biases `peft.bias` asks for and `peft.modules_to_save`; freeze the rest."""
     lora.mark_only_lora_as_trainable(model, bias=peft.bias)
     for name in peft.modules_to_save or []:
         module = find_module(model, name)
         for p in module.parameters():
             p.requires_grad_(True)
-
-
-def _adapter_targets(model, layers: dict) -> list[str]:
-    """The target_modules that describe LoRA layers: leaf names, and piece names (q_proj, ...) for slices."""
-    pieces: dict[str, list[str]] = {}
-    for piece, (fused, _) in sorted(FUSED_SLICES.items(), key=lambda kv: kv[1][1]):
-        pieces.setdefault(fused, []).append(piece)
-    out = set()
-    for name, layer in layers.items():
-        leaf = name.rpartition(".")[2]
-        enable = getattr(layer, "enable_lora", None)
-        if enable is not None and len(pieces.get(leaf, [])) == len(enable):
-            out |= {p for p, on in zip(pieces[leaf], enable) if on}
-        else:
-            out.add(leaf)
-    return sorted(out)
-
-
-def continue_lora(model, peft: PeftConfig, adapter: str) -> list[str]:
-    """Put the adapter at `adapter` onto the model to train it further; freeze everything else.
-
-    `adapter` is any layout lorafit reads (a PEFT or lorafit folder, fused or split keys, slice adapters,
-    a loralib export). The LoRA shape is the adapter's: its ranks and alphas (rank_pattern/alpha_pattern
-    included), rsLoRA, and which modules and slices it adapts. peft_config's r, lora_alpha, use_rslora,
-    target_modules and exclude_modules describe a new adapter: left at their defaults they are not
-    used; set to anything else they must agree with the adapter (target_modules as the leaf names it
-    adapts, e.g. [q_proj, v_proj, o_proj]), else this is a ConfigError (exclude_modules is always one).
-    init_lora_weights is not used. lora_dropout, bias, modules_to_save and lora_dtype apply as for a new
-    adapter. Afterwards `peft` holds the adapter's r, lora_alpha (the most common ones), use_rslora and
-    target_modules, so the saved config.yaml describes what trains. Returns the adapted module names.
-    """
-    from collections import Counter
-
-    from lorafit.errors import AdapterError
-    from lorafit.export import load_any_adapter
-
-    try:
-        names = load_any_adapter(
-            model, adapter, trainable=True, dtype=lora_dtype(peft.lora_dtype), lora_dropout=peft.lora_dropout
-        )
-    except AdapterError as e:
-        raise AdapterError(f"model.adapter (--adapter) {adapter}: {e}") from e
-    layers = {n: layer for n, layer in lora.lora_modules(model).items() if n in names}
-    r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
-    alpha = Counter(layer.lora_alpha for layer in layers.values()).most_common(1)[0][0]
-    rslora = any(getattr(layer, "use_rslora", False) for layer in layers.values())
-    targets = _adapter_targets(model, layers)
-    default = PeftConfig()
-    wrong = []
-    if peft.r != default.r and peft.r != r:
-        wrong.append(f"peft_config.r is {peft.r}, the adapter's rank is {r}")
-    if peft.lora_alpha != default.lora_alpha and peft.lora_alpha != alpha:
-        wrong.append(f"peft_config.lora_alpha is {peft.lora_alpha}, the adapter's is {alpha}")
-    if peft.use_rslora != default.use_rslora and peft.use_rslora != rslora:
-        wrong.append(f"peft_config.use_rslora is {peft.use_rslora}, the adapter's is {rslora}")
-    given = peft.target_modules
-    if given != default.target_modules and not (
-        isinstance(given, list) and sorted({t.rpartition(".")[2] for t in given}) == targets
-    ):
-        wrong.append(f"peft_config.target_modules is {given!r}, the adapter adapts {targets}")
-    if peft.exclude_modules != default.exclude_modules:
-        wrong.append("peft_config.exclude_modules is set, but the adapter decides which modules are adapted")
-    if wrong:
-        raise ConfigError(
-            f"model.adapter {adapter}: the adapter fixes the LoRA shape, and the config disagrees: "
-            + "; ".join(wrong)
-            + ". Fix: remove these peft_config keys (they are taken from the adapter), or train a new adapter "
-            "without --adapter."
-        )
-    peft.r, peft.lora_alpha, peft.use_rslora, peft.target_modules = r, alpha, rslora, targets
-    _train_only_lora(model, peft)
-    return names
 
 
 def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:

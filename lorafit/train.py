@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from lorafit import distributed, lora
+from lorafit.adapters import continue_lora
 from lorafit.checkpoint import (
     STATE_FILE,
     TRAINING_STATE_FILE,
@@ -75,11 +76,10 @@ from lorafit.data import TokenizedData, TokenStats, load_conversations, split_ev
 from lorafit.distributed import Dist, all_sum
 from lorafit.errors import ConfigError, DataError, LorafitError
 from lorafit.evaluation import eval_loss, rows_for
-from lorafit.lora.adapter import base_reference
 from lorafit.lora.files import replace_atomic, write_bytes_atomic, write_json_atomic
+from lorafit.lora.peft_format import base_reference
 from lorafit.model import (
     apply_lora,
-    continue_lora,
     end_of_turn,
     hold_frozen_linears_in,
     load_model,

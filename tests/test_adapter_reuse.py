@@ -103,7 +103,7 @@ def test_generate_eval_and_merge_without_model_from_another_directory(run_a, wor
 
 
 def test_a_hub_id_stays_an_id():
-    from lorafit.lora.adapter import base_reference
+    from lorafit.lora.peft_format import base_reference
 
     assert base_reference("microsoft/Phi-3-mini-4k-instruct") == "microsoft/Phi-3-mini-4k-instruct"
 

@@ -806,6 +806,7 @@ WRONG_TYPE_MESSAGES = {
     "data.eval_split_name": "expected a non-empty string or null, got [1, 2] (list)",
     "data.train_on": "expected one of 'assistant', 'all', got [1, 2] (list)",
     "data.truncation": "expected true or false, got [1, 2] (list)",
+    "data.system_message": "expected one of 'auto', 'fold', 'drop', 'error', got [1, 2] (list)",
     "training_config.learning_rate": "expected a float > 0, got [1, 2] (list)",
     "training_config.per_device_train_batch_size": "expected an integer >= 1, got [1, 2] (list)",
     "training_config.per_device_eval_batch_size": "expected an integer >= 1, got [1, 2] (list)",

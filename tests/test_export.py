@@ -21,9 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorafit import lora
+from lorafit.adapters import load_any_adapter
 from lorafit.cli import main
 from lorafit.errors import AdapterError
-from lorafit.export import export_adapter, fused_layout, load_any_adapter, merge_to_hf
+from lorafit.export import export_adapter, merge_to_hf
+from lorafit.model import fused_layout
 
 SPLIT_LEAVES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
 
@@ -164,7 +166,8 @@ def test_peft_adapter_trained_on_a_llamafied_model_loads_onto_the_fused_model(ba
 
 
 def test_fusing_pieces_of_different_ranks_pads_them():
-    from lorafit.lora.adapter import ModuleLora, fuse_loras
+    from lorafit.lora.factors import fuse_loras
+    from lorafit.lora.peft_format import ModuleLora
 
     g = torch.Generator().manual_seed(0)
 
@@ -204,7 +207,9 @@ def test_foreign_split_adapter_needs_the_fused_layout(trained, base, tmp_path):
     with safe_open(str(st), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, str(st))  # no metadata
-    with pytest.raises(lora.LoraError, match=r"pieces of a fused module\? convert with `lorafit export"):
+    with pytest.raises(
+        lora.LoraError, match=r"pieces of a fused module\? pass their fused layout to load_adapter"
+    ):
         lora.load_adapter(copy.deepcopy(base), tmp_path / "split")
     assert_same_deltas(model, loaded(base, tmp_path / "split"))  # the load paths pass the model's layout
     export_adapter(tmp_path / "split", tmp_path / "fused")  # the recorded base model gives the layout
@@ -415,6 +420,21 @@ def test_corrupt_safetensors_is_a_clear_error(base, adapter, tmp_path, capsys, d
         lora.load_adapter(copy.deepcopy(base), adapter)
     assert run_cli("export", "--adapter", adapter, "--layout", "split", "--output-dir", tmp_path / "s") == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_the_library_says_what_to_do_and_the_pipeline_adds_the_lorafit_advice(base, adapter):
+    st = adapter / "adapter_model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    with pytest.raises(lora.LoraError) as library:
+        lora.load_adapter(copy.deepcopy(base), adapter)
+    assert str(library.value).endswith("Fix: copy the adapter again.") and "checkpoint-" not in str(
+        library.value
+    )
+    with pytest.raises(AdapterError) as pipeline:
+        load_any_adapter(copy.deepcopy(base), adapter)
+    assert str(pipeline.value).endswith(
+        "Fix: copy the adapter again, or use an earlier checkpoint-<step>/ folder."
+    )
 
 
 def test_missing_config_and_pickled_bin_are_refused(base, tiny_model, adapter, tmp_path, capsys):

@@ -30,7 +30,7 @@ class ModelConfig(Section):
     # A Hugging Face Hub id or a local directory (recorded by its absolute path when training).
     name_or_path: str = option("microsoft/Phi-3-mini-4k-instruct", path=True)
     # Train further from this adapter (a PEFT or lorafit adapter folder, or a loralib export) instead of
-    # a new one: its LoRA shape is used (see lorafit.model.continue_lora), the optimizer starts fresh.
+    # a new one: its LoRA shape is used (see lorafit.adapters.continue_lora), the optimizer starts fresh.
     adapter: str | None = option(None, path=True)
     # Dtype of the base weights: auto (the checkpoint's own dtype, like transformers' dtype="auto"),
     # bf16, fp16 or fp32. bfloat16/float16/float32 are accepted and stored as bf16/fp16/fp32.

@@ -12,14 +12,17 @@ exactly (``eval()`` never merges), and every layer has ``delta_weight()`` for ex
 :class:`WrappedLinear` adds LoRA around any linear-like module, e.g. a quantized one (QLoRA). See
 :mod:`lorafit.lora.layers` for what differs from loralib on purpose.
 
-:func:`save_adapter`/:func:`load_adapter` read and write PEFT's adapter folder format.
+:func:`save_adapter`/:func:`load_adapter` read and write PEFT's adapter folder format
+(:mod:`~lorafit.lora.peft_format` the files, :mod:`~lorafit.lora.factors` exact fused <-> split
+conversions, :mod:`~lorafit.lora.apply` fit checks and putting factors onto a model).
 
 This package imports only torch and safetensors, never transformers or the rest of lorafit.
 """
 
-from .adapter import load_adapter, read_adapter, save_adapter
+from .apply import load_adapter
 from .inject import inject
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear, WrappedLinear
+from .peft_format import read_adapter, save_adapter
 from .state import (
     LoraError,
     LoRALayer,

@@ -325,7 +325,7 @@ class WrappedLinear(nn.Module, LoRALayer):
     weight and its quantization state); the LoRA factors are ``lora_A``/``lora_B`` as everywhere.
     LoRA factors default to fp32 when the base weight is not a float tensor.
     :meth:`merge` needs a float base weight: a quantized weight cannot absorb ΔW, so dequantize the
-    base layer first (``lorafit.quant.dequantize`` puts an ``nn.Linear`` there).
+    base layer first (put a float ``nn.Linear`` holding the dequantized weight in its place).
     """
 
     _weight_key = "base_layer.weight"
@@ -407,7 +407,7 @@ class WrappedLinear(nn.Module, LoRALayer):
         if self._active and not self.merged and not w.is_floating_point():
             raise LoraError(
                 f"cannot merge LoRA into a quantized {type(self.base_layer).__name__} ({w.dtype} weight): "
-                "dequantize the base layer first (lorafit.quant.dequantize), then merge"
+                "dequantize the base layer first (replace it by a float nn.Linear), then merge"
             )
         LoRALayer.merge(self)
 

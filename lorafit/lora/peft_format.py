@@ -22,13 +22,13 @@ names: PEFT 0.21 matches a key with `re.match(rf"(.*\\.)?({key})$", module_name)
 picks out exactly that module. What was done is recorded in the safetensors header metadata
 (`lorafit` key; PEFT ignores it), so lorafit reads its slices back as `MergedLinear` layers.
 
-Split layout: runtimes that know Phi-3 only as a Llama model expect `q_proj`/`k_proj`/`v_proj` and
-`gate_proj`/`up_proj` keys. :func:`split_loras` turns a fused module's LoRA into one LoRA per piece
-(exact: A is shared or per slice, B's rows are cut), and :func:`fuse_loras` puts pieces back into one
-fused-module LoRA (the slice form, or the shared-A whole-module form when every piece has the same A).
-:func:`load_adapter` does the latter by itself when given the model's fused layout.
+    model_loras(model) -> {name: ModuleLora} -> write_adapter(out, loras)    save_adapter does both
+    read_adapter(path) -> AdapterFiles -> parse_adapter(files) -> ({name: ModuleLora}, full, problems)
 
-Torch, safetensors and json only. Files are written to a temporary name and renamed into place.
+Converting between fused and split layouts is :mod:`lorafit.lora.factors`; putting factors onto a
+model is :mod:`lorafit.lora.apply`. Torch, safetensors and json only. Files are written to a
+temporary name and renamed into place (:mod:`lorafit.lora.files`); the same tensors give the same
+bytes in every process.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,30 +48,28 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from lorafit.lora.files import write_bytes_atomic, write_json_atomic
-from lorafit.lora.inject import inject
 from lorafit.lora.layers import Embedding, Linear, MergedLinear, WrappedLinear
 from lorafit.lora.state import LoraError, LoRALayer, lora_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-
-# fused leaf name -> (piece leaf names, row sizes), e.g. {"qkv_proj": (["q_proj", "k_proj", "v_proj"], [96, 32, 32])}
-FusedLayout = Mapping[str, tuple[Sequence[str], Sequence[int]]]
+# The fix a corrupt weights file names (a caller that keeps older copies can add where they are).
+CORRUPT_FIX = "Fix: copy the adapter again."
 
 __all__ = [
-    "save_adapter",
-    "load_adapter",
-    "read_adapter",
-    "base_reference",
-    "AdapterFiles",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PREFIX",
+    "CORRUPT_FIX",
     "ModuleLora",
+    "base_reference",
     "model_loras",
-    "parse_adapter",
     "write_adapter",
-    "apply_loras",
-    "split_loras",
-    "fuse_loras",
+    "save_adapter",
+    "AdapterFiles",
+    "read_adapter",
+    "parse_adapter",
 ]
 
 
@@ -109,10 +107,6 @@ def base_reference(name: str | os.PathLike | None) -> str | None:
         return None
     path = Path(os.path.expanduser(os.fspath(name)))
     return str(path.resolve()) if path.exists() else os.fspath(name)
-
-
-def _scale(alpha: float, r: int, use_rslora: bool) -> float:
-    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -158,6 +152,10 @@ def _slices_from_block(b: torch.Tensor, spec: dict) -> torch.Tensor | None:
     if b.shape != (row, j * r) or bool((b[mask] != 0).any()):
         return None
     return torch.cat(parts, 0)
+
+
+def _join(parent: str, leaf: str) -> str:
+    return f"{parent}.{leaf}" if parent else leaf
 
 
 # ----------------------------------------------------------------------------- model -> files
@@ -386,10 +384,7 @@ def read_adapter(path: str | Path) -> AdapterFiles:
             raw_meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LoraError(
-            f"{w_path}: corrupt or truncated safetensors file ({e}). "
-            "Fix: copy the adapter again, or use an earlier checkpoint-<step>/ folder."
-        ) from e
+        raise LoraError(f"{w_path}: corrupt or truncated safetensors file ({e}). {CORRUPT_FIX}") from e
     try:
         meta = json.loads(raw_meta.get("lorafit", "{}"))
     except json.JSONDecodeError:
@@ -465,319 +460,3 @@ def parse_adapter(files: AdapterFiles) -> tuple[dict[str, ModuleLora], dict[str,
         else:
             loras[name] = ModuleLora(g["kind"], a, b, r, alpha)
     return loras, full, problems
-
-
-# ----------------------------------------------------------------------------- fused <-> split
-
-
-def _join(parent: str, leaf: str) -> str:
-    return f"{parent}.{leaf}" if parent else leaf
-
-
-def split_loras(loras: Mapping[str, ModuleLora], layout: FusedLayout) -> dict[str, ModuleLora]:
-    """One LoRA per piece for every fused module in `layout` (exact: A copied or cut per slice, B's
-    rows cut; a slice LoRA yields only its enabled pieces). Other modules are passed through."""
-    out: dict[str, ModuleLora] = {}
-    for name, m in loras.items():
-        parent, _, leaf = name.rpartition(".")
-        if leaf not in layout or m.kind != "linear":
-            out[name] = m
-            continue
-        pieces, sizes = list(layout[leaf][0]), [int(s) for s in layout[leaf][1]]
-        if m.slices is None:
-            if m.B.shape[0] != sum(sizes):
-                raise LoraError(
-                    f"{name}: lora_B has {m.B.shape[0]} rows, but {leaf} splits into {dict(zip(pieces, sizes))} "
-                    f"({sum(sizes)} rows). Fix: pass the base model the adapter was trained on."
-                )
-            for piece, rows in zip(pieces, m.B.split(sizes)):
-                out[_join(parent, piece)] = ModuleLora("linear", m.A.clone(), rows.clone(), m.r, m.alpha)
-            continue
-        if list(m.slices["split_sizes"]) != sizes:
-            raise LoraError(
-                f"{name}: the adapter's slices {m.slices['split_sizes']} are not {leaf}'s pieces "
-                f"{dict(zip(pieces, sizes))}. Fix: pass the base model the adapter was trained on."
-            )
-        row, j = 0, 0
-        for piece, size, on in zip(pieces, sizes, m.slices["enable_lora"]):
-            if on:
-                a = m.A[j * m.r : (j + 1) * m.r].clone()
-                out[_join(parent, piece)] = ModuleLora(
-                    "linear", a, m.B[row : row + size].clone(), m.r, m.alpha
-                )
-                row += size
-                j += 1
-    return out
-
-
-def _fuse(parts: dict[int, ModuleLora], sizes: list[int], use_rslora: bool) -> ModuleLora:
-    ms = [parts[i] for i in sorted(parts)]
-    first = ms[0]
-    if len(ms) == len(sizes) and all(
-        m.r == first.r and m.alpha == first.alpha and torch.equal(m.A, first.A) for m in ms
-    ):  # a whole-module LoRA that was split: shared A, stacked B
-        return ModuleLora("linear", first.A, torch.cat([m.B for m in ms]), first.r, first.alpha)
-    # Slice form. Unequal ranks are padded with zero rows of A / columns of B (exact); the scale is that
-    # of a highest-rank piece (the one whose scale most pieces share), and a piece with another scale has
-    # its B rescaled (the only rounding).
-    scales = Counter(_scale(m.alpha, m.r, use_rslora) for m in ms)
-    top = [m for m in ms if m.r == max(m.r for m in ms)]
-    ref = max(top, key=lambda m: scales[_scale(m.alpha, m.r, use_rslora)])
-    r, scale = ref.r, _scale(ref.alpha, ref.r, use_rslora)
-    a_parts, b_parts = [], []
-    for m in ms:
-        a, b = m.A, m.B
-        if m.r < r:
-            a = torch.cat([a, a.new_zeros(r - m.r, a.shape[1])])
-            b = torch.cat([b, b.new_zeros(b.shape[0], r - m.r)], 1)
-        s = _scale(m.alpha, m.r, use_rslora)
-        if s != scale:
-            b = (b.float() * (s / scale)).to(b.dtype)
-        a_parts.append(a)
-        b_parts.append(b)
-    slices = {"split_sizes": list(sizes), "enable_lora": [i in parts for i in range(len(sizes))]}
-    return ModuleLora("linear", torch.cat(a_parts), torch.cat(b_parts), r, ref.alpha, slices)
-
-
-def fuse_loras(
-    loras: Mapping[str, ModuleLora],
-    layout: FusedLayout,
-    *,
-    use_rslora: bool = False,
-    want: Callable[[str, str], bool] | None = None,
-) -> tuple[dict[str, ModuleLora], list[str]]:
-    """Put per-piece LoRAs (`...q_proj`, `...v_proj`) back into one LoRA of their fused module.
-
-    Exact: pieces with a shared A become the whole-module LoRA (A, stacked B), otherwise the slice form
-    (stacked A, stacked B, rank = the pieces' rank each, i.e. a block-diagonal B of rank k*r; lower
-    ranks are zero-padded). Only pieces whose alpha/r differs from the others get B rescaled (rounded).
-    `want(fused_name, piece_name)` picks which pieces to fuse (default all). Returns (loras, problems).
-    """
-    piece_of = {p: (fused, i) for fused, (pieces, _) in layout.items() for i, p in enumerate(pieces)}
-    out: dict[str, ModuleLora] = {}
-    groups: dict[str, dict[int, ModuleLora]] = {}
-    problems: list[str] = []
-    for name, m in loras.items():
-        parent, _, leaf = name.rpartition(".")
-        hit = piece_of.get(leaf)
-        fused_name = _join(parent, hit[0]) if hit else ""
-        if hit is None or m.kind != "linear" or m.slices is not None or (want and not want(fused_name, name)):
-            out[name] = m
-            continue
-        groups.setdefault(fused_name, {})[hit[1]] = m
-    for fused_name, parts in groups.items():
-        pieces, sizes = layout[fused_name.rpartition(".")[2]]
-        sizes = [int(s) for s in sizes]
-        bad = [
-            f"{pieces[i]} has lora_B {tuple(m.B.shape)}, lora_A {tuple(m.A.shape)}"
-            for i, m in parts.items()
-            if m.B.shape[0] != sizes[i] or m.A.shape[1] != next(iter(parts.values())).A.shape[1]
-        ]
-        if fused_name in out:
-            problems.append(f"{fused_name}: the adapter has a LoRA for it and for its pieces {sorted(parts)}")
-        elif bad:
-            problems.append(
-                f"wrong shape for the pieces of {fused_name} (rows {dict(zip(pieces, sizes))}): "
-                + "; ".join(bad)
-            )
-        else:
-            out[fused_name] = _fuse(parts, sizes, use_rslora)
-    return out, problems
-
-
-# ----------------------------------------------------------------------------- factors -> model
-
-
-def _model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or type(model).__name__
-
-
-def _fit_problems(name: str, m: ModuleLora, mod: nn.Module, use_rslora: bool) -> list[str]:
-    """Why `m` cannot go onto module `mod` (empty if it fits)."""
-    shapes = f"lora_A {tuple(m.A.shape)}, lora_B {tuple(m.B.shape)}"
-    if isinstance(mod, LoRALayer) and mod._active:  # a LoRA layer already there (e.g. resuming training)
-        mine = _slices(mod)
-        if mine is not None:
-            if m.slices != mine:
-                return [
-                    f"{name}: the model's layer adapts slices {mine}, the adapter has {m.slices or 'the whole module'}"
-                ]
-            a, b = m.A, m.B
-        else:
-            a, b = m.whole(use_rslora)[:2]
-        if (m.kind == "embedding") != isinstance(mod, Embedding) or (
-            tuple(a.shape) != tuple(mod.lora_A.shape) or tuple(b.shape) != tuple(mod.lora_B.shape)
-        ):
-            return [
-                f"wrong shape for {name}: adapter has {shapes}; the model's {type(mod).__name__} needs "
-                f"lora_A {tuple(mod.lora_A.shape)}, lora_B {tuple(mod.lora_B.shape)}"
-            ]
-        return []
-    if m.kind == "embedding":
-        if not isinstance(mod, nn.Embedding):
-            return [
-                f"{name}: the adapter has an embedding LoRA, but the model's module is a {type(mod).__name__}"
-            ]
-        n_in, n_out = mod.num_embeddings, mod.embedding_dim
-    else:
-        if not isinstance(mod, nn.Linear) or isinstance(mod, LoRALayer):
-            return [
-                f"{name}: the adapter has a linear LoRA, but the model's module is a {type(mod).__name__}"
-            ]
-        n_in, n_out = mod.in_features, mod.out_features
-    if m.slices is not None:
-        sizes, enable = m.slices["split_sizes"], m.slices["enable_lora"]
-        want_a = (m.r * sum(enable), n_in)
-        want_b = (sum(s for s, e in zip(sizes, enable) if e), m.r)
-        if sum(sizes) != n_out:
-            return [
-                f"wrong shape for {name}: adapter slices {sizes} cover {sum(sizes)} rows, the model's has {n_out}"
-            ]
-    else:
-        want_a, want_b = (m.r, n_in), (n_out, m.r)
-    if tuple(m.A.shape) != want_a or tuple(m.B.shape) != want_b:
-        return [
-            f"wrong shape for {name}: adapter has {shapes}; the model's {type(mod).__name__} "
-            f"({n_in} -> {n_out}) needs lora_A {want_a}, lora_B {want_b}"
-        ]
-    return []
-
-
-def apply_loras(
-    model: nn.Module,
-    loras: Mapping[str, ModuleLora],
-    full: Mapping[str, torch.Tensor] | None = None,
-    *,
-    use_rslora: bool = False,
-    trainable: bool = False,
-    dtype: torch.dtype | None = None,
-    fused: FusedLayout | None = None,
-    problems: Sequence[str] = (),
-    source: str | Path = "adapter",
-    base_model: str | None = None,
-    base_shapes: Mapping[str, Sequence[int]] | None = None,
-    lora_dropout: float = 0.0,
-) -> list[str]:
-    """Put LoRA factors onto `model`, injecting LoRA layers where needed; returns the adapted names.
-
-    Everything is checked before the model is touched: a base model with other weight shapes than
-    `base_shapes` is refused, then every missing, unexpected and wrong-shape key is reported at once in
-    one LoraError. Pieces of fused modules (`fused`) whose own modules the model lacks are fused first.
-    """
-    named = dict(model.named_modules())
-    base = base_model or "an unrecorded base model"
-    mine = _model_name(model)
-    diffs = [
-        f"{n}: adapter {list(s)}, model {_base_shape(named[n])}"
-        for n, s in (base_shapes or {}).items()
-        if _base_shape(named.get(n)) is not None and _base_shape(named[n]) != list(s)
-    ]
-    if diffs:
-        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-        raise LoraError(
-            f"adapter {source} was trained on base model {base}, not on this model ({mine}): "
-            f"{len(diffs)} adapted weight(s) have other shapes, e.g. {'; '.join(diffs[:3])}{more}. "
-            f"Fix: load it onto {base}."
-        )
-    problems = list(problems)
-    if fused:
-        loras, more_problems = fuse_loras(
-            loras, fused, use_rslora=use_rslora, want=lambda f, piece: piece not in named and f in named
-        )
-        problems += more_problems
-    existing = lora_modules(model)
-    for name, m in sorted(loras.items()):
-        mod = named.get(name)
-        if mod is None:
-            hint = (
-                " (pieces of a fused module? convert with `lorafit export --layout fused --base-model M`)"
-                if name.rpartition(".")[0] in named else ""
-            )  # fmt: skip
-            problems.append(f"unexpected key {PREFIX}{name}.lora_A/B: the model has no module {name!r}{hint}")
-        else:
-            problems += _fit_problems(name, m, mod, use_rslora)
-    problems += [
-        f"missing key: the model's LoRA layer {n} has no weights in the adapter"
-        for n in existing
-        if n not in loras
-    ]
-    params = dict(model.named_parameters())
-    for key, t in (full or {}).items():
-        if key not in params:
-            problems.append(f"unexpected key {PREFIX}{key}: the model has no parameter {key!r}")
-        elif tuple(params[key].shape) != tuple(t.shape):
-            problems.append(
-                f"wrong shape for {key}: adapter {tuple(t.shape)}, model {tuple(params[key].shape)}"
-            )
-    if problems:
-        listing = "\n".join(f"  - {p}" for p in problems[:30])
-        more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
-        raise LoraError(
-            f"adapter {source} (trained on {base}) does not fit this model ({mine}): {len(problems)} "
-            f"problem(s):\n{listing}{more}\nFix: load it onto the base model it was trained on ({base})."
-        )
-    # The adapter names its modules, so a named nn.Linear subclass with its own forward (a quantized
-    # layer, e.g. bitsandbytes' Linear4bit) is adapted by wrapping it (lora.WrappedLinear).
-    wrap = tuple(
-        {
-            type(mod)
-            for n in loras
-            if isinstance(mod := named.get(n), nn.Linear)
-            and not isinstance(mod, LoRALayer)
-            and type(mod).forward is not nn.Linear.forward
-        }
-    )
-    by_shape: dict[tuple, list[str]] = {}
-    for name, m in loras.items():
-        if name not in existing:
-            by_shape.setdefault((m.r, m.alpha), []).append(name)
-    for (r, alpha), names in by_shape.items():
-        slices = {
-            n: (loras[n].slices["split_sizes"], loras[n].slices["enable_lora"])
-            for n in names
-            if loras[n].slices
-        }
-        inject(model, [n for n in names if n not in slices], r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
-               slices=slices or None, use_rslora=use_rslora, lora_dtype=dtype or torch.float32, wrap=wrap)  # fmt: skip
-    layers = lora_modules(model)
-    with torch.no_grad():
-        for name, m in loras.items():
-            layer = layers[name]
-            a, b = (m.A, m.B) if _slices(layer) is not None else m.whole(use_rslora)[:2]
-            layer.lora_A.copy_(a)
-            layer.lora_B.copy_(b)
-        for key, t in (full or {}).items():
-            params[key].copy_(t)
-    for layer in layers.values():
-        for p in (layer.lora_A, layer.lora_B):
-            p.requires_grad_(trainable)
-    return sorted(loras)
-
-
-def load_adapter(
-    model: nn.Module,
-    path: str | Path,
-    *,
-    trainable: bool = False,
-    dtype: torch.dtype | None = None,
-    fused: FusedLayout | None = None,
-    lora_dropout: float = 0.0,
-) -> list[str]:
-    """Put the adapter at `path` onto `model` (injecting LoRA layers as needed); returns adapted names.
-
-    Strict: a different base model is refused, and every missing, unexpected and wrong-shape key is
-    reported at once in one LoraError, before the model is changed. `dtype` is the LoRA weight dtype
-    (default fp32), `lora_dropout` the dropout of the LoRA layers it injects (for training further).
-    LoRA parameters train only if `trainable`. Split-layout adapters (`q_proj`, ...)
-    load onto fused modules given `fused` (lorafit's own split exports record it in their metadata).
-    """
-    files = read_adapter(path)
-    loras, full, problems = parse_adapter(files)
-    layout = {k: (v["pieces"], v["split_sizes"]) for k, v in files.meta.get("fused", {}).items()}
-    layout.update(fused or {})
-    return apply_loras(
-        model, loras, full, use_rslora=files.use_rslora, trainable=trainable, dtype=dtype, fused=layout,
-        problems=problems, source=files.path, base_model=files.base_model, base_shapes=files.meta.get("base_shapes"),
-        lora_dropout=lora_dropout,
-    )  # fmt: skip
