@@ -130,11 +130,13 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 def fix_pad_token(tokenizer) -> None:
     """Make sure the pad token is never a stop token.
 
-    Phi-3 ships `pad_token = <|endoftext|>`. A pad that equals the end-of-turn or end-of-text token
-    is dangerous: any code that masks labels by pad id would never train the model to stop, and it
-    generates forever. lorafit builds labels by position, but `generate` and other tools still pad
-    by id, so the pad becomes `<unk>` (as Microsoft's sample_finetune.py does) or else an unused
-    placeholder token; only as a last resort a new `<|pad|>` token is added.
+    Phi-3 ships `pad_token = <|endoftext|>`, SmolLM2 `pad_token = <|im_end|>` (its end of turn). A pad
+    that equals the end-of-turn or end-of-text token is dangerous: any code that masks labels by pad id
+    would never train the model to stop, and it generates forever. lorafit builds labels by position,
+    but `generate` and other tools still pad by id, so the pad becomes `<unk>` (as Microsoft's
+    sample_finetune.py does) or else an unused token the vocabulary already has (a pad, reserved or
+    placeholder token: Llama 3's `<|reserved_special_token_0|>`, Qwen2's padding entries); only as a
+    last resort a new `<|pad|>` token is added (whose id may then lie past the model's embeddings).
     """
     stops = {tokenizer.eos_token, end_of_turn(tokenizer)}
     if tokenizer.pad_token is not None and tokenizer.pad_token not in stops:
@@ -144,6 +146,12 @@ def fix_pad_token(tokenizer) -> None:
         if cand and cand in vocab and cand not in stops:
             tokenizer.pad_token = cand
             return
+    added = sorted(tokenizer.get_added_vocab().items(), key=lambda kv: kv[1])
+    for word in ("pad", "reserved", "placeholder"):
+        for cand, _ in added:
+            if word in cand.lower() and cand not in stops:
+                tokenizer.pad_token = cand
+                return
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
 
 
