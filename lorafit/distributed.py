@@ -197,6 +197,14 @@ def shard(module: LossModule, device: torch.device) -> list[str]:
     Parameters still on the CPU move to `device` shard by shard (so a GPU never holds the whole base).
     The output head stays in the root group on purpose: lorafit's loss reads `head.weight` without
     calling the head module (`lorafit.loss`), so a group of its own would never be gathered.
+
+    No MixedPrecisionPolicy, on purpose: the frozen base is already stored in the compute dtype (bf16
+    under bf16 autocast, `lorafit.model.weight_dtype`) and the LoRA factors stay fp32 master weights
+    that autocast casts per matmul, exactly as in one process. FSDP2 all-gathers a group of mixed
+    dtypes through one byte buffer, requires only the TRAINABLE parameters to share a dtype (all LoRA
+    factors are fp32), and reduce-scatters their gradients in that dtype, fp32. A policy with
+    param_dtype=bf16 would instead hand the LoRA factors to the forward in bf16, so their gradients
+    would be bf16 before the reduction and a sharded run would no longer match a single process.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
