@@ -14,9 +14,22 @@ splits q, k and v at the conversation boundaries and calls `scaled_dot_product_a
     row:   a0 a1 a2 b0 b1 p p       segments [3, 2, 2]
     sdpa(a0..a2, causal) | sdpa(b0 b1, causal) | sdpa(p p, causal)
 
-It gives the masked result (tested to 1e-5). Without ``lorafit_segments`` (generation, a batch
-with an attention mask) it IS transformers' sdpa: the same mask function and the same kernel, so a
-model set to ``lorafit_sdpa`` behaves exactly like ``sdpa`` everywhere else.
+Each piece goes to SDPA as a 4-D ``(1, H, L, D)`` batch of one: PyTorch's fused kernels (flash and
+memory-efficient on CUDA, ``_scaled_dot_product_flash_attention_for_cpu`` on the CPU) only take 4-D
+input, and a 3-D ``(H, L, D)`` call silently runs the math path (fp32 scores, an L x L mask per
+call, H x L x L probabilities kept for backward). Grouped-query attention (fewer k/v heads) goes
+through ``enable_gqa``, so k and v are never repeated. A model with a sliding window (Phi-3:
+``config.sliding_window``; a query sees itself and the ``window - 1`` keys before it) gets the
+window as a boolean mask on the pieces longer than it; shorter pieces are plain causal, as they
+are under transformers' mask. Dropout sends a piece to the math path (no fused CPU kernel has it).
+
+It gives the masked result (tested to 1e-5, with GQA and a window, outputs and gradients; tests/
+test_attention_kernels.py also checks the kernel that runs). Without ``lorafit_segments``
+(generation, a batch with an attention mask) it IS transformers' sdpa: the same mask function and
+the same kernel, so a model set to ``lorafit_sdpa`` behaves exactly like ``sdpa`` everywhere else.
+
+flash_attention_2 attends per conversation by itself, from the position_ids, but only when the
+batch is ONE row (transformers' ``_is_packed_sequence``); `flat_batch` makes it one row.
 """
 
 from __future__ import annotations
@@ -27,6 +40,14 @@ import torch.nn.functional as F
 PACKED_SDPA = "lorafit_sdpa"
 
 
+def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
+    """(n, n) bool, True where query i may attend key j: causal and i - window < j (transformers'
+    ``sliding_window_causal_mask_function``)."""
+    i = torch.arange(n, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < window)
+
+
 def packed_sdpa(
     module,
     query: torch.Tensor,
@@ -35,6 +56,7 @@ def packed_sdpa(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    sliding_window: int | None = None,
     lorafit_segments: list[list[int]] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
@@ -43,19 +65,23 @@ def packed_sdpa(
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            sliding_window=sliding_window, **kwargs,
+        )  # fmt: skip
     gqa = key.shape[1] != query.shape[1]
     rows = []
     # unbind/split (not indexing): their backward is one stack/cat, not a zero-filled copy per piece
     for q, k, v, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), lorafit_segments):
         pieces = zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))
-        out = [
-            F.scaled_dot_product_attention(
-                qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
-            )
-            for qs, ks, vs in pieces
-        ]
+        out = []
+        for (qs, ks, vs), n in zip(pieces, lengths):
+            windowed = sliding_window is not None and n > sliding_window
+            o = F.scaled_dot_product_attention(
+                qs[None], ks[None], vs[None],  # 4-D (1, H, L, D): the fused kernels' layout
+                attn_mask=_window_mask(n, sliding_window, q.device) if windowed else None,
+                dropout_p=dropout, is_causal=not windowed, scale=scaling, enable_gqa=gqa,
+            )  # fmt: skip
+            out.append(o[0])
         rows.append(out[0] if len(out) == 1 else torch.cat(out, 1))
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
@@ -84,3 +110,32 @@ def segment_kwargs(model, batch: dict) -> dict:
     if segments is None or getattr(model.config, "_attn_implementation", None) != PACKED_SDPA:
         return {}
     return {"lorafit_segments": segments}
+
+
+def needs_one_row(model) -> bool:
+    """Whether the model's attention separates packed conversations only within a batch of one row.
+
+    transformers' flash-attention path (flash_attention_2/3, hub kernels) derives the variable-length
+    boundaries from the position_ids only when the batch has ONE row (``_is_packed_sequence`` in
+    ``modeling_flash_attention_utils``); with more rows it runs plain causal attention over each whole
+    row and packed conversations attend to each other. sdpa, eager and flex build a mask per row.
+    """
+    return "flash" in str(getattr(model.config, "_attn_implementation", None) or "")
+
+
+def flat_batch(batch: dict) -> dict:
+    """A packed (B, T) batch as ONE row (1, B*T), for flash-attention (see `needs_one_row`)::
+
+        row 0:  a0 a1 b0 p        position_ids 0 1 0 0        one row:  a0 a1 b0 p c0 c1 c2 c3
+        row 1:  c0 c1 c2 c3       position_ids 0 1 2 3        position_ids 0 1 0 0 0 1 2 3
+
+    Every row starts at position 0 and its padding restarts at 0, so each conversation (and each
+    padding run) stays a sequence of its own; labels are already shifted per conversation, and
+    ``target_index`` (flat positions in B*T) stays valid. TRL flattens its padding-free batches the same way.
+    """
+    out = dict(batch)
+    for k in ("input_ids", "position_ids", "labels"):
+        out[k] = batch[k].reshape(1, -1)
+    if batch.get("segments") is not None:
+        out["segments"] = [[n for row in batch["segments"] for n in row]]
+    return out

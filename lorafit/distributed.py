@@ -117,13 +117,32 @@ def shutdown(clean: bool = True) -> None:
     dist.destroy_process_group()
 
 
-def all_sum(d: Dist, *values: float, device: torch.device | None = None) -> list[float]:
+def group_device(group=None) -> torch.device:
+    """The device a process group's tensor collectives run on: nccl has no CPU backend, so its
+    tensors must live on this process's GPU (cuda:LOCAL_RANK, the device `init` selected); gloo
+    (and a CPU-only run) works on the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def collective(op, tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Run the in-place tensor collective `op` (e.g. `dist.all_reduce`) on `tensor` moved to the group's
+    device (`group_device`; `tensor` itself when it is already there); return the result on `tensor`'s
+    device.
+
+    Every tensor collective of lorafit goes through here, so none hands a CPU tensor to nccl.
+    """
+    on_group = tensor.to(group_device(group))
+    op(on_group, group=group)
+    return on_group.to(tensor.device)
+
+
+def all_sum(d: Dist, *values: float) -> list[float]:
     """Sum numbers over ranks (float64 on the wire, so token counts stay exact)."""
     if not d.enabled:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device or torch.device("cpu"))
-    dist.all_reduce(t)
-    return t.tolist()
+    return collective(dist.all_reduce, torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def gather_objects(d: Dist, obj) -> list:
@@ -148,8 +167,9 @@ class LossModule(nn.Module):
         self.model = model
         self.compute_dtype = compute_dtype
 
-    def forward(self, input_ids, position_ids, labels, segments=None):
-        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "segments": segments}
+    def forward(self, input_ids, position_ids, labels, segments=None, target_index=None):
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "segments": segments,
+                 "target_index": target_index}  # fmt: skip
         return loss_sum(self.model, batch, self.compute_dtype)
 
 
@@ -177,6 +197,14 @@ def shard(module: LossModule, device: torch.device) -> list[str]:
     Parameters still on the CPU move to `device` shard by shard (so a GPU never holds the whole base).
     The output head stays in the root group on purpose: lorafit's loss reads `head.weight` without
     calling the head module (`lorafit.loss`), so a group of its own would never be gathered.
+
+    No MixedPrecisionPolicy, on purpose: the frozen base is already stored in the compute dtype (bf16
+    under bf16 autocast, `lorafit.model.weight_dtype`) and the LoRA factors stay fp32 master weights
+    that autocast casts per matmul, exactly as in one process. FSDP2 all-gathers a group of mixed
+    dtypes through one byte buffer, requires only the TRAINABLE parameters to share a dtype (all LoRA
+    factors are fp32), and reduce-scatters their gradients in that dtype, fp32. A policy with
+    param_dtype=bf16 would instead hand the LoRA factors to the forward in bf16, so their gradients
+    would be bf16 before the reduction and a sharded run would no longer match a single process.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

@@ -74,7 +74,13 @@ def eval_loss(
             batch = to_device(batch, device)
             with autocast(device, precision):
                 if module is not None:
-                    ls = module(batch["input_ids"], batch["position_ids"], batch["labels"], batch["segments"])
+                    ls = module(
+                        batch["input_ids"],
+                        batch["position_ids"],
+                        batch["labels"],
+                        batch["segments"],
+                        batch["target_index"],
+                    )
                 else:
                     ls = loss_sum(model, batch, cdtype)
             if n == 0 or padding:

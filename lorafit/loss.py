@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.attention import segment_kwargs
+from lorafit.attention import flat_batch, needs_one_row, segment_kwargs
 
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
 
@@ -96,15 +96,28 @@ def loss_sum(model: nn.Module, batch: dict, compute_dtype: torch.dtype | None = 
     The model gets input_ids and position_ids and no attention_mask, with use_cache=False: Phi-3 (and
     other transformers models) then build a block-diagonal causal mask from the restarting
     position_ids, so packed conversations never see each other. A model on ``lorafit_sdpa`` also
-    gets the batch's ``segments`` and attends per conversation instead (`lorafit.attention`).
+    gets the batch's ``segments`` and attends per conversation instead (`lorafit.attention`); a
+    flash-attention model gets the batch as one row (`lorafit.attention.flat_batch`).
+
+    The target positions come from the host: ``target_index`` (from `lorafit.packing.collate`, the
+    flat positions in B*T where labels != -100, ascending) picks the same rows as ``labels != -100``
+    would, in the same order, but without a data-dependent shape, so no device -> host sync per
+    micro-batch. A batch without it (built by hand) falls back to the boolean mask.
     """
+    if needs_one_row(model) and batch["input_ids"].shape[0] > 1:
+        batch = flat_batch(batch)
     labels = batch["labels"]
-    sel = labels.ne(-100)
+    index = batch.get("target_index")
+    if index is None:
+        index = labels.reshape(-1).ne(-100).nonzero().squeeze(1)  # syncs: the count is data-dependent
+    targets = labels.reshape(-1).index_select(0, index)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     inputs.update(segment_kwargs(model, batch))  # lorafit_sdpa: attention per packed conversation
     if fast_head_ok(model):
         hidden = model.get_decoder()(**inputs).last_hidden_state
         head = model.get_output_embeddings()
-        return linear_cross_entropy(hidden[sel], head.weight, labels[sel], compute_dtype)
+        return linear_cross_entropy(
+            hidden.flatten(0, 1).index_select(0, index), head.weight, targets, compute_dtype
+        )
     logits = model(**inputs).logits
-    return F.cross_entropy(logits[sel].float(), labels[sel], reduction="sum")
+    return F.cross_entropy(logits.flatten(0, 1).index_select(0, index).float(), targets, reduction="sum")

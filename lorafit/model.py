@@ -216,14 +216,23 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
             ),
             "device_map": {"": device},  # quantized weights are placed on load, never moved after
         }
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path,
-        dtype=dtype,
-        attn_implementation=attn,
-        trust_remote_code=cfg.trust_remote_code,
-        revision=cfg.revision,
-        **quantized,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            dtype=dtype,
+            attn_implementation=attn,
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+            **quantized,
+        )
+    except (ImportError, ValueError) as e:  # flash-attn not installed, or not for this model/GPU
+        if attn in ("sdpa", "eager") or "attention" not in str(e).lower():
+            raise
+        raise LorafitError(
+            f"model.attn_implementation: {attn} cannot be used: {e}\n"
+            "Fix: install its package (flash_attention_2: pip install flash-attn, for NVIDIA GPUs of compute "
+            "capability 8.0 or newer), or use sdpa (the default), which needs no extra package."
+        ) from e
     model.config.use_cache = not training
     if training:
         use_packed_sdpa(model)  # sdpa -> lorafit_sdpa: attention per packed conversation

@@ -4,7 +4,7 @@ Data flow (after `lorafit.data.tokenize`)::
 
     TokenizedData --pack()/single_rows()--> rows: list[list[int]]     (example indices per row)
     rows --Batches.epoch_batches(epoch)--> micro-batches for this rank (lists of rows)
-    batch --collate()--> {"input_ids", "position_ids", "labels", "num_targets"}
+    batch --collate()--> {"input_ids", "position_ids", "labels", "num_targets", "target_index", "segments"}
 
 A *row* is one line of the (B, T) batch. Packed mode puts several short examples in one row, so a
 batch holds few padding tokens; padded mode puts one example per row. Both are fed the same way:
@@ -97,6 +97,8 @@ def collate(
       a label, no label crosses an example boundary, and padding has none. Use
       ``cross_entropy(logits[b, t], labels[b, t])`` directly, without shifting again.
     * ``num_targets``: int, the number of labels != -100 (divide the summed loss by it).
+    * ``target_index`` (num_targets,) long: the flat positions in B*T of those labels, ascending
+      (`lorafit.loss` picks the target rows with it, known here on the host, so no device sync).
     * ``segments``: per row, the lengths of its examples and of its padding (summing to T), for
       `lorafit.attention` (attention per conversation instead of through a mask).
 
@@ -121,8 +123,9 @@ def collate(
             p                  X
             p                  X  X
 
-    The same holds for eager, sdpa and flex attention; flash-attention uses the position_ids for
-    variable-length kernels.
+    The same holds for eager, sdpa and flex attention. flash_attention_2 reads the boundaries from
+    the position_ids only for a batch of ONE row (otherwise a row's conversations attend to each
+    other), so `lorafit.loss` feeds it the batch flattened to one row (`lorafit.attention.flat_batch`).
     """
     import torch
 
@@ -153,12 +156,13 @@ def collate(
             lengths.append(n)
         position_ids[r, cur:] = np.arange(width - cur)
         segments.append(lengths + ([width - cur] if width > cur else []))
-    lab = torch.from_numpy(labels)
+    target_index = np.flatnonzero(labels != IGNORE_INDEX)
     return {
         "input_ids": torch.from_numpy(input_ids),
         "position_ids": torch.from_numpy(position_ids),
-        "labels": lab,
-        "num_targets": int((lab != IGNORE_INDEX).sum()),
+        "labels": torch.from_numpy(labels),
+        "num_targets": len(target_index),
+        "target_index": torch.from_numpy(target_index.astype(np.int64)),
         "segments": segments,
     }
 

@@ -652,7 +652,9 @@ def run(
                 b = to_device(b, device)
                 with distributed.sync_context(loss_module, sync=k == len(micro) - 1):
                     with autocast(device, job.precision):
-                        ls = loss_module(b["input_ids"], b["position_ids"], b["labels"], b["segments"])
+                        ls = loss_module(
+                            b["input_ids"], b["position_ids"], b["labels"], b["segments"], b["target_index"]
+                        )
                     loss = ls * loss_scale / max(n_targets, 1)
                     (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += float(ls.detach())

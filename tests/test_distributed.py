@@ -117,8 +117,10 @@ def test_only_rank_zero_prints_eval_lines_and_config_warnings(runs):
 def test_the_distributed_adapter_matches(runs):
     root, _, _ = runs
     # weights are O(0.1); fp32 sums in another order differ in the last bits and Adam's first steps
-    # (about lr * sign(g)) amplify that on near-zero gradients: measured max |diff| 6.7e-6
-    _assert_adapters_close(root / "one", root / "two", atol=2e-5)
+    # (about lr * sign(g)) amplify that on near-zero gradients: measured max |diff| 6.7e-6 with SDPA's math
+    # path; with its fused CPU kernel (lorafit.attention) 3.8e-5 on one element of 1408 (layer 0's
+    # down_proj lora_A), every other weight within 3.1e-6
+    _assert_adapters_close(root / "one", root / "two", atol=SHARDED_ATOL)
     res_one = json.loads((root / "one" / "results.json").read_text())
     res_two = json.loads((root / "two" / "results.json").read_text())
     assert res_two["eval_loss"] == pytest.approx(res_one["eval_loss"], rel=1e-4)

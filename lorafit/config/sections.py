@@ -328,6 +328,15 @@ class RunConfig:
                     "data.eval_split_name, or set eval_strategy to 'no'",
                 )
             ]
+        if t.fsdp and self.model.quantization != "none":
+            return [
+                (
+                    "training_config.fsdp",
+                    f"cannot shard a {self.model.quantization}-quantized base: FSDP2 shards plain tensors, not "
+                    "bitsandbytes' packed weights. Set fsdp: false (each process then holds the whole "
+                    "quantized base) or model.quantization: none",
+                )
+            ]
         return _numeric_range_checks(t, self.peft_config)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
