@@ -937,3 +937,30 @@ def test_the_distributed_keys_say_what_lorafit_does_instead():
     )
     assert IGNORED_TRAINING_KEYS["local_rank"].startswith("set by torchrun")
     assert not [key for key, why in IGNORED_TRAINING_KEYS.items() if "single device" in why]
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded(tmp_path):
+    lines = ["peft_config:", "  target_modules: &a0 [q, q, q, q, q, q, q, q, q]"]
+    lines += [f"  k{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"bomb.yaml: .*aliases .* expand to more than 100,000 values"):
+        load_config(path)
+
+
+def test_anchors_and_aliases_of_ordinary_size_still_work(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("peft_config:\n  target_modules: &t [q_proj, v_proj]\n  modules_to_save: *t\n")
+    cfg = load_config(path)
+    assert cfg.peft_config.target_modules == ["q_proj", "v_proj"] == cfg.peft_config.modules_to_save
+
+
+def test_a_huge_wrong_value_is_shown_as_a_short_preview():
+    from lorafit.config.checks import show
+
+    nested = [1] * 9
+    for _ in range(8):
+        nested = [nested] * 9
+    text = show(nested)
+    assert len(text) < 80 and text.endswith("(list)")
+    assert show((1,)) == "(1,) (tuple)" and show([1, 2]) == "[1, 2] (list)"

@@ -20,11 +20,46 @@ class Bad(Exception):
     """One bad value; the message says what was expected and what was given."""
 
 
+def preview(value: Any, budget: int = 60) -> str:
+    """repr(value) cut to about `budget` characters, built without repr-ing the whole of a huge value."""
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        items = (
+            list(value.items())
+            if isinstance(value, dict)
+            else list(value)
+            if isinstance(value, (set, frozenset))
+            else value
+        )
+        brackets = {list: "[]", tuple: "()"}.get(type(value), "{}")
+        parts, used = [], 2
+        for item in items:
+            if used > budget:
+                break
+            if isinstance(value, dict):
+                piece = f"{preview(item[0], budget - used)}: {preview(item[1], budget - used)}"
+            else:
+                piece = preview(item, budget - used)
+            parts.append(piece)
+            used += len(piece) + 2
+        more = (
+            ", ..."
+            if len(parts) < len(items)
+            else ","
+            if isinstance(value, tuple) and len(items) == 1
+            else ""
+        )
+        text = brackets[0] + ", ".join(parts) + more + brackets[1]
+    else:
+        text = (
+            repr(value)
+            if not isinstance(value, str) or len(value) <= 4 * budget
+            else repr(value[: 4 * budget])
+        )
+    return text if len(text) <= budget else text[: budget - 3] + "..."
+
+
 def show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
+    return f"{preview(value)} ({type(value).__name__})"
 
 
 def is_number(value: Any) -> bool:

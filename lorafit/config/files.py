@@ -54,11 +54,52 @@ def _key_lines(node: Any, path: Path) -> tuple[dict[str, int], list[Problem]]:
     return lines, problems
 
 
+MAX_YAML_VALUES = 100_000  # values a config may expand to through aliases; real configs have < 1,000
+
+
+class YamlTooLarge(yaml.YAMLError):
+    """A document whose aliases expand beyond MAX_YAML_VALUES (a "billion laughs" alias bomb)."""
+
+
+def expanded_size(node: Any, limit: int = MAX_YAML_VALUES) -> int:
+    """How many values `node` holds once every alias is expanded, counted without expanding anything
+    (an alias is the same node object, so each node's size is computed once). Raises YamlTooLarge
+    past `limit`."""
+    sizes: dict[int, int] = {}
+
+    def size(n: Any, depth: int) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if depth > 100:
+            raise YamlTooLarge("the document nests more than 100 levels deep")
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in n.value)
+        if total > limit:
+            raise YamlTooLarge(
+                f"its aliases (&anchor / *alias) expand to more than {limit:,} values; "
+                "write the values out, or use fewer aliases"
+            )
+        sizes[id(n)] = total
+        return total
+
+    return size(node, 0) if node is not None else 0
+
+
+def safe_load(text: str) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand beyond MAX_YAML_VALUES."""
+    return _compose(text)[1]
+
+
 def _compose(text: str) -> tuple[Any, Any]:
-    """(composed node, constructed data) of a single YAML document."""
+    """(composed node, constructed data) of a single YAML document; alias bombs are refused before
+    anything is built."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        expanded_size(node)
         return node, (loader.construct_document(node) if node is not None else None)
     finally:
         loader.dispose()
@@ -155,7 +196,7 @@ def _apply_override(
         problems.append(("", "expected section.key=value, e.g. training_config.learning_rate=1e-4", where))
         return
     try:
-        value = yaml.safe_load(text)
+        value = safe_load(text)
     except yaml.YAMLError as e:
         problems.append((key.strip(), f"the value is not valid YAML: {_yaml_error_parts(e)[1]}", where))
         return
