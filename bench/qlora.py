@@ -96,7 +96,8 @@ def worker(spec: dict) -> dict:
     import torch
 
     from lorafit.api import build_config
-    from lorafit.train import prepare, run
+    from lorafit.job import prepare
+    from lorafit.train import run
 
     rss_start = current_rss_mb()
     q = "none" if spec["base"] == "bf16" else spec["base"]
@@ -121,7 +122,7 @@ def worker(spec: dict) -> dict:
     )
     lora_bytes = sum(p.numel() * p.element_size() for n, p in job.model.named_parameters() if "lora_" in n)
     t0 = time.perf_counter()
-    res = run(job, overwrite=True, progress=False)
+    res = run(job, progress=False)
     wall = time.perf_counter() - t0
     recs = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "loss" in r]

@@ -64,7 +64,8 @@ def worker(spec_path: str) -> int:
 
     from lorafit import distributed
     from lorafit.api import build_config
-    from lorafit.train import prepare, run
+    from lorafit.job import prepare
+    from lorafit.train import run
 
     spec = json.loads(Path(spec_path).read_text())
     ends: list[float] = []
@@ -88,7 +89,7 @@ def worker(spec_path: str) -> int:
     )  # fmt: skip
     try:
         job = prepare(cfg, overwrite=True)
-        res = run(job, overwrite=True, progress=False)
+        res = run(job, progress=False)
 
         def local_bytes(p) -> int:
             t = p.to_local() if hasattr(p, "to_local") else p

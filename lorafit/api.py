@@ -113,7 +113,8 @@ def finetune(
     """
     from lorafit.config import ConfigWarning
     from lorafit.distributed import env_rank
-    from lorafit.train import prepare, run
+    from lorafit.job import prepare
+    from lorafit.train import run
 
     with warnings.catch_warnings():
         if env_rank() != 0:  # under torchrun every rank reads the same config: rank 0 warns for all
@@ -131,7 +132,7 @@ def finetune(
     if loaded is not None and getattr(loaded.config, "_name_or_path", None):
         cfg.model.name_or_path = loaded.config._name_or_path
     job = prepare(cfg, model=loaded, tokenizer=tokenizer, resume=resume, overwrite=overwrite)
-    return run(job, resume=resume, overwrite=overwrite, progress=progress)
+    return run(job, progress=progress)
 
 
 def load(model: str | None = None, adapter: str | Path | None = None, **kwargs):

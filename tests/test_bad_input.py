@@ -278,13 +278,13 @@ def test_output_directory_that_is_a_file(tiny_model, tmp_path, capsys):
 
 
 def test_a_device_that_is_not_there_fails_before_anything_loads(tiny_model, tmp_path, capsys, monkeypatch):
-    import lorafit.train
+    import lorafit.job
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded before the device was checked")
 
-    monkeypatch.setattr(lorafit.train, "load_model", must_not_load)
-    monkeypatch.setattr(lorafit.train, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(lorafit.job, "load_model", must_not_load)
+    monkeypatch.setattr(lorafit.job, "load_tokenizer", must_not_load)
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model:\n  dtype: bf16\n  device: cuda:99\n")
     err = fails(

@@ -513,16 +513,11 @@ def test_warmup_steps_for():
         TrainingConfig().warmup_steps_for(-1)
 
 
-def test_eval_every_and_mixed_precision():
+def test_eval_every():
     assert TrainingConfig().eval_every() is None
     assert TrainingConfig(eval_strategy="epoch").eval_every() is None
     assert TrainingConfig(eval_strategy="steps", logging_steps=7).eval_every() == 7
     assert TrainingConfig(eval_strategy="steps", eval_steps=50).eval_every() == 50
-    assert TrainingConfig().mixed_precision(bf16_fast=True) == "bf16"
-    assert TrainingConfig().mixed_precision(bf16_fast=False) == "no"
-    assert TrainingConfig(bf16=False).mixed_precision(bf16_fast=True) == "no"
-    assert TrainingConfig(bf16=True).mixed_precision(bf16_fast=False) == "bf16"
-    assert TrainingConfig(fp16=True).mixed_precision(bf16_fast=True) == "fp16"
 
 
 # ------------------------------------------------------------------------------------------------ fsdp

@@ -238,7 +238,7 @@ def test_sharded_bf16_trains(runs, tiny_model):
 
 def test_fsdp_on_one_process_warns_and_trains_unsharded(tiny_model, tmp_path, caplog):
     from lorafit.config import load_config
-    from lorafit.train import prepare
+    from lorafit.job import prepare
 
     data = demo_data_dir() / "train.jsonl"
     run = load_config(overrides=[f"model.name_or_path={tiny_model}", f"data.train={data}",

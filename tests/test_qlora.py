@@ -149,7 +149,8 @@ def trained(tiny_model, tmp_path_factory):
     """A short nf4 run: bf16 base weights, q/v slices of qkv_proj, gate slice, gradient checkpointing."""
     from lorafit.api import build_config
     from lorafit.data import load_conversations
-    from lorafit.train import prepare, run
+    from lorafit.job import prepare
+    from lorafit.train import run
 
     data = _parity_data(tmp_path_factory.mktemp("qdata") / "train.jsonl")
     assert len(load_conversations(data)) == 64
@@ -257,8 +258,9 @@ def test_merge_of_an_fp32_checkpoint_is_the_trained_model(tiny_model, tmp_path):
 
     from lorafit.api import build_config
     from lorafit.export import merge_to_hf
+    from lorafit.job import prepare
     from lorafit.precision import autocast
-    from lorafit.train import prepare, run
+    from lorafit.train import run
 
     out = tmp_path / "out"
     cfg = build_config(

@@ -13,9 +13,9 @@ from lorafit.config import PeftConfig
 from lorafit.data import Conversation, tokenize
 from lorafit.loss import linear_cross_entropy, loss_sum
 from lorafit.model import apply_lora, end_of_turn, fix_pad_token, plan_lora, stop_token_ids
+from lorafit.optim import lr_lambda
 from lorafit.packing import collate, pack
 from lorafit.tiny import build_model
-from lorafit.train import lr_lambda
 
 
 def convs(n: int = 12) -> list[Conversation]:

@@ -140,7 +140,7 @@ class TrainingConfig(Section):
     save_total_limit: int | None = option(None, ge=1)
     # Seeds LoRA initialization, data shuffling and dropout.
     seed: int = option(42, ge=0)
-    # bf16 autocast for compute. null = auto: on where the device runs bf16 fast (see mixed_precision()).
+    # bf16 autocast for compute. null = auto: on where the device runs bf16 fast (see lorafit.precision.mixed_precision).
     bf16: bool | None = option(None)
     # fp16 autocast with loss scaling, for GPUs without bf16. Not together with bf16: true.
     fp16: bool = option(False)
@@ -187,15 +187,6 @@ class TrainingConfig(Section):
         if self.eval_strategy != "steps":
             return None
         return self.eval_steps if self.eval_steps is not None else self.logging_steps
-
-    def mixed_precision(self, bf16_fast: bool) -> str:
-        """'bf16', 'fp16' or 'no': the autocast to train with, given whether the device runs bf16 fast
-        (resolves bf16: null = auto)."""
-        if self.fp16:
-            return "fp16"
-        if self.bf16 is None:
-            return "bf16" if bf16_fast else "no"
-        return "bf16" if self.bf16 else "no"
 
 
 @dataclass

@@ -1,0 +1,184 @@
+"""What a training run needs, prepared and checked before anything is written: a `Job`.
+
+    prepare(run config) -> Job
+        output directory checked (writable; not another run's unless --resume/--overwrite) and the
+        checkpoint to resume from chosen -> device (and the torchrun group) -> precision
+        -> tokenizer -> data (validated, tokenized; train/eval split) -> model + LoRA
+
+Everything that can be refused is refused here, so a bad run fails in seconds with a message
+naming the fix, and the output directory is untouched. train.run(job) is the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorafit import distributed, quant
+from lorafit.adapters import continue_lora
+from lorafit.check import nothing_to_train
+from lorafit.checkpoint import OutputDir, decide_output_dir
+from lorafit.config import RunConfig
+from lorafit.data import TokenizedData, TokenStats, load_conversations, split_eval, tokenize
+from lorafit.distributed import Dist
+from lorafit.errors import ConfigError, DataError, LorafitError
+from lorafit.lora.peft_format import base_reference
+from lorafit.model import (
+    apply_lora,
+    end_of_turn,
+    hold_frozen_linears_in,
+    load_model,
+    load_tokenizer,
+    module_name,
+    resolve_device,
+)
+from lorafit.precision import compute_dtype, mixed_precision
+
+log = logging.getLogger("lorafit")
+
+
+@dataclass(kw_only=True)
+class Job:
+    """Everything a run needs, prepared and checked before the output directory is touched."""
+
+    run: RunConfig
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    precision: str  # "bf16" | "fp16" | "no"
+    train_data: TokenizedData
+    train_stats: TokenStats
+    eval_data: TokenizedData | None
+    eval_stats: TokenStats | None
+    adapted: list[str]
+    output: OutputDir  # the output directory, and the checkpoint to resume from
+    dist: Dist = field(default_factory=Dist)
+    sharded: bool = False  # FSDP2 (training_config.fsdp under torchrun)
+
+
+def load_data(
+    run: RunConfig, tokenizer
+) -> tuple[TokenizedData, TokenStats, TokenizedData | None, TokenStats | None]:
+    d, t = run.data, run.training_config
+    if not d.train:
+        raise ConfigError(
+            "data.train is not set. Fix: pass --data TRAIN.jsonl or set data.train in the config"
+        )
+    train = load_conversations(d.train, split=d.train_split)
+    evals = None
+    if d.eval:
+        evals = load_conversations(d.eval, split=d.eval_split_name)
+    elif d.eval_split_name:
+        evals = load_conversations(d.train, split=d.eval_split_name)
+    elif d.eval_split > 0:
+        train, evals = split_eval(train, d.eval_split, t.seed)
+    kw = dict(
+        max_seq_length=t.max_seq_length,
+        end_of_turn=end_of_turn(tokenizer),
+        train_on=d.train_on,
+        truncation=d.truncation,
+        system_message=d.system_message,
+    )
+    train_data, train_stats = tokenize(tokenizer, train, **kw)
+    if len(train_data) == 0:
+        raise DataError(
+            nothing_to_train(d.train, train_stats, max_seq_length=t.max_seq_length, train_on=d.train_on)
+        )
+    eval_data = eval_stats = None
+    if evals:
+        eval_data, eval_stats = tokenize(tokenizer, evals, **kw)
+    return train_data, train_stats, eval_data, eval_stats
+
+
+def prepare(
+    run: RunConfig, *, model=None, tokenizer=None, resume: bool | str | None = None, overwrite: bool = False
+) -> Job:
+    """Load tokenizer, data and model, and put LoRA on it. Writes nothing.
+
+    The output directory is checked first (writable; not another run's unless resume/overwrite) and
+    the checkpoint to resume from chosen (Job.output), so a refused run fails in a second, before any
+    model is loaded.
+    """
+    t = run.training_config
+    # a local base folder is recorded (adapter, config.yaml, checkpoints) by its absolute path, a hub id as is
+    run.model.name_or_path = base_reference(run.model.name_or_path)
+    output = decide_output_dir(Path(t.output_dir).expanduser(), resume=resume, overwrite=overwrite)
+    device = resolve_device(run.model.device, "model.device", run.origin("model.device"))
+    dist = distributed.init(device.type)  # one process: a no-op; under torchrun: join the group
+    device = distributed.device_for(dist, device)
+    precision = mixed_precision(t.bf16, t.fp16, device)
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("training_config.fp16: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32")
+    sharded = t.fsdp and dist.enabled
+    if t.fsdp and not dist.enabled:
+        log.warning(
+            "warning: training_config.fsdp shards the model across processes, and this is one process: "
+            "training unsharded. To shard, launch with torchrun --nproc_per_node N (or lorafit train --nproc N)"
+        )
+    m = run.model
+    tokenizer = tokenizer or load_tokenizer(
+        m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision
+    )
+    train_data, train_stats, eval_data, eval_stats = load_data(run, tokenizer)
+    torch.manual_seed(t.seed)
+    loaded_here = model is None  # a model passed in is not recast behind its owner's back
+    if model is None:
+        try:
+            # sharded on GPUs: load on the CPU; fully_shard moves each rank's shards to its GPU
+            model = load_model(m, device=torch.device("cpu") if sharded else device, training=True)
+        except LorafitError:
+            raise
+        except Exception as e:  # e.g. a truncated or corrupt model.safetensors
+            raise LorafitError(
+                f"cannot load the base model {m.name_or_path!r}: {type(e).__name__}: {e}\n"
+                "Fix: check the model folder (a damaged or partly downloaded *.safetensors file? download it "
+                "again), or pass another --model."
+            ) from e
+    if m.adapter:  # train an existing adapter further: its LoRA shape, a fresh optimizer
+        m.adapter = base_reference(m.adapter)
+        adapted = continue_lora(model, run.peft_config, m.adapter)
+    else:
+        adapted = apply_lora(model, run.peft_config)
+    if loaded_here and precision in ("bf16", "fp16"):
+        hold_frozen_linears_in(model, compute_dtype(precision, model))
+    if t.gradient_checkpointing:
+        kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs.get("use_reentrant", True):  # reentrant checkpoints only backprop into inputs needing grad
+            model.enable_input_require_grads()
+    return Job(
+        run=run, model=model, tokenizer=tokenizer, device=device, precision=precision,
+        train_data=train_data, train_stats=train_stats, eval_data=eval_data, eval_stats=eval_stats,
+        adapted=adapted, output=output, dist=dist, sharded=sharded,
+    )  # fmt: skip
+
+
+def adapter_kwargs(job: Job) -> dict:
+    p = job.run.peft_config
+    return dict(
+        base_model_name_or_path=job.run.model.name_or_path,
+        lora_dropout=p.lora_dropout,
+        bias=p.bias,
+        modules_to_save=[module_name(job.model, n) for n in p.modules_to_save or []] or None,
+        revision=job.run.model.revision,
+        # the system-message policy the data was rendered with: generate/chat render prompts the same way
+        extra_metadata={
+            **(quantization_metadata(job.run.model, job.model) or {}),
+            "system_message": job.run.data.system_message,
+        },
+    )
+
+
+def quantization_metadata(m, model=None) -> dict | None:
+    """What the adapter's base was quantized with, or None: the method and double quant, and for 4-bit
+    what the loaded layers of `model` say (lorafit.quant.quantized_with: the dtype the weights were
+    quantized from, compute dtype, blocksize). `lorafit merge` quantizes the base again from these, and
+    eval/generate/chat warn when the base is loaded otherwise."""
+    if m.quantization == "none":
+        return None
+    double = m.bnb_4bit_use_double_quant if m.quantization != "int8" else None
+    details = quant.quantized_with(model) if model is not None else {}
+    return {"quantization": {"method": m.quantization, "double_quant": double, **details}}
