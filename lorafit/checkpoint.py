@@ -384,11 +384,13 @@ def save_checkpoint(
     scaler,
     rngs: list | None,
     limit: int | None,
+    cuda_rngs: list | None = None,
 ) -> Path:
     """Write OUT/checkpoint-<step> (complete or absent), then keep the newest `limit` checkpoints.
 
     `values` are the whole trainable tensors and `optimizer_state` the whole optimizer state (gathered
-    by the caller under FSDP); `rngs` every rank's CPU RNG state in a distributed run, else None.
+    by the caller under FSDP); `rngs` every rank's CPU RNG state in a distributed run, else None;
+    `cuda_rngs` every rank's CUDA RNG state (of its own GPU) in a distributed CUDA run.
     """
     final = out / f"checkpoint-{state.step}"
     with atomic_dir(final) as tmp:
@@ -402,6 +404,8 @@ def save_checkpoint(
             ts["rng_cpu_ranks"] = rngs
         if torch.cuda.is_available():
             ts["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if cuda_rngs is not None:
+            ts["rng_cuda_ranks"] = cuda_rngs
         if scaler is not None:
             ts["scaler"] = scaler.state_dict()
         save_training_state(tmp / TRAINING_STATE_FILE, ts)
@@ -427,10 +431,13 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module) -> tuple[TrainState, dic
     return state, ts
 
 
-def restore_training_state(ckpt: Path, ts: dict, optimizer, scheduler, scaler, rank: int = 0) -> None:
+def restore_training_state(
+    ckpt: Path, ts: dict, optimizer, scheduler, scaler, rank: int = 0, device: torch.device | None = None
+) -> None:
     """Load a checkpoint's optimizer, scheduler and RNG states (`ts`, read by `load_checkpoint`).
 
     The optimizer state is saved whole; on sharded parameters each rank keeps its own rows of it.
+    Each rank gets back its own CPU RNG state, and (CUDA) its own GPU's RNG state.
     """
     fix = resume_fix(ckpt)
     try:
@@ -439,7 +446,10 @@ def restore_training_state(ckpt: Path, ts: dict, optimizer, scheduler, scaler, r
         scheduler.load_state_dict(ts["scheduler"])
         ranks = ts.get("rng_cpu_ranks")  # a distributed run keeps every rank's RNG (dropout masks)
         torch.set_rng_state(ranks[rank] if ranks and rank < len(ranks) else ts["rng_cpu"])
-        if "rng_cuda" in ts and torch.cuda.is_available():
+        cuda_ranks = ts.get("rng_cuda_ranks")
+        if cuda_ranks and device is not None and device.type == "cuda" and rank < len(cuda_ranks):
+            torch.cuda.set_rng_state(cuda_ranks[rank], device)
+        elif "rng_cuda" in ts and torch.cuda.is_available():  # one process (or a checkpoint of older lorafit)
             torch.cuda.set_rng_state_all(ts["rng_cuda"])
         if scaler is not None and "scaler" in ts:
             scaler.load_state_dict(ts["scaler"])

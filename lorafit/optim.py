@@ -33,8 +33,14 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices (LoRA A/B) only, none on vectors (biases, norms)."""
+def make_optimizer(
+    model: torch.nn.Module, t: TrainingConfig, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (LoRA A/B) only, none on vectors (biases, norms).
+
+    On CUDA the fused kernel (one launch for all parameters, what TrainingArguments calls
+    adamw_torch_fused); elsewhere torch's default (foreach), so CPU results stay as they were.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -45,6 +51,7 @@ def make_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Opt
         lr=t.learning_rate,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_epsilon,
+        fused=True if device is not None and device.type == "cuda" else None,
     )
 
 

@@ -213,7 +213,9 @@ def setup_loop(job: Job) -> Loop:
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     cdtype = compute_dtype(job.precision, job.model)
     loss_module, loss_scale = distributed.wrap(d, job.model, cdtype, device=job.device, fsdp=job.sharded)
-    optimizer = make_optimizer(job.model, t)  # after wrap: FSDP replaced the parameters by their shards
+    optimizer = make_optimizer(
+        job.model, t, job.device
+    )  # after wrap: FSDP replaced the parameters by their shards
     return Loop(
         t=t, batches=batches, rows=len(rows), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         loss_module=loss_module, loss_scale=loss_scale, params=[p for p in job.model.parameters() if p.requires_grad],
@@ -413,6 +415,8 @@ def save(job: Job, loop: Loop, state: TrainState) -> None:
     """checkpoint-<step>. Every rank calls it: RNG states and (FSDP) the whole tensors are gathered."""
     d, main = job.dist, job.dist.main
     rngs = distributed.gather_objects(d, torch.get_rng_state())
+    on_gpus = d.enabled and job.device.type == "cuda"
+    cuda_rngs = distributed.gather_objects(d, torch.cuda.get_rng_state(job.device)) if on_gpus else None
     values = distributed.full_values(job.model) if job.sharded or main else {}
     opt_state = (
         distributed.full_optimizer_state(loop.optimizer) if job.sharded else loop.optimizer.state_dict()
@@ -428,6 +432,7 @@ def save(job: Job, loop: Loop, state: TrainState) -> None:
         job.output.path, state, steps_per_epoch=loop.steps_per_epoch, model=job.model, values=values,
         adapter_kwargs=adapter_kwargs(job), optimizer_state=opt_state, scheduler=loop.scheduler,
         scaler=loop.scaler, rngs=rngs if d.enabled else None, limit=loop.t.save_total_limit,
+        cuda_rngs=cuda_rngs,
     )  # fmt: skip
 
 
@@ -448,7 +453,9 @@ def run(job: Job, *, progress: bool = True) -> dict:
     loop = setup_loop(job)
     if loaded is not None:
         state, training_state = loaded
-        restore_training_state(ckpt, training_state, loop.optimizer, loop.scheduler, loop.scaler, rank=d.rank)
+        restore_training_state(
+            ckpt, training_state, loop.optimizer, loop.scheduler, loop.scaler, rank=d.rank, device=job.device
+        )
         state = resumed_state(job, loop, state, console)
     else:
         state = new_state(job, loop)

@@ -7,9 +7,11 @@ these pin the format itself, including checkpoints written before some keys exis
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib
 import pytest
+import torch
 
 from lorafit.checkpoint import TrainState, Window
 from lorafit.errors import LorafitError
@@ -84,3 +86,22 @@ def test_loss_plot_is_a_png_and_leaves_the_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+def test_each_rank_restores_its_own_gpu_rng_state(monkeypatch):
+    from lorafit.checkpoint import restore_training_state
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("all", states)))
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([param])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ranks = [torch.tensor([0], dtype=torch.uint8), torch.tensor([1], dtype=torch.uint8)]
+    ts = {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": [ranks[0]], "rng_cuda_ranks": ranks,
+    }  # fmt: skip
+    gpu1 = torch.device("cuda", 1)
+    restore_training_state(Path("checkpoint-2"), ts, optimizer, scheduler, None, rank=1, device=gpu1)
+    assert calls == [(ranks[1], gpu1)]  # its own state, on its own GPU; not rank 0's on every GPU

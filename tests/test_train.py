@@ -221,3 +221,13 @@ def test_a_head_tied_to_the_embedding_stays_fp32(tok):
     hold_frozen_linears_in(model, torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.float32
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+def test_adamw_is_fused_on_cuda_and_torch_default_elsewhere():
+    from lorafit.config import TrainingConfig
+    from lorafit.optim import make_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    cuda = make_optimizer(model, TrainingConfig(), torch.device("cuda", 0))  # a device type, no GPU needed
+    assert cuda.defaults["fused"] is True
+    assert not make_optimizer(model, TrainingConfig(), torch.device("cpu")).defaults["fused"]

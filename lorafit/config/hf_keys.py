@@ -31,7 +31,7 @@ IGNORED_TRAINING_KEYS: dict[str, str] = {
     "hub_private_repo": "lorafit does not upload to the Hugging Face Hub",
     "hub_token": "lorafit does not upload to the Hugging Face Hub (and a token does not belong in a config file)",
     # optimizer, precision, speed
-    "optim": "lorafit always uses torch AdamW (adamw_torch)",
+    "optim": "lorafit always uses torch AdamW, fused on CUDA (adamw_torch_fused), foreach elsewhere",
     "tf32": "lorafit does not change torch's TF32 setting",
     "torch_compile": "lorafit does not torch.compile the model",
     "bf16_full_eval": "evaluation runs in the same precision as training",
