@@ -25,6 +25,7 @@ from lorafit.config import RunConfig
 from lorafit.data import TokenizedData, TokenStats, load_conversations, split_eval, tokenize
 from lorafit.distributed import Dist
 from lorafit.errors import ConfigError, DataError, LorafitError
+from lorafit.estimate import needs_checkpointing
 from lorafit.lora.peft_format import base_reference
 from lorafit.model import (
     apply_lora,
@@ -57,6 +58,7 @@ class Job:
     output: OutputDir  # the output directory, and the checkpoint to resume from
     dist: Dist = field(default_factory=Dist)
     sharded: bool = False  # FSDP2 (training_config.fsdp under torchrun)
+    checkpointing: str = ""  # what gradient checkpointing is and why, printed at the start
 
 
 def load_data(
@@ -144,7 +146,13 @@ def prepare(
         adapted = apply_lora(model, run.peft_config)
     if loaded_here and precision in ("bf16", "fp16"):
         hold_frozen_linears_in(model, compute_dtype(precision, model))
-    if t.gradient_checkpointing:
+    checkpointing, why = t.gradient_checkpointing, "on" if t.gradient_checkpointing else "off"
+    if checkpointing == "auto":
+        tokens = t.per_device_train_batch_size * t.max_seq_length
+        checkpointing, why = needs_checkpointing(
+            model.config, tokens, compute_dtype(precision, model), device
+        )
+    if checkpointing:
         kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs.get("use_reentrant", True):  # reentrant checkpoints only backprop into inputs needing grad
@@ -152,7 +160,7 @@ def prepare(
     return Job(
         run=run, model=model, tokenizer=tokenizer, device=device, precision=precision,
         train_data=train_data, train_stats=train_stats, eval_data=eval_data, eval_stats=eval_stats,
-        adapted=adapted, output=output, dist=dist, sharded=sharded,
+        adapted=adapted, output=output, dist=dist, sharded=sharded, checkpointing=f"gradient checkpointing: {why}",
     )  # fmt: skip
 
 

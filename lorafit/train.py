@@ -248,6 +248,8 @@ def say_setup(job: Job, loop: Loop, console: Console) -> None:
     """The lines a run starts with: what trains, on what data, for how many steps, where."""
     model, d, t = job.model, job.dist, loop.t
     console.say(trainable_summary(model, job.adapted))
+    if job.checkpointing:
+        console.say(job.checkpointing)
     if job.sharded:
         held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())

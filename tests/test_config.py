@@ -825,7 +825,7 @@ WRONG_TYPE_MESSAGES = {
     "training_config.seed": "expected an integer >= 0, got [1, 2] (list)",
     "training_config.bf16": "expected true, false or null (auto), got [1, 2] (list)",
     "training_config.fp16": "expected true or false, got [1, 2] (list)",
-    "training_config.gradient_checkpointing": "expected true or false, got [1, 2] (list)",
+    "training_config.gradient_checkpointing": "expected true, false or auto, got [1, 2] (list)",
     "training_config.gradient_checkpointing_kwargs": "expected a mapping of string keys to values, or null, got [1, 2] (list)",
     "training_config.output_dir": "expected a non-empty string, got [1, 2] (list)",
     "training_config.max_seq_length": "expected an integer >= 1, got [1, 2] (list)",

@@ -167,6 +167,15 @@ def boolean(*, allow_none: bool = False) -> Check:
     return check
 
 
+def true_false_or_auto(value: Any) -> Any:
+    """true, false, or "auto" (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    raise Bad(f"expected true, false or auto, got {show(value)}")
+
+
 def choice(
     choices: tuple[str, ...],
     *,

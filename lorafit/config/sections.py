@@ -145,7 +145,9 @@ class TrainingConfig(Section):
     # fp16 autocast with loss scaling, for GPUs without bf16. Not together with bf16: true.
     fp16: bool = option(False)
     # Recompute activations in the backward pass: much less memory for long sequences, ~30% slower.
-    gradient_checkpointing: bool = option(False)
+    # auto: on when one micro-batch's activations would need more than half the free memory of the device
+    # (estimated from the model's config: lorafit.estimate), off otherwise; the choice is printed.
+    gradient_checkpointing: bool | Literal["auto"] = option("auto", check=checks.true_false_or_auto)
     # Passed to torch.utils.checkpoint, e.g. {use_reentrant: false}; null = lorafit's choice.
     gradient_checkpointing_kwargs: dict[str, Any] | None = option(None, check=checks.mapping)
     # Where checkpoints, the final adapter and logs go.
