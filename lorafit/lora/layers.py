@@ -19,6 +19,9 @@ What is deliberately different from loralib (every other behaviour matches it):
   unequal ``split_sizes`` (grouped-query attention); ``Conv1d``/``Conv3d`` have working shapes (loralib
   issue #115), kernels may be tuples, and conv LoRA dropout is applied (loralib ignores it).
 * Keyword-only extras on every layer: ``use_rslora``, ``init_lora_weights``, ``lora_dtype``.
+
+A little over lorafit's ~500-line mark on purpose: every loralib layer class stays in this one file,
+where loralib keeps them (``loralib/layers.py``), so code ported from loralib finds each one here.
 """
 
 from __future__ import annotations
