@@ -234,7 +234,15 @@ def merge_adapter(model: str | None, adapter: str | Path, output_dir: str | Path
     Deprecated because of a name clash: PEFT's `merge_adapter()`, and `lorafit.lora.merge_adapter(model)`,
     merge LoRA into a model in memory (reversibly), while this function writes a merged model folder.
     `lorafit.merge_adapter` (this, writes files) and `lorafit.lora.merge_adapter` (in place) are different
-    functions in different namespaces; call `lorafit.fuse` for the files."""
+    functions in different namespaces; call `lorafit.fuse` for the files. Given a model object (code
+    that meant the in-memory merge, e.g. through `import lorafit as lora`) it raises a TypeError naming
+    `lorafit.lora.merge_adapter`."""
+    if not (model is None or isinstance(model, (str, Path))):
+        raise TypeError(
+            f"lorafit.merge_adapter writes a merged model folder (a deprecated alias of lorafit.fuse) and takes "
+            f"the base model's name or folder, not a {type(model).__name__}. To merge LoRA into a model in "
+            "memory use lorafit.lora.merge_adapter(model) (`from lorafit import lora`)"
+        )
     warnings.warn(
         "lorafit.merge_adapter is deprecated; use lorafit.fuse (it writes a merged model folder; "
         "lorafit.lora.merge_adapter merges in memory)",

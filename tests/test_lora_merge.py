@@ -183,6 +183,8 @@ def test_deprecated_merge_and_unmerge_warn_naming_the_new_names_and_still_work()
         lorafit.merge is lora.merge and lorafit.unmerge_adapter is lora.unmerge_adapter
     )  # loralib-style names
     assert lorafit.merge_adapter is not lora.merge_adapter  # the pipeline's deprecated alias of lorafit.fuse
+    with pytest.raises(TypeError, match=r"lorafit.lora.merge_adapter\(model\)"):
+        lorafit.merge_adapter(model, "adapter", "out")  # meant the in-memory merge: says where it is
 
 
 class _Holder(nn.Module):
