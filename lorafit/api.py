@@ -106,7 +106,7 @@ def finetune(
     (the CLI passes "command line").
 
     `adapter` (config key `model.adapter`) trains an existing adapter further: a PEFT or lorafit adapter
-    folder (fused or split keys, slice adapters) or a loralib export. Its LoRA shape (ranks, alphas,
+    folder (stacked or split keys, slice adapters) or a loralib export. Its LoRA shape (ranks, alphas,
     rank_pattern/alpha_pattern, rsLoRA, target modules) is used; a peft_config value set to something
     else than the default that disagrees with it is an error (lorafit.adapters.continue_lora). Its base
     must fit the model. The optimizer and the learning-rate schedule start fresh (step 0).
