@@ -183,7 +183,7 @@ def render(results: dict) -> str:
     add("## What is compared")
     add("")
     d = results["data"]["data"]
-    add(f"- **Work**: Phi-3 architecture (`Phi3ForCausalLM`, fused qkv / gate_up), configs from "
+    add(f"- **Work**: Phi-3 architecture (`Phi3ForCausalLM`, stacked qkv / gate_up), configs from "
         f"`lorafit.tiny.SIZES`, vocabulary 32,064, random init, fp32 weights. LoRA r={plan['r']}, "
         f"alpha={plan['alpha']}, dropout 0, on every linear layer of the decoder (`all-linear`: qkv_proj, o_proj, "
         f"gate_up_proj, down_proj; not the output head). AdamW (weight decay 0), lr {plan['lr']:g} with linear "
@@ -458,7 +458,7 @@ def render_findings(results: dict) -> str:
              "grad_h] with [W; A] for the input gradient in backward -- so x and grad_out are read once; "
              f"~{lora_['total_ms'] - at_peak(f['lora']):,.0f} ms per step.")  # fmt: skip
     L.append(f"5. **Other ops: {share('other ops')}** (RMSNorm, SiLU x up, RoPE, residual adds, and the "
-             f"backward of slicing the fused qkv / gate_up outputs: `slice_backward` "
+             f"backward of slicing the stacked qkv / gate_up outputs: `slice_backward` "
              f"{top.get('aten::slice_backward', 0):,.0f} ms, `cat` {top.get('aten::cat', 0):,.0f} ms). The "
              "slices' backward allocates and zero-fills a full-width gradient per slice (transformers' Phi-3 "
              "code); a custom split whose backward writes the three gradients into one buffer would remove it.")  # fmt: skip

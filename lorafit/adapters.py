@@ -8,7 +8,7 @@
     continue_lora(model, peft, path)   an adapter onto the model to train further (--adapter)
 
 PEFT folders are read by the library (lorafit.lora), which is told the model's fused layout
-(lorafit.model.fused_layout). Every LoraError becomes an AdapterError (`adapter_error`), with the
+(lorafit.model.stacked_layout). Every LoraError becomes an AdapterError (`adapter_error`), with the
 library's advice said as lorafit commands.
 """
 
@@ -28,7 +28,7 @@ from lorafit.errors import AdapterError, ConfigError
 from lorafit.lora.apply import PIECES_FIX, apply_loras
 from lorafit.lora.files import write_json_atomic
 from lorafit.lora.peft_format import CORRUPT_FIX, WEIGHTS_NAME, ModuleLora, base_reference
-from lorafit.model import fused_layout, fused_pieces, train_only_lora
+from lorafit.model import stacked_layout, stacked_pieces, train_only_lora
 from lorafit.precision import lora_dtype
 
 LORALIB_NAME = "adapter_lora.pt"
@@ -37,7 +37,7 @@ LORALIB_FORMAT = "lorafit-loralib-1"
 # The library's advice (in library terms) -> the same advice for a lorafit user.
 _CLI_FIXES = {
     CORRUPT_FIX: "Fix: copy the adapter again, or use an earlier checkpoint-<step>/ folder.",
-    PIECES_FIX: "convert with `lorafit export --layout fused --base-model M`",
+    PIECES_FIX: "convert with `lorafit export --layout stacked --base-model M`",
 }
 
 
@@ -151,7 +151,7 @@ def read_loralib(
     if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise AdapterError(f"{path}: not a lora_state_dict (a dict of tensors by parameter name)")
     info = loralib_sidecar(path)
-    named, layout = dict(model.named_modules()), fused_layout(model)
+    named, layout = dict(model.named_modules()), stacked_layout(model)
     groups: dict[str, dict] = {}
     full: dict[str, torch.Tensor] = {}
     for key, t in sd.items():
@@ -224,7 +224,7 @@ def load_any_adapter(
     try:
         pt = loralib_file(path)
         if pt is None:
-            return lora.load_adapter(model, path, trainable=trainable, dtype=dtype, fused=fused_layout(model),
+            return lora.load_adapter(model, path, trainable=trainable, dtype=dtype, stacked=stacked_layout(model),
                                      lora_dropout=lora_dropout)  # fmt: skip
         loras, full, problems, info = read_loralib(
             pt, model, lora_alpha=lora_alpha, target_modules=target_modules
@@ -243,7 +243,7 @@ def load_any_adapter(
 
 def _adapter_targets(model, layers: dict) -> list[str]:
     """The target_modules that describe LoRA layers: leaf names, and piece names (q_proj, ...) for slices."""
-    pieces = fused_pieces()
+    pieces = stacked_pieces()
     out = set()
     for name, layer in layers.items():
         leaf = name.rpartition(".")[2]

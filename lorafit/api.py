@@ -106,7 +106,7 @@ def finetune(
     (the CLI passes "command line").
 
     `adapter` (config key `model.adapter`) trains an existing adapter further: a PEFT or lorafit adapter
-    folder (fused or split keys, slice adapters) or a loralib export. Its LoRA shape (ranks, alphas,
+    folder (stacked or split keys, slice adapters) or a loralib export. Its LoRA shape (ranks, alphas,
     rank_pattern/alpha_pattern, rsLoRA, target modules) is used; a peft_config value set to something
     else than the default that disagrees with it is an error (lorafit.adapters.continue_lora). Its base
     must fit the model. The optimizer and the learning-rate schedule start fresh (step 0).
@@ -198,7 +198,7 @@ def evaluate(
     return res
 
 
-def merge_adapter(
+def fuse(
     model: str | None,
     adapter: str | Path,
     output_dir: str | Path,
@@ -210,11 +210,13 @@ def merge_adapter(
     lora_alpha: float | None = None,
     target_modules: list[str] | None = None,
 ) -> Path:
-    """Merge `adapter` into `model` (default: its recorded base) and write a plain Hugging Face model folder.
-    A QLoRA adapter merges into the dequantized base by default (see lorafit.export.merge_to_hf)."""
-    from lorafit.export import merge_to_hf
+    """Merge `adapter` into `model` (default: its recorded base) and write a plain Hugging Face model folder
+    (mlx-lm's `fuse`; CLI `lorafit fuse`). A QLoRA adapter merges into the dequantized base by default
+    (see lorafit.export.fuse). To merge in memory instead, use `lorafit.lora.merge_adapter(model)`
+    (reversible) or `lorafit.lora.merge_and_unload(model)`."""
+    from lorafit import export
 
-    return merge_to_hf(
+    return export.fuse(
         model,
         adapter,
         output_dir,
@@ -227,9 +229,34 @@ def merge_adapter(
     )
 
 
-def export_adapter(adapter: str | Path, output_dir: str | Path, layout: str = "fused", base_model: str | None = None,
+def merge_adapter(model: str | None, adapter: str | Path, output_dir: str | Path, **kwargs) -> Path:
+    """Deprecated alias of :func:`fuse` (same arguments), kept for one release; it warns.
+
+    Deprecated because of a name clash: PEFT's `merge_adapter()`, and `lorafit.lora.merge_adapter(model)`,
+    merge LoRA into a model in memory (reversibly), while this function writes a merged model folder.
+    `lorafit.merge_adapter` (this, writes files) and `lorafit.lora.merge_adapter` (in place) are different
+    functions in different namespaces; call `lorafit.fuse` for the files. Given a model object (code
+    that meant the in-memory merge, e.g. through `import lorafit as lora`) it raises a TypeError naming
+    `lorafit.lora.merge_adapter`."""
+    if not (model is None or isinstance(model, (str, Path))):
+        raise TypeError(
+            f"lorafit.merge_adapter writes a merged model folder (a deprecated alias of lorafit.fuse) and takes "
+            f"the base model's name or folder, not a {type(model).__name__}. To merge LoRA into a model in "
+            "memory use lorafit.lora.merge_adapter(model) (`from lorafit import lora`)"
+        )
+    warnings.warn(
+        "lorafit.merge_adapter is deprecated; use lorafit.fuse (it writes a merged model folder; "
+        "lorafit.lora.merge_adapter merges in memory)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return fuse(model, adapter, output_dir, **kwargs)
+
+
+def export_adapter(adapter: str | Path, output_dir: str | Path, layout: str = "stacked", base_model: str | None = None,
                    **kwargs) -> Path:  # fmt: skip
-    """Convert an adapter to the fused or split PEFT layout, or to/from a loralib checkpoint."""
+    """Convert an adapter to the stacked or split PEFT layout, or to/from a loralib checkpoint ("fused" is
+    accepted for "stacked", its name before)."""
     from lorafit.export import export_adapter as _export
 
     return _export(adapter, output_dir, layout, base_model, **kwargs)

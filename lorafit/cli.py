@@ -11,9 +11,10 @@
     lorafit chat [--model M] [--adapter A] [--system TEXT]
     lorafit tiny-model OUT [--size demo|tiny|small|medium]
     lorafit demo [--output-dir OUT]
-    lorafit merge [--model BASE] --adapter A --output-dir OUT [--dtype auto|bf16|fp16|fp32]
-                  [--quantization nf4|fp4|int8] [--base-weights dequantized|original]
-    lorafit export --adapter A --output-dir OUT [--layout fused|split|loralib] [--base-model M]
+    lorafit fuse [--model BASE] --adapter A --output-dir OUT [--dtype auto|bf16|fp16|fp32]
+                 [--quantization nf4|fp4|int8] [--base-weights dequantized|original]
+                 (writes the merged model; `lorafit merge` is the same command)
+    lorafit export --adapter A --output-dir OUT [--layout stacked|split|loralib] [--base-model M]
 
 Exit status: 0 success; 2 bad input or a failed run, with a one-paragraph message on stderr (no
 traceback) -- data errors list every bad record with its file:line, and nothing was written;
@@ -56,7 +57,7 @@ def _loralib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float,
                    help="lora_alpha of a bare loralib .pt checkpoint (it does not record it)")  # fmt: skip
     p.add_argument("--target-modules", nargs="+", metavar="NAME",
-                   help="which fused pieces a bare loralib checkpoint adapts, e.g. q_proj v_proj")  # fmt: skip
+                   help="which stacked pieces a bare loralib checkpoint adapts, e.g. q_proj v_proj")  # fmt: skip
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -182,10 +183,10 @@ def cmd_demo(a) -> int:
     return 0 if res["accuracy_after"] >= 0.8 else 1
 
 
-def cmd_merge(a) -> int:
-    from lorafit.export import merge_to_hf
+def cmd_fuse(a) -> int:
+    from lorafit.export import fuse
 
-    out = merge_to_hf(
+    out = fuse(
         a.model, a.adapter, a.output_dir, a.dtype, overwrite=a.overwrite, quantization=a.quantization,
         base_weights=a.base_weights, lora_alpha=a.lora_alpha, target_modules=a.target_modules,
     )  # fmt: skip
@@ -201,13 +202,13 @@ def cmd_merge(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from lorafit.export import export_adapter
+    from lorafit.export import LAYOUT_ALIASES, export_adapter
 
     out = export_adapter(
         a.adapter, a.output_dir, a.layout, a.base_model, lora_alpha=a.lora_alpha,
         target_modules=a.target_modules, overwrite=a.overwrite,
     )  # fmt: skip
-    print(f"wrote the {a.layout} adapter to {out}")
+    print(f"wrote the {LAYOUT_ALIASES.get(a.layout, a.layout)} adapter to {out}")
     return 0
 
 
@@ -305,15 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     mg = sub.add_parser(
-        "merge", help="merge an adapter into the base weights and write a plain Hugging Face model folder",
+        "fuse", aliases=["merge"],
+        help="merge an adapter into the base weights and write a plain Hugging Face model folder",
         description="Write base + adapter as one model (safetensors, config, tokenizer, generation_config) that "
-        "transformers, vLLM and TGI load without lorafit. The delta is computed in fp32 and rounded once.",
+        "transformers, vLLM and TGI load without lorafit. The delta is computed in fp32 and rounded once. "
+        "`lorafit merge` is the same command (fuse is mlx-lm's name for it).",
     )  # fmt: skip
     mg.add_argument(
         "--model", help="base model: hub id or local folder (default: the adapter's recorded base)"
     )
     mg.add_argument("--adapter", required=True,
-                    help="adapter folder (fused or split keys), loralib .pt file or loralib export folder")  # fmt: skip
+                    help="adapter folder (stacked or split keys), loralib .pt file or loralib export folder")  # fmt: skip
     _loralib_args(mg)
     mg.add_argument("--output-dir", required=True, help="folder for the merged model")
     mg.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -328,24 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--base-weights", default="dequantized", choices=["dequantized", "original"],
                     help="QLoRA: merge into the dequantized base the adapter was trained on (default; "
                     "written in bf16), or into the original unquantized weights")  # fmt: skip
-    mg.set_defaults(func=cmd_merge)
+    mg.set_defaults(func=cmd_fuse)
 
     x = sub.add_parser(
-        "export", help="convert an adapter: fused or split PEFT keys, or a loralib checkpoint",
-        description="fused: PEFT keys on qkv_proj/gate_up_proj (PEFT on Phi-3). split: q_proj/k_proj/v_proj/"
+        "export", help="convert an adapter: stacked or split PEFT keys, or a loralib checkpoint",
+        description="stacked: PEFT keys on qkv_proj/gate_up_proj (PEFT on Phi-3). split: q_proj/k_proj/v_proj/"
         "gate_proj/up_proj keys, for runtimes that load Phi-3 as Llama (vLLM). loralib: OUT/adapter_lora.pt with "
         "lora_state_dict keys. --adapter may also be a loralib .pt file (then --base-model is needed).",
     )  # fmt: skip
     x.add_argument("--adapter", required=True,
                    help="adapter folder, a loralib lora_state_dict .pt file, or a loralib export folder")  # fmt: skip
     x.add_argument("--output-dir", required=True, help="folder for the converted adapter")
-    x.add_argument("--layout", default="fused", choices=["fused", "split", "loralib"])
+    x.add_argument("--layout", default="stacked", choices=["stacked", "split", "loralib", "fused"],
+                   help="stacked (default), split or loralib; fused: the old name of stacked, still accepted")  # fmt: skip
     x.add_argument("--base-model", help="base model folder or hub id (default: the adapter's recorded base)")
     x.add_argument(
         "--lora-alpha", type=float, help="lora_alpha of a loralib checkpoint (it does not record it)"
     )
     x.add_argument("--target-modules", nargs="+", metavar="NAME",
-                   help="which fused pieces a loralib checkpoint adapts, e.g. q_proj v_proj")  # fmt: skip
+                   help="which stacked pieces a loralib checkpoint adapts, e.g. q_proj v_proj")  # fmt: skip
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     x.set_defaults(func=cmd_export)
     return p

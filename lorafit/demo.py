@@ -1,6 +1,6 @@
 """`lorafit demo`: the whole pipeline offline in a few CPU minutes, with a pass/fail you can read.
 
-1. builds a small random Phi-3 (`Phi3ForCausalLM`, fused qkv_proj / gate_up_proj) and a tokenizer
+1. builds a small random Phi-3 (`Phi3ForCausalLM`, stacked qkv_proj / gate_up_proj) and a tokenizer
    with Phi-3's special tokens and chat template (lorafit.tiny);
 2. takes the chat dataset shipped in the package (lorafit/resources/demo/*.jsonl, made by
    `make_demo_data`): three small skills, each answered in one word,

@@ -1,13 +1,15 @@
-"""Use an adapter elsewhere: merge it into a plain Hugging Face model, or convert its layout.
+"""Use an adapter elsewhere: fuse it into a plain Hugging Face model folder, or convert its layout.
 
-    merge_to_hf(base, adapter, out)                  a complete model folder (no LoRA, no lorafit needed)
+    fuse(base, adapter, out)                         a merged model folder (no LoRA, no lorafit needed)
     export_adapter(adapter, out, layout="split")     q_proj/k_proj/v_proj/gate_proj/up_proj keys
-    export_adapter(adapter, out, layout="fused")     qkv_proj/gate_up_proj keys (PEFT on Phi-3)
+    export_adapter(adapter, out, layout="stacked")   qkv_proj/gate_up_proj keys (PEFT on Phi-3)
     export_adapter(adapter, out, layout="loralib")   OUT/adapter_lora.pt with lora_state_dict keys
     export_adapter("ckpt_lora.pt", out, base_model=M)  a loralib checkpoint -> PEFT adapter folder
 
-All conversions are exact: factors are copied or cut, never recomputed. Merging adds the fp32 delta
-(`delta_weight()`) to each base weight and rounds once into the base dtype. Outputs are written to a
+"fuse" is mlx-lm's word for writing the merged model (`mlx_lm.fuse`); the merging itself is the library's
+`lora.merge_and_unload` (PEFT's name). All conversions are exact: factors are copied or cut, never
+recomputed. Merging adds the fp32 delta (`delta_weight()`) to each base weight and rounds once into the
+base dtype. Outputs are written to a
 temporary folder and renamed into place. transformers is imported inside the functions. Reading
 adapters of every layout (and the loralib file format) is lorafit/adapters.py.
 """
@@ -34,12 +36,15 @@ from lorafit.adapters import (
 from lorafit.checkpoint import atomic_dir
 from lorafit.config import ModelConfig
 from lorafit.errors import AdapterError
-from lorafit.lora.factors import fuse_loras, split_loras
-from lorafit.lora.peft_format import parse_adapter, write_adapter
-from lorafit.model import fused_layout, fused_pieces, load_model
+from lorafit.lora.factors import split_loras, stack_loras
+from lorafit.lora.peft_format import STACKED_LAYOUT_KEY, parse_adapter, write_adapter
+from lorafit.model import load_model, stacked_layout, stacked_pieces
 from lorafit.precision import DTYPES, parse_dtype
 
-LAYOUTS = ("fused", "split", "loralib")
+LAYOUTS = ("stacked", "split", "loralib")
+# Older names of layouts, still accepted: "fused" was lorafit's word for "stacked" before fuse meant
+# writing a merged model.
+LAYOUT_ALIASES = {"fused": "stacked"}
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -61,9 +66,9 @@ def _meta_model(base: str, trust_remote_code: bool = False) -> nn.Module:
 
 
 def _layout_for(loras: dict, recorded: dict, base: str | None, split: bool, trust_remote_code=False) -> dict:
-    """The fused layout a conversion needs: recorded in the adapter, from its slices, or from the base
-    (only loaded when a fused module must be split, or pieces fused, without a recorded layout)."""
-    pieces = fused_pieces()
+    """The stacked layout a conversion needs: recorded in the adapter, from its slices, or from the base
+    (only loaded when a stacked module must be split, or pieces stacked, without a recorded layout)."""
+    pieces = stacked_pieces()
     layout = {k: (v["pieces"], v["split_sizes"]) for k, v in recorded.items()}
     for name, m in loras.items():
         leaf = name.rpartition(".")[2]
@@ -80,9 +85,9 @@ def _layout_for(loras: dict, recorded: dict, base: str | None, split: bool, trus
     if need:
         if not base:
             raise AdapterError(
-                f"converting {need} needs the row sizes of the fused modules; pass --base-model M"
+                f"converting {need} needs the row sizes of the stacked modules; pass --base-model M"
             )
-        layout = {**fused_layout(_meta_model(base, trust_remote_code)), **layout}
+        layout = {**stacked_layout(_meta_model(base, trust_remote_code)), **layout}
     return layout
 
 
@@ -99,7 +104,7 @@ def _check_output(out: Path, overwrite: bool, sources: list[Path]) -> None:
 def export_adapter(
     adapter: str | Path,
     output_dir: str | Path,
-    layout: str = "fused",
+    layout: str = "stacked",
     base_model: str | None = None,
     *,
     lora_alpha: float | None = None,
@@ -109,10 +114,12 @@ def export_adapter(
 ) -> Path:
     """Convert an adapter folder or loralib checkpoint to `layout` in `output_dir`; returns the folder.
 
-    "fused": PEFT keys on the model's own modules (qkv_proj, gate_up_proj); "split": one LoRA per
+    "stacked": PEFT keys on the model's own modules (qkv_proj, gate_up_proj); "split": one LoRA per
     q/k/v/gate/up piece, for runtimes that load Phi-3 as Llama; "loralib": OUT/adapter_lora.pt.
-    A loralib source needs `base_model` (module types and shapes), unless lorafit wrote it.
+    "fused" is accepted for "stacked" (its name before). A loralib source needs `base_model` (module
+    types and shapes), unless lorafit wrote it.
     """
+    layout = LAYOUT_ALIASES.get(layout, layout)
     if layout not in LAYOUTS:
         raise AdapterError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     src, out = Path(adapter).expanduser(), Path(output_dir).expanduser()
@@ -135,18 +142,20 @@ def export_adapter(
             files = lora.read_adapter(src)
             loras, full, problems = parse_adapter(files)
             use_rslora, base, cfg = files.use_rslora, base_model or files.base_model, files.config
-            recorded, shapes = files.meta.get("fused", {}), files.meta.get("base_shapes")
+            recorded, shapes = files.meta.get(STACKED_LAYOUT_KEY, {}), files.meta.get("base_shapes")
         if problems:
             raise AdapterError(f"{src}: cannot convert:\n" + "\n".join(f"  - {p}" for p in problems))
         fl = _layout_for(loras, recorded, base, layout == "split", trust_remote_code)
         extra = {}
         if layout == "split":
             loras = split_loras(loras, fl)
-            extra["fused"] = {k: {"pieces": list(p), "split_sizes": list(s)} for k, (p, s) in fl.items()}
+            extra[STACKED_LAYOUT_KEY] = {
+                k: {"pieces": list(p), "split_sizes": list(s)} for k, (p, s) in fl.items()
+            }
         else:
-            loras, problems = fuse_loras(loras, fl, use_rslora=use_rslora)
+            loras, problems = stack_loras(loras, fl, use_rslora=use_rslora)
             if problems:
-                raise AdapterError(f"{src}: cannot fuse:\n" + "\n".join(f"  - {p}" for p in problems))
+                raise AdapterError(f"{src}: cannot stack:\n" + "\n".join(f"  - {p}" for p in problems))
         keep = {
             k: cfg[k]
             for k in ("lora_dropout", "bias", "modules_to_save", "task_type", "revision")
@@ -163,54 +172,14 @@ def export_adapter(
     return out
 
 
-# ----------------------------------------------------------------------------- merging
-
-
-def _plain(layer: nn.Module) -> nn.Module:
-    """A plain nn.Linear / nn.Embedding holding the (merged) weight and bias of a LoRA layer."""
-    if isinstance(layer, lora.WrappedLinear):  # merged: its base is a float nn.Linear (dequantized)
-        return layer.base_layer
-    if isinstance(layer, nn.Linear):
-        new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        new.bias = layer.bias
-    elif isinstance(layer, nn.Embedding):
-        new = nn.Embedding(
-            layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx, max_norm=layer.max_norm,
-            norm_type=layer.norm_type, scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse,
-            device="meta",
-        )  # fmt: skip
-    else:
-        raise AdapterError(f"cannot merge a {type(layer).__name__} into a plain module")
-    new.weight = layer.weight
-    new.train(layer.training)
-    return new
-
-
-def merge_into_base(model: nn.Module) -> list[str]:
-    """Merge every LoRA layer (fp32 delta, rounded once into the base dtype) and replace it by a plain
-    nn.Linear/nn.Embedding holding the merged weight, so the model has no LoRA left. One layer at a
-    time: the copy of the original weight that `merge()` keeps is dropped with the layer."""
-    parents: dict[int, list[tuple[nn.Module, str]]] = {}
-    for parent in model.modules():
-        for child_name, child in parent._modules.items():
-            if child is not None:
-                parents.setdefault(id(child), []).append((parent, child_name))
-    names = []
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, lora.LoRALayer):
-            layer.merge()
-            plain = _plain(layer)
-            for parent, child_name in parents[id(layer)]:
-                setattr(parent, child_name, plain)
-            names.append(name)
-    return names
+# ----------------------------------------------------------------------------- fusing
 
 
 BASE_WEIGHTS = ("dequantized", "original")
 ERROR_REPORT = "quantization_error.json"
 
 
-def merge_to_hf(
+def fuse(
     model: str | None,
     adapter: str | Path,
     output_dir: str | Path,
@@ -277,9 +246,12 @@ def merge_to_hf(
     if method != "none":
         report = _quantization_error(net, model, method, double_quant, base_weights)
         quant.dequantize(net)  # quantized layers -> nn.Linear in fp32 (nothing to do for "original")
-    merge_into_base(net)
+    try:
+        lora.merge_and_unload(net)
+    except lora.LoraError as e:
+        raise adapter_error(e) from e
     leftover = [k for k in net.state_dict() if "lora_" in k]
-    if leftover:  # pragma: no cover - merge_into_base replaces every LoRA layer
+    if leftover:  # pragma: no cover - merge_and_unload replaces every LoRA layer
         raise AdapterError(f"merge left LoRA weights behind: {leftover[:3]}")
     if method != "none":
         net.to(torch.bfloat16 if dtype == "auto" else parse_dtype(dtype))

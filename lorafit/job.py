@@ -183,7 +183,7 @@ def adapter_kwargs(job: Job) -> dict:
 def quantization_metadata(m, model=None) -> dict | None:
     """What the adapter's base was quantized with, or None: the method and double quant, and for 4-bit
     what the loaded layers of `model` say (lorafit.quant.quantized_with: the dtype the weights were
-    quantized from, compute dtype, blocksize). `lorafit merge` quantizes the base again from these, and
+    quantized from, compute dtype, blocksize). `lorafit fuse` quantizes the base again from these, and
     eval/generate/chat warn when the base is loaded otherwise."""
     if m.quantization == "none":
         return None

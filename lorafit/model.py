@@ -2,14 +2,15 @@
 
 What is Phi-3-specific lives here and nowhere else:
 
-- Phi-3 fuses q, k and v into one `self_attn.qkv_proj` (rows `[Q | K | V]`, each of
+- Phi-3 stacks q, k and v into one `self_attn.qkv_proj` (rows `[Q | K | V]`, each of
   `heads * head_dim` / `kv_heads * head_dim`) and gate and up into one `mlp.gate_up_proj`
-  (rows `[gate | up]`). `target_modules` may name the fused modules (PEFT semantics: one LoRA
-  over the whole output), or the split names `q_proj k_proj v_proj gate_proj up_proj`, which
-  adapt only those slices of the fused module (loralib `MergedLinear` semantics). PEFT cannot
-  express the latter: on Phi-3, `["q_proj", "v_proj"]` silently matches nothing in PEFT.
-  `fused_layout(model)` (from `FUSED_SLICES` and the config's sizes) is the one description of
-  these pieces that adapters.py and export.py use to split and fuse adapters.
+  (rows `[gate | up]`); vLLM calls these stacked parameters. `target_modules` may name the stacked
+  modules (PEFT semantics: one LoRA over the whole output), or the split names
+  `q_proj k_proj v_proj gate_proj up_proj`, which adapt only those slices of the stacked module
+  (loralib `MergedLinear` semantics). PEFT cannot express the latter: on Phi-3, `["q_proj", "v_proj"]`
+  silently matches nothing in PEFT. `stacked_layout(model)` (from `STACKED_SLICES` and the config's
+  sizes) is the one description of these pieces that adapters.py and export.py use to split and stack
+  adapters.
 - The end of an assistant turn is `<|end|>`; generation stops at `<|end|>` or `<|endoftext|>`.
 
 Everything else is any Hugging Face causal LM through the Auto classes.
@@ -42,8 +43,8 @@ log = logging.getLogger("lorafit")
 # knows closes an assistant turn; it is the token the model must learn to emit to stop.
 END_OF_TURN_CANDIDATES = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|eot|>")
 
-# Split names that address a slice of a fused Phi-3 projection: name -> (fused module, slice index).
-FUSED_SLICES = {
+# Split names that address a slice of a stacked Phi-3 projection: name -> (stacked module, slice index).
+STACKED_SLICES = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),
     "v_proj": ("qkv_proj", 2),
@@ -249,14 +250,14 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
 
 @dataclass
 class LoraPlan:
-    """What to adapt: plain targets, and fused modules whose slices are adapted separately."""
+    """What to adapt: plain targets, and stacked modules whose slices are adapted separately."""
 
     target_modules: str | list[str]
     slices: dict[str, tuple[list[int], list[bool]]]
 
 
-def fused_split_sizes(model) -> dict[str, list[int]]:
-    """Row sizes of the fused projections this model has, from its config (GQA-aware)."""
+def stacked_split_sizes(model) -> dict[str, list[int]]:
+    """Row sizes of the stacked projections this model has, from its config (GQA-aware)."""
     cfg = model.config
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     sizes: dict[str, list[int]] = {}
@@ -269,50 +270,50 @@ def fused_split_sizes(model) -> dict[str, list[int]]:
     return sizes
 
 
-def fused_pieces() -> dict[str, list[str]]:
-    """{fused leaf: its piece leaves in row order}, FUSED_SLICES read the other way round:
+def stacked_pieces() -> dict[str, list[str]]:
+    """{stacked leaf: its piece leaves in row order}, STACKED_SLICES read the other way round:
     {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}."""
     out: dict[str, list[str]] = {}
-    for piece, (fused, _) in sorted(FUSED_SLICES.items(), key=lambda kv: kv[1][1]):
-        out.setdefault(fused, []).append(piece)
+    for piece, (stacked, _) in sorted(STACKED_SLICES.items(), key=lambda kv: kv[1][1]):
+        out.setdefault(stacked, []).append(piece)
     return out
 
 
-def fused_layout(model) -> dict[str, tuple[list[str], list[int]]]:
-    """{fused leaf: (piece leaves, row sizes)} of the fused projections this model has, e.g. Phi-3's
+def stacked_layout(model) -> dict[str, tuple[list[str], list[int]]]:
+    """{stacked leaf: (piece leaves, row sizes)} of the stacked projections this model has, e.g. Phi-3's
     {"qkv_proj": (["q_proj", "k_proj", "v_proj"], [3072, 1024, 1024]), ...}: the layout
-    lorafit.lora's split_loras/fuse_loras/load_adapter take."""
-    pieces = fused_pieces()
-    return {f: (pieces[f], sizes) for f, sizes in fused_split_sizes(model).items() if f in pieces}
+    lorafit.lora's split_loras/stack_loras/load_adapter take."""
+    pieces = stacked_pieces()
+    return {f: (pieces[f], sizes) for f, sizes in stacked_split_sizes(model).items() if f in pieces}
 
 
 def plan_lora(model, target_modules: str | list[str]) -> LoraPlan:
-    """Translate split names (q_proj, v_proj, ...) into slices of fused modules where needed.
+    """Translate split names (q_proj, v_proj, ...) into slices of stacked modules where needed.
 
     A model that really has a `q_proj` module keeps normal matching; only names that do not exist
-    but address a slice of an existing fused module are translated.
+    but address a slice of an existing stacked module are translated.
     """
     names = target_names(target_modules)
     if names is None:
         return LoraPlan(target_modules, {})
     target_modules = names
     leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    sizes = fused_split_sizes(model)
+    sizes = stacked_split_sizes(model)
     plain: list[str] = []
     enabled: dict[str, list[bool]] = {}
     for name in target_modules:
-        fused = FUSED_SLICES.get(name)
-        if name in leaf_names or fused is None or fused[0] not in sizes:
+        stacked = STACKED_SLICES.get(name)
+        if name in leaf_names or stacked is None or stacked[0] not in sizes:
             plain.append(name)
             continue
-        fused_name, idx = fused
-        if fused_name in target_modules:
+        stacked_name, idx = stacked
+        if stacked_name in target_modules:
             raise ConfigError(
-                f"peft_config.target_modules names both {fused_name!r} and its slice {name!r}; "
-                f"use {fused_name!r} for one LoRA over the whole fused module, or the slice names alone"
+                f"peft_config.target_modules names both {stacked_name!r} and its slice {name!r}; "
+                f"use {stacked_name!r} for one LoRA over the whole stacked module, or the slice names alone"
             )
-        enabled.setdefault(fused_name, [False] * len(sizes[fused_name]))[idx] = True
-    slices = {fused_name: (sizes[fused_name], flags) for fused_name, flags in enabled.items()}
+        enabled.setdefault(stacked_name, [False] * len(sizes[stacked_name]))[idx] = True
+    slices = {stacked_name: (sizes[stacked_name], flags) for stacked_name, flags in enabled.items()}
     return LoraPlan(plain, slices)
 
 

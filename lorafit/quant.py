@@ -16,13 +16,13 @@ BitsAndBytesConfig) for CUDA and CPU, with fp4 and int8 as well as nf4, and noth
 
 Training: :func:`lorafit.model.apply_lora` passes :func:`quantized_types` to ``lora.inject`` as
 ``wrap``, so each targeted quantized layer is wrapped in a ``lora.WrappedLinear``
-(``y = base(x) + B A x * scaling``), the fused-projection slices (q/k/v of qkv_proj, gate/up of
+(``y = base(x) + B A x * scaling``), the stacked-projection slices (q/k/v of qkv_proj, gate/up of
 gate_up_proj) included. The quantized weights are uint8/int8 tensors that never require grad, so
 only LoRA weights train. Nothing is up-cast: PEFT's ``prepare_model_for_kbit_training`` casts every
 non-quantized weight (embeddings, norms, lm_head) to fp32; lorafit keeps them in the model dtype and
 trains under autocast, as for an unquantized base, with fp32 LoRA weights.
 
-Export (:func:`dequantize`, used by ``lorafit.export.merge_to_hf``): the base is loaded quantized as in
+Export (:func:`dequantize`, used by ``lorafit.export.fuse``): the base is loaded quantized as in
 training (the adapter records :func:`quantized_with`: the dtype the weights were quantized from, compute
 dtype, blocksize), the quantized layers become ``nn.Linear`` with the dequantized weights in fp32, LoRA is merged in fp32, and the model is written
 in bf16. The merged model is the trained model (4-bit base + adapter) up to bf16 rounding; it

@@ -1,7 +1,7 @@
 """Tiny Phi-3: a small Phi3ForCausalLM and a character-level tokenizer with Phi-3's chat format.
 
 Used by `lorafit demo`, `lorafit tiny-model OUT`, the tests and the benchmarks, so that everything
-runs offline. The model is the real transformers `Phi3ForCausalLM` (fused `qkv_proj` and
+runs offline. The model is the real transformers `Phi3ForCausalLM` (stacked `qkv_proj` and
 `gate_up_proj`), only smaller; the tokenizer has Phi-3's special tokens and its official chat
 template, over single characters instead of a SentencePiece vocabulary:
 

@@ -1,7 +1,8 @@
-"""Using adapters elsewhere (tiny Phi-3, fp32 unless noted): split and fused layouts, loralib files,
-merging into a plain Hugging Face model, and strict, readable loading errors.
+"""Using adapters elsewhere (tiny Phi-3, fp32 unless noted): split and stacked layouts, loralib files,
+fusing into a plain Hugging Face model folder (`lorafit fuse`, alias `lorafit merge`), and strict,
+readable loading errors.
 
-Measured on the demo model: split <-> fused round trips give torch.equal delta weights and identical
+Measured on the demo model: split <-> stacked round trips give torch.equal delta weights and identical
 logits; PEFT on a Llama-fied copy of the model reads the split export with a max |logit difference|
 of 0.0; the merged model loaded in a fresh process differs from base + adapter by ~6e-7 in fp32
 (asserted <= 1e-4) and by ~1e-2 in bf16 (asserted <= 0.1, the bf16 rounding of the merged weights).
@@ -24,8 +25,8 @@ from lorafit import lora
 from lorafit.adapters import load_any_adapter
 from lorafit.cli import main
 from lorafit.errors import AdapterError
-from lorafit.export import export_adapter, merge_to_hf
-from lorafit.model import fused_layout
+from lorafit.export import export_adapter, fuse
+from lorafit.model import stacked_layout
 
 SPLIT_LEAVES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
 
@@ -74,7 +75,7 @@ def run_cli(*args):
     return main([str(a) for a in args])
 
 
-# ----------------------------------------------------------------------------- split and fused layouts
+# ----------------------------------------------------------------------------- split and stacked layouts
 
 
 def test_split_layout_names_the_pieces_and_round_trips_exactly(trained, base, ids, tmp_path):
@@ -95,17 +96,17 @@ def test_split_layout_names_the_pieces_and_round_trips_exactly(trained, base, id
     assert cfg["rank_pattern"] == {} and cfg["r"] == 4  # every piece has the plain rank and alpha
     with safe_open(str(tmp_path / "split" / "adapter_model.safetensors"), "pt") as f:
         q_b = f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
-    q_rows = fused_layout(base)["qkv_proj"][1][0]
+    q_rows = stacked_layout(base)["qkv_proj"][1][0]
     assert q_b.shape == (q_rows, 4)
 
-    # read back onto the fused model directly, and after converting back to the fused layout
+    # read back onto the stacked model directly, and after converting back to the stacked layout
     assert_same_deltas(model, loaded(base, tmp_path / "split"))
     direct = copy.deepcopy(base)
     lora.load_adapter(direct, tmp_path / "split")  # the recorded layout is enough for lora.load_adapter
     assert_same_deltas(model, direct)
-    assert run_cli("export", "--adapter", tmp_path / "split", "--output-dir", tmp_path / "fused") == 0
-    assert {k.split(".lora_")[0].rsplit(".", 1)[1] for k in keys(tmp_path / "fused")} & {"qkv_proj"}
-    back = loaded(base, tmp_path / "fused")
+    assert run_cli("export", "--adapter", tmp_path / "split", "--output-dir", tmp_path / "stacked") == 0
+    assert {k.split(".lora_")[0].rsplit(".", 1)[1] for k in keys(tmp_path / "stacked")} & {"qkv_proj"}
+    back = loaded(base, tmp_path / "stacked")
     assert_same_deltas(model, back)
     assert torch.equal(logits(back, ids), logits(model, ids))
     kinds = {type(m).__name__ for m in lora.lora_modules(back).values()}
@@ -125,7 +126,7 @@ def llamafied(phi):
         tie_word_embeddings=False,
     )  # fmt: skip
     llama = LlamaForCausalLM(cfg).eval()
-    layout, sd = fused_layout(phi), {}
+    layout, sd = stacked_layout(phi), {}
     for key, w in phi.state_dict().items():
         fused = next((f for f in layout if f".{f}." in key), None)
         if fused is None:
@@ -166,7 +167,7 @@ def test_peft_adapter_trained_on_a_llamafied_model_loads_onto_the_fused_model(ba
 
 
 def test_fusing_pieces_of_different_ranks_pads_them():
-    from lorafit.lora.factors import fuse_loras
+    from lorafit.lora.factors import stack_loras
     from lorafit.lora.peft_format import ModuleLora
 
     g = torch.Generator().manual_seed(0)
@@ -178,7 +179,7 @@ def test_fusing_pieces_of_different_ranks_pads_them():
 
     layout = {"qkv_proj": (["q_proj", "k_proj", "v_proj"], [6, 2, 2])}
     pieces = {"a.q_proj": piece(6, 2, 4), "a.v_proj": piece(2, 4, 8), "a.k_proj": piece(2, 4, 2)}
-    fused, problems = fuse_loras(pieces, layout)
+    fused, problems = stack_loras(pieces, layout)
     assert not problems and list(fused) == ["a.qkv_proj"]
     m = fused["a.qkv_proj"]
     assert m.slices == {"split_sizes": [6, 2, 2], "enable_lora": [True, True, True]} and (m.r, m.alpha) == (
@@ -194,12 +195,12 @@ def test_fusing_pieces_of_different_ranks_pads_them():
     )
     # q and v have the scale 2 of the rank-4 reference and are only zero-padded; k (scale 0.5) is rescaled
     torch.testing.assert_close(layer.delta_weight(), want, rtol=1e-6, atol=1e-6)
-    _, problems = fuse_loras({"a.q_proj": piece(5, 2, 4)}, layout)
+    _, problems = stack_loras({"a.q_proj": piece(5, 2, 4)}, layout)
     assert problems == ["wrong shape for the pieces of a.qkv_proj (rows {'q_proj': 6, 'k_proj': 2, 'v_proj': 2}): "
                         "q_proj has lora_B (5, 2), lora_A (2, 8)"]  # fmt: skip
 
 
-def test_foreign_split_adapter_needs_the_fused_layout(trained, base, tmp_path):
+def test_foreign_split_adapter_needs_the_stacked_layout(trained, base, tmp_path):
     """A split adapter without lorafit's metadata (e.g. trained by PEFT on a Llama-fied Phi-3)."""
     model, folder = trained
     export_adapter(folder, tmp_path / "split", layout="split")
@@ -208,12 +209,12 @@ def test_foreign_split_adapter_needs_the_fused_layout(trained, base, tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, str(st))  # no metadata
     with pytest.raises(
-        lora.LoraError, match=r"pieces of a fused module\? pass their fused layout to load_adapter"
+        lora.LoraError, match=r"pieces of a stacked module\? pass their stacked layout to load_adapter"
     ):
         lora.load_adapter(copy.deepcopy(base), tmp_path / "split")
     assert_same_deltas(model, loaded(base, tmp_path / "split"))  # the load paths pass the model's layout
-    export_adapter(tmp_path / "split", tmp_path / "fused")  # the recorded base model gives the layout
-    assert_same_deltas(model, loaded(base, tmp_path / "fused"))
+    export_adapter(tmp_path / "split", tmp_path / "stacked")  # the recorded base model gives the layout
+    assert_same_deltas(model, loaded(base, tmp_path / "stacked"))
 
 
 def test_generate_load_reads_split_adapters(trained, base, tiny_model, ids, tmp_path):
@@ -307,10 +308,10 @@ FRESH = textwrap.dedent(
 )
 
 
-def test_merge_writes_a_plain_hf_model_with_the_adapters_logits(trained, base, tiny_model, ids, tmp_path):
+def test_fuse_writes_a_plain_hf_model_with_the_adapters_logits(trained, base, tiny_model, ids, tmp_path):
     model, folder = trained
     out = tmp_path / "merged"
-    assert run_cli("merge", "--model", tiny_model, "--adapter", folder, "--output-dir", out) == 0
+    assert run_cli("fuse", "--model", tiny_model, "--adapter", folder, "--output-dir", out) == 0
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer_config.json", "model.safetensors"} <= names
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # written atomically
@@ -333,7 +334,7 @@ def test_merge_in_bf16_rounds_once_and_keeps_the_logits_close(trained, base, tin
     from transformers import AutoModelForCausalLM
 
     model, folder = trained
-    out = merge_to_hf(None, folder, tmp_path / "merged", dtype="bf16")  # base from adapter_config.json
+    out = fuse(None, folder, tmp_path / "merged", dtype="bf16")  # base from adapter_config.json
     merged = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
     assert merged.dtype == torch.bfloat16
     name = "model.layers.0.self_attn.qkv_proj"
@@ -343,6 +344,70 @@ def test_merge_in_bf16_rounds_once_and_keeps_the_logits_close(trained, base, tin
     adapted = loaded(copy.deepcopy(base).bfloat16(), folder)
     diff = (logits(merged, ids).float() - logits(adapted, ids).float()).abs().max().item()
     assert diff <= 0.1
+
+
+def _folder_tensors(folder):
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_lorafit_merge_and_lorafit_fuse_and_the_deprecated_api_alias_write_the_same_model(
+    trained, tiny_model, tmp_path
+):
+    import lorafit
+
+    _, folder = trained
+    assert run_cli("fuse", "--adapter", folder, "--output-dir", tmp_path / "fuse") == 0
+    assert run_cli("merge", "--adapter", folder, "--output-dir", tmp_path / "merge") == 0
+    with pytest.warns(DeprecationWarning, match="use lorafit.fuse"):
+        lorafit.merge_adapter(None, folder, tmp_path / "api-alias")
+    lorafit.fuse(tiny_model, folder, tmp_path / "api")
+    want = _folder_tensors(tmp_path / "fuse")
+    for other in ("merge", "api-alias", "api"):
+        assert sorted(p.name for p in (tmp_path / other).iterdir()) == sorted(
+            p.name for p in (tmp_path / "fuse").iterdir()
+        )
+        assert (tmp_path / other / "config.json").read_text() == (
+            tmp_path / "fuse" / "config.json"
+        ).read_text()
+        got = _folder_tensors(tmp_path / other)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), other
+
+
+def test_layout_fused_is_the_old_name_of_stacked(trained, tmp_path, capsys):
+    _, folder = trained
+    assert run_cli("export", "--adapter", folder, "--layout", "fused", "--output-dir", tmp_path / "old") == 0
+    assert "wrote the stacked adapter" in capsys.readouterr().out
+    export_adapter(folder, tmp_path / "new", layout="stacked")
+    assert keys(tmp_path / "old") == keys(tmp_path / "new")
+    assert (tmp_path / "old" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "new" / "adapter_model.safetensors"
+    ).read_bytes()
+
+
+def test_split_exports_record_their_stacked_layout_under_the_key_older_lorafit_reads(trained, tmp_path):
+    """The metadata key stays "fused" (lorafit's word before "stacked"), so older lorafit reads new files
+    and new lorafit reads old ones."""
+    _, folder = trained
+    export_adapter(folder, tmp_path / "split", layout="split")
+    meta = lora.read_adapter(tmp_path / "split").meta
+    assert set(meta["fused"]) == {"qkv_proj", "gate_up_proj"}
+    assert meta["fused"]["qkv_proj"]["pieces"] == ["q_proj", "k_proj", "v_proj"]
+
+
+def test_load_adapter_fused_keyword_is_deprecated_and_still_works(trained, base, tmp_path):
+    model, folder = trained
+    export_adapter(folder, tmp_path / "split", layout="split")
+    st = tmp_path / "split" / "adapter_model.safetensors"
+    with safe_open(str(st), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(st))  # no recorded layout: the keyword must supply it
+    old, new = copy.deepcopy(base), copy.deepcopy(base)
+    with pytest.warns(DeprecationWarning, match="pass stacked="):
+        lora.load_adapter(old, tmp_path / "split", fused=stacked_layout(base))
+    lora.load_adapter(new, tmp_path / "split", stacked=stacked_layout(base))
+    assert_same_deltas(model, old)
+    assert_same_deltas(model, new)
 
 
 def test_merge_refuses_to_overwrite(trained, tiny_model, tmp_path, capsys):
@@ -451,11 +516,12 @@ def test_missing_config_and_pickled_bin_are_refused(base, tiny_model, adapter, t
     assert "unpickled!" not in captured.out
 
 
-def test_cli_help_lists_merge_and_export(capsys):
+def test_cli_help_lists_fuse_merge_and_export(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert "merge" in out and "export" in out
-    with pytest.raises(SystemExit):
-        main(["merge", "--help"])
-    assert "--dtype" in capsys.readouterr().out
+    assert "fuse" in out and "merge" in out and "export" in out
+    for command in ("fuse", "merge"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--dtype" in capsys.readouterr().out

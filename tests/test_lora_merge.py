@@ -1,5 +1,7 @@
 """Explicit, exact merging: merged outputs equal unmerged ones, unmerge restores the original weight bit
 for bit, mode changes never merge, and a merged model saves and loads its original base weights.
+`merge_and_unload` leaves plain modules with the merged outputs; the deprecated `lora.merge`/`lora.unmerge`
+still work and warn.
 
 Tolerance for merged vs unmerged outputs in fp32: atol=1e-5, rtol=1e-5 (W + ΔW is rounded once to fp32,
 so the merged product differs from the two-path sum by float rounding only).
@@ -148,19 +150,74 @@ def test_model_level_merge_unmerge_dtype_change_and_deepcopy():
     x = torch.randn(3, 8)
     expected = model(x)
     originals = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
-    assert lora.merge(model) == ["0", "3"]  # the r=0 layer has nothing to merge
-    assert lora.merge(model) == []
+    assert lora.merge_adapter(model) == ["0", "3"]  # the r=0 layer has nothing to merge
+    assert lora.merge_adapter(model) == []
     torch.testing.assert_close(model(x), expected, **TOL)
 
     clone = copy.deepcopy(model)
-    assert lora.unmerge(clone) == ["0", "3"]
+    assert lora.unmerge_adapter(clone) == ["0", "3"]
     assert all(torch.equal(p, originals[n]) for n, p in clone.named_parameters() if n.endswith("weight"))
 
     model.to(torch.bfloat16)  # the kept original follows dtype changes along with the weight
-    lora.unmerge(model)
+    lora.unmerge_adapter(model)
     for n, p in model.named_parameters():
         if n.endswith("weight"):
             assert torch.equal(p, originals[n].to(torch.bfloat16))
+
+
+def test_deprecated_merge_and_unmerge_warn_naming_the_new_names_and_still_work():
+    torch.manual_seed(0)
+    model = nn.Sequential(lora.Linear(8, 8, r=2), nn.ReLU(), lora.Linear(8, 4, r=2))
+    for m in (model[0], model[2]):
+        nn.init.normal_(m.lora_B)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
+    with pytest.warns(DeprecationWarning, match="use lora.merge_adapter"):
+        assert lora.merge(model) == ["0", "2"]
+    assert all(m.merged for m in lora.lora_modules(model).values())
+    with pytest.warns(DeprecationWarning, match="use lora.unmerge_adapter"):
+        assert lora.unmerge(model) == ["0", "2"]
+    assert all(torch.equal(p, originals[n]) for n, p in model.named_parameters() if n.endswith("weight"))
+    import lorafit
+
+    assert (
+        lorafit.merge is lora.merge and lorafit.unmerge_adapter is lora.unmerge_adapter
+    )  # loralib-style names
+    assert lorafit.merge_adapter is not lora.merge_adapter  # the pipeline's deprecated alias of lorafit.fuse
+    with pytest.raises(TypeError, match=r"lorafit.lora.merge_adapter\(model\)"):
+        lorafit.merge_adapter(model, "adapter", "out")  # meant the in-memory merge: says where it is
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_merge_and_unload_leaves_plain_modules_with_the_merged_output(name):
+    layer, x = _make(name)
+    model = _Holder(layer)
+    expected = model(x)
+    assert lora.merge_and_unload(model) == ["layer"]
+    plain = model.layer
+    assert not isinstance(plain, lora.LoRALayer)
+    assert type(plain) in (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    assert not [k for k in model.state_dict() if "lora_" in k]
+    torch.testing.assert_close(model(x), expected, **TOL)
+
+
+def test_merge_and_unload_takes_a_wrapped_layers_float_base():
+    torch.manual_seed(0)
+    wrapped = lora.WrappedLinear(nn.Linear(12, 7), r=4, lora_alpha=8)
+    nn.init.normal_(wrapped.lora_B)
+    model, x = _Holder(wrapped), torch.randn(5, 12)
+    expected = model(x)
+    lora.merge_and_unload(model)
+    assert type(model.layer) is nn.Linear
+    torch.testing.assert_close(model(x), expected, **TOL)
 
 
 def test_merged_layer_gives_lora_no_gradient():

@@ -66,9 +66,9 @@ def test_wrapped_linear_equals_linear_and_merged_linear():
     for a, b in ((ref.qkv, wrapped.qkv), (ref.out, wrapped.out)):
         assert torch.allclose(a.delta_weight(), b.delta_weight())
     # a float base merges exactly like any LoRA layer; a quantized one refuses
-    lora.merge(wrapped)
+    lora.merge_adapter(wrapped)
     assert torch.allclose(wrapped.out(wrapped.qkv(x)), y, atol=1e-5)
-    lora.unmerge(wrapped)
+    lora.unmerge_adapter(wrapped)
     fake = lora.WrappedLinear(OwnForwardLinear(16, 8), r=2)
     fake.base_layer.weight = nn.Parameter(torch.zeros(64, 1, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(lora.LoraError, match="dequantize the base layer first"):
@@ -195,7 +195,7 @@ def test_nf4_training_lowers_loss_and_changes_only_lora(trained):
 def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorafit.export import ERROR_REPORT, merge_to_hf
+    from lorafit.export import ERROR_REPORT, fuse
     from lorafit.generation import load
 
     job, _, _, out = trained
@@ -216,7 +216,7 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, tiny_m
     # loading into existing wrapped layers (what --resume does) checks their slices and shapes
     assert lora.load_adapter(reloaded, out, trainable=True) == sorted(lora.lora_modules(reloaded))
 
-    merged_dir = merge_to_hf(None, out, tmp_path / "merged")  # the adapter records base and quantization
+    merged_dir = fuse(None, out, tmp_path / "merged")  # the adapter records base and quantization
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert merged.dtype == torch.bfloat16 and "quantization_config" not in merged.config.to_dict()
     assert not any("lora_" in k or "absmax" in k for k in merged.state_dict())
@@ -238,7 +238,7 @@ def test_adapter_reloads_and_merged_export_loads_in_transformers(trained, tiny_m
 
     # --base-weights original: merged into the unquantized checkpoint, the error report computed by
     # quantizing each weight again (the same numbers as measured on the loaded 4-bit layers)
-    original_dir = merge_to_hf(None, out, tmp_path / "original", base_weights="original")
+    original_dir = fuse(None, out, tmp_path / "original", base_weights="original")
     original = AutoModelForCausalLM.from_pretrained(original_dir)
     with torch.no_grad():
         # both are ~2% errors of the tiny random model (bf16 rounding of `far` vs the 4-bit codes); with SDPA's
@@ -257,7 +257,7 @@ def test_merge_of_an_fp32_checkpoint_is_the_trained_model(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lorafit.api import build_config
-    from lorafit.export import merge_to_hf
+    from lorafit.export import fuse
     from lorafit.job import prepare
     from lorafit.precision import autocast
     from lorafit.train import run
@@ -276,7 +276,7 @@ def test_merge_of_an_fp32_checkpoint_is_the_trained_model(tiny_model, tmp_path):
     assert recorded["dtype"] == "fp32" and recorded["blocksize"] == 64 and recorded["double_quant"] is True
     assert recorded["compute_dtype"] == dtype_name(bnb_compute_dtype("auto", torch.device("cpu")))
 
-    merged_dir = merge_to_hf(None, out, tmp_path / "merged")
+    merged_dir = fuse(None, out, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert merged.dtype == torch.bfloat16
     wrapped = {n: m for n, m in job.model.named_modules() if isinstance(m, lora.WrappedLinear)}

@@ -7,13 +7,15 @@ Code written for loralib runs with ``import lorafit as lora`` or ``from lorafit 
     torch.save(lora.lora_state_dict(model), "ckpt_lora.pt")
 
 and loralib checkpoints load into lorafit layers (and back) with the same outputs. On top of loralib:
-:func:`inject` puts LoRA into an existing model, :func:`merge`/:func:`unmerge` merge explicitly and
-exactly (``eval()`` never merges), and every layer has ``delta_weight()`` for export.
+:func:`inject` puts LoRA into an existing model; :func:`merge_adapter`/:func:`unmerge_adapter` merge
+explicitly and exactly, in place and reversibly (``eval()`` never merges; a layer's own ``merge()``/
+``unmerge()`` keep loralib's names), :func:`merge_and_unload` merges and leaves plain modules, and every
+layer has ``delta_weight()`` for export. ``merge``/``unmerge`` are deprecated aliases (one release).
 :class:`WrappedLinear` adds LoRA around any linear-like module, e.g. a quantized one (QLoRA). See
 :mod:`lorafit.lora.layers` for what differs from loralib on purpose.
 
 :func:`save_adapter`/:func:`load_adapter` read and write PEFT's adapter folder format
-(:mod:`~lorafit.lora.peft_format` the files, :mod:`~lorafit.lora.factors` exact fused <-> split
+(:mod:`~lorafit.lora.peft_format` the files, :mod:`~lorafit.lora.factors` exact stacked <-> split
 conversions, :mod:`~lorafit.lora.apply` fit checks and putting factors onto a model).
 
 This package imports only torch and safetensors, never transformers or the rest of lorafit.
@@ -30,7 +32,10 @@ from .state import (
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge,
+    merge_adapter,
+    merge_and_unload,
     unmerge,
+    unmerge_adapter,
 )
 
 __all__ = [
@@ -50,6 +55,9 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "lora_state_dict",
     "lora_modules",
+    "merge_adapter",
+    "unmerge_adapter",
+    "merge_and_unload",
     "merge",
     "unmerge",
     "inject",

@@ -3,28 +3,37 @@
 :func:`apply_loras` checks everything before it touches the model (a different base model is
 refused; every missing, unexpected and wrong-shape key is reported at once in one LoraError), then
 injects LoRA layers where the model has none and copies the factors in. :func:`load_adapter` reads a
-PEFT adapter folder (:mod:`lorafit.lora.peft_format`) and applies it; pieces of fused modules are
-fused first (:mod:`lorafit.lora.factors`) when the model has the fused module instead.
+PEFT adapter folder (:mod:`lorafit.lora.peft_format`) and applies it; pieces of stacked modules are
+stacked first (:mod:`lorafit.lora.factors`) when the model has the stacked module instead.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorafit.lora.factors import FusedLayout, fuse_loras
+from lorafit.lora.factors import StackedLayout, stack_loras
 from lorafit.lora.inject import inject
 from lorafit.lora.layers import Embedding
-from lorafit.lora.peft_format import PREFIX, ModuleLora, _base_shape, _slices, parse_adapter, read_adapter
+from lorafit.lora.peft_format import (
+    PREFIX,
+    STACKED_LAYOUT_KEY,
+    ModuleLora,
+    _base_shape,
+    _slices,
+    parse_adapter,
+    read_adapter,
+)
 from lorafit.lora.state import LoraError, LoRALayer, lora_modules
 
 __all__ = ["PIECES_FIX", "apply_loras", "load_adapter"]
 
-# What to do with LoRAs of pieces (q_proj, ...) of a fused module (qkv_proj) the model has.
-PIECES_FIX = "pass their fused layout to load_adapter(..., fused={fused leaf: (pieces, row sizes)})"
+# What to do with LoRAs of pieces (q_proj, ...) of a stacked module (qkv_proj) the model has.
+PIECES_FIX = "pass their stacked layout to load_adapter(..., stacked={stacked leaf: (pieces, row sizes)})"
 
 
 def _model_name(model: nn.Module) -> str:
@@ -91,7 +100,7 @@ def apply_loras(
     use_rslora: bool = False,
     trainable: bool = False,
     dtype: torch.dtype | None = None,
-    fused: FusedLayout | None = None,
+    stacked: StackedLayout | None = None,
     problems: Sequence[str] = (),
     source: str | Path = "adapter",
     base_model: str | None = None,
@@ -102,7 +111,7 @@ def apply_loras(
 
     Everything is checked before the model is touched: a base model with other weight shapes than
     `base_shapes` is refused, then every missing, unexpected and wrong-shape key is reported at once in
-    one LoraError. Pieces of fused modules (`fused`) whose own modules the model lacks are fused first.
+    one LoraError. Pieces of stacked modules (`stacked`) whose own modules the model lacks are stacked first.
     """
     named = dict(model.named_modules())
     base = base_model or "an unrecorded base model"
@@ -120,16 +129,16 @@ def apply_loras(
             f"Fix: load it onto {base}."
         )
     problems = list(problems)
-    if fused:
-        loras, more_problems = fuse_loras(
-            loras, fused, use_rslora=use_rslora, want=lambda f, piece: piece not in named and f in named
+    if stacked:
+        loras, more_problems = stack_loras(
+            loras, stacked, use_rslora=use_rslora, want=lambda f, piece: piece not in named and f in named
         )
         problems += more_problems
     existing = lora_modules(model)
     for name, m in sorted(loras.items()):
         mod = named.get(name)
         if mod is None:
-            hint = f" (pieces of a fused module? {PIECES_FIX})" if name.rpartition(".")[0] in named else ""
+            hint = f" (pieces of a stacked module? {PIECES_FIX})" if name.rpartition(".")[0] in named else ""
             problems.append(f"unexpected key {PREFIX}{name}.lora_A/B: the model has no module {name!r}{hint}")
         else:
             problems += _fit_problems(name, m, mod, use_rslora)
@@ -197,8 +206,9 @@ def load_adapter(
     *,
     trainable: bool = False,
     dtype: torch.dtype | None = None,
-    fused: FusedLayout | None = None,
+    stacked: StackedLayout | None = None,
     lora_dropout: float = 0.0,
+    fused: StackedLayout | None = None,
 ) -> list[str]:
     """Put the adapter at `path` onto `model` (injecting LoRA layers as needed); returns adapted names.
 
@@ -206,14 +216,20 @@ def load_adapter(
     reported at once in one LoraError, before the model is changed. `dtype` is the LoRA weight dtype
     (default fp32), `lora_dropout` the dropout of the LoRA layers it injects (for training further).
     LoRA parameters train only if `trainable`. Split-layout adapters (`q_proj`, ...)
-    load onto fused modules given `fused` (lorafit's own split exports record it in their metadata).
+    load onto stacked modules given `stacked` (lorafit's own split exports record it in their metadata).
+    `fused` is the deprecated name of `stacked` (it warns).
     """
+    if fused is not None:
+        warnings.warn(
+            "load_adapter(fused=...) is deprecated; pass stacked=...", DeprecationWarning, stacklevel=2
+        )
+        stacked = {**fused, **(stacked or {})}
     files = read_adapter(path)
     loras, full, problems = parse_adapter(files)
-    layout = {k: (v["pieces"], v["split_sizes"]) for k, v in files.meta.get("fused", {}).items()}
-    layout.update(fused or {})
+    layout = {k: (v["pieces"], v["split_sizes"]) for k, v in files.meta.get(STACKED_LAYOUT_KEY, {}).items()}
+    layout.update(stacked or {})
     return apply_loras(
-        model, loras, full, use_rslora=files.use_rslora, trainable=trainable, dtype=dtype, fused=layout,
+        model, loras, full, use_rslora=files.use_rslora, trainable=trainable, dtype=dtype, stacked=layout,
         problems=problems, source=files.path, base_model=files.base_model, base_shapes=files.meta.get("base_shapes"),
         lora_dropout=lora_dropout,
     )  # fmt: skip

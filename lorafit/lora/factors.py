@@ -1,13 +1,14 @@
-"""Exact conversions of LoRA factors between a fused module and its pieces.
+"""Exact conversions of LoRA factors between a stacked module and its pieces.
 
 Runtimes that know Phi-3 only as a Llama model expect `q_proj`/`k_proj`/`v_proj` and
-`gate_proj`/`up_proj` keys, where Phi-3 has one fused `qkv_proj` and `gate_up_proj`. A fused
-layout names the pieces of each fused module and their row counts, e.g.
+`gate_proj`/`up_proj` keys, where Phi-3 has one stacked `qkv_proj` and `gate_up_proj` (the rows of
+the pieces one above the other; vLLM's word, `stacked_params_mapping`). A stacked layout names the
+pieces of each stacked module and their row counts, e.g.
 
     {"qkv_proj": (["q_proj", "k_proj", "v_proj"], [96, 32, 32])}
 
-:func:`split_loras` turns a fused module's LoRA into one LoRA per piece (exact: A is shared or
-per slice, B's rows are cut), and :func:`fuse_loras` puts pieces back into one fused-module LoRA
+:func:`split_loras` turns a stacked module's LoRA into one LoRA per piece (exact: A is shared or
+per slice, B's rows are cut), and :func:`stack_loras` puts pieces back into one stacked-module LoRA
 (the slice form, or the shared-A whole-module form when every piece has the same A). The caller
 supplies the layout: the library knows no model family.
 """
@@ -23,18 +24,18 @@ import torch
 from lorafit.lora.peft_format import ModuleLora, _join
 from lorafit.lora.state import LoraError
 
-# fused leaf name -> (piece leaf names, row sizes), e.g. {"qkv_proj": (["q_proj", "k_proj", "v_proj"], [96, 32, 32])}
-FusedLayout = Mapping[str, tuple[Sequence[str], Sequence[int]]]
+# stacked leaf name -> (piece leaf names, row sizes), e.g. {"qkv_proj": (["q_proj", "k_proj", "v_proj"], [96, 32, 32])}
+StackedLayout = Mapping[str, tuple[Sequence[str], Sequence[int]]]
 
-__all__ = ["FusedLayout", "split_loras", "fuse_loras"]
+__all__ = ["StackedLayout", "split_loras", "stack_loras"]
 
 
 def _scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / (math.sqrt(r) if use_rslora else r)
 
 
-def split_loras(loras: Mapping[str, ModuleLora], layout: FusedLayout) -> dict[str, ModuleLora]:
-    """One LoRA per piece for every fused module in `layout` (exact: A copied or cut per slice, B's
+def split_loras(loras: Mapping[str, ModuleLora], layout: StackedLayout) -> dict[str, ModuleLora]:
+    """One LoRA per piece for every stacked module in `layout` (exact: A copied or cut per slice, B's
     rows cut; a slice LoRA yields only its enabled pieces). Other modules are passed through."""
     out: dict[str, ModuleLora] = {}
     for name, m in loras.items():
@@ -69,7 +70,7 @@ def split_loras(loras: Mapping[str, ModuleLora], layout: FusedLayout) -> dict[st
     return out
 
 
-def _fuse(parts: dict[int, ModuleLora], sizes: list[int], use_rslora: bool) -> ModuleLora:
+def _stack(parts: dict[int, ModuleLora], sizes: list[int], use_rslora: bool) -> ModuleLora:
     ms = [parts[i] for i in sorted(parts)]
     first = ms[0]
     if len(ms) == len(sizes) and all(
@@ -98,47 +99,54 @@ def _fuse(parts: dict[int, ModuleLora], sizes: list[int], use_rslora: bool) -> M
     return ModuleLora("linear", torch.cat(a_parts), torch.cat(b_parts), r, ref.alpha, slices)
 
 
-def fuse_loras(
+def stack_loras(
     loras: Mapping[str, ModuleLora],
-    layout: FusedLayout,
+    layout: StackedLayout,
     *,
     use_rslora: bool = False,
     want: Callable[[str, str], bool] | None = None,
 ) -> tuple[dict[str, ModuleLora], list[str]]:
-    """Put per-piece LoRAs (`...q_proj`, `...v_proj`) back into one LoRA of their fused module.
+    """Put per-piece LoRAs (`...q_proj`, `...v_proj`) back into one LoRA of their stacked module.
 
     Exact: pieces with a shared A become the whole-module LoRA (A, stacked B), otherwise the slice form
     (stacked A, stacked B, rank = the pieces' rank each, i.e. a block-diagonal B of rank k*r; lower
     ranks are zero-padded). Only pieces whose alpha/r differs from the others get B rescaled (rounded).
-    `want(fused_name, piece_name)` picks which pieces to fuse (default all). Returns (loras, problems).
+    `want(stacked_name, piece_name)` picks which pieces to stack (default all). Returns (loras, problems).
     """
-    piece_of = {p: (fused, i) for fused, (pieces, _) in layout.items() for i, p in enumerate(pieces)}
+    piece_of = {p: (stacked, i) for stacked, (pieces, _) in layout.items() for i, p in enumerate(pieces)}
     out: dict[str, ModuleLora] = {}
     groups: dict[str, dict[int, ModuleLora]] = {}
     problems: list[str] = []
     for name, m in loras.items():
         parent, _, leaf = name.rpartition(".")
         hit = piece_of.get(leaf)
-        fused_name = _join(parent, hit[0]) if hit else ""
-        if hit is None or m.kind != "linear" or m.slices is not None or (want and not want(fused_name, name)):
+        stacked_name = _join(parent, hit[0]) if hit else ""
+        if (
+            hit is None
+            or m.kind != "linear"
+            or m.slices is not None
+            or (want and not want(stacked_name, name))
+        ):
             out[name] = m
             continue
-        groups.setdefault(fused_name, {})[hit[1]] = m
-    for fused_name, parts in groups.items():
-        pieces, sizes = layout[fused_name.rpartition(".")[2]]
+        groups.setdefault(stacked_name, {})[hit[1]] = m
+    for stacked_name, parts in groups.items():
+        pieces, sizes = layout[stacked_name.rpartition(".")[2]]
         sizes = [int(s) for s in sizes]
         bad = [
             f"{pieces[i]} has lora_B {tuple(m.B.shape)}, lora_A {tuple(m.A.shape)}"
             for i, m in parts.items()
             if m.B.shape[0] != sizes[i] or m.A.shape[1] != next(iter(parts.values())).A.shape[1]
         ]
-        if fused_name in out:
-            problems.append(f"{fused_name}: the adapter has a LoRA for it and for its pieces {sorted(parts)}")
+        if stacked_name in out:
+            problems.append(
+                f"{stacked_name}: the adapter has a LoRA for it and for its pieces {sorted(parts)}"
+            )
         elif bad:
             problems.append(
-                f"wrong shape for the pieces of {fused_name} (rows {dict(zip(pieces, sizes))}): "
+                f"wrong shape for the pieces of {stacked_name} (rows {dict(zip(pieces, sizes))}): "
                 + "; ".join(bad)
             )
         else:
-            out[fused_name] = _fuse(parts, sizes, use_rslora)
+            out[stacked_name] = _stack(parts, sizes, use_rslora)
     return out, problems

@@ -253,7 +253,7 @@ def inject(
     ``exclude_modules`` uses the same rules and wins.
 
     ``slices``: ``{name_or_suffix: (split_sizes, enable_lora)}`` turns a matched Linear into a
-    :class:`MergedLinear` adapting only the enabled output slices, e.g. Phi-3's fused qkv_proj with
+    :class:`MergedLinear` adapting only the enabled output slices, e.g. Phi-3's stacked qkv_proj with
     ``{"qkv_proj": ([3072, 3072, 3072], [True, False, True])}``. A layer named in ``slices`` is targeted
     even if ``target_modules`` does not name it. Embeddings get no dropout.
 

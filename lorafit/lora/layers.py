@@ -197,7 +197,7 @@ class Embedding(nn.Embedding, LoRALayer):
 
 
 class MergedLinear(nn.Linear, LoRALayer):
-    """A fused projection (e.g. qkv) whose output is split into slices, each with its own optional LoRA.
+    """A stacked projection (e.g. qkv) whose output is split into slices, each with its own optional LoRA.
 
     ``split_sizes`` gives the slice widths (default: ``len(enable_lora)`` equal slices, as loralib);
     unequal slices serve grouped-query attention, where k and v are narrower than q. With k enabled
@@ -321,7 +321,7 @@ class WrappedLinear(nn.Module, LoRALayer):
     float matrix). ``base_layer`` needs ``in_features``/``out_features`` and must compute
     ``x @ W.T + b`` for some (out, in) ``W``; it runs unchanged, the LoRA output is added to its output.
     Shapes are :class:`Linear`'s — ``lora_A`` (r, in), ``lora_B`` (out, r) — or, with ``enable_lora``
-    (and ``split_sizes``), :class:`MergedLinear`'s slices of a fused projection, so adapters and
+    (and ``split_sizes``), :class:`MergedLinear`'s slices of a stacked projection, so adapters and
     checkpoints do not depend on whether the base was quantized.
 
     The base module keeps its own state-dict format under ``base_layer.`` (for a 4-bit layer the packed

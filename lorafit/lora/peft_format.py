@@ -8,7 +8,7 @@ This is the interchange format transformers, PEFT, vLLM and TGI read. Keys follo
     base_model.model.<module path>.lora_embedding_B     (dim, r)
     base_model.model.<module path>.<param>              fully trained modules (modules_to_save)
 
-A slice adapter (a `MergedLinear` adapting, say, q and v of a fused qkv_proj at rank r) is written
+A slice adapter (a `MergedLinear` adapting, say, q and v of a stacked qkv_proj at rank r) is written
 as the exactly equivalent whole-module LoRA of rank k*r, which PEFT can load:
 
     A = [A_q; A_v]                     (2r, in)
@@ -25,7 +25,7 @@ picks out exactly that module. What was done is recorded in the safetensors head
     model_loras(model) -> {name: ModuleLora} -> write_adapter(out, loras)    save_adapter does both
     read_adapter(path) -> AdapterFiles -> parse_adapter(files) -> ({name: ModuleLora}, full, problems)
 
-Converting between fused and split layouts is :mod:`lorafit.lora.factors`; putting factors onto a
+Converting between stacked and split layouts is :mod:`lorafit.lora.factors`; putting factors onto a
 model is :mod:`lorafit.lora.apply`. Torch, safetensors and json only. Files are written to a
 temporary name and renamed into place (:mod:`lorafit.lora.files`); the same tensors give the same
 bytes in every process.
@@ -56,12 +56,17 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # The fix a corrupt weights file names (a caller that keeps older copies can add where they are).
 CORRUPT_FIX = "Fix: copy the adapter again."
+# The metadata key (in the `lorafit` JSON of the safetensors header) of the stacked layout a split
+# adapter was cut from, {stacked leaf: {"pieces", "split_sizes"}}. Still "fused", the word lorafit used
+# before it said "stacked": older lorafit reads only this key, and files it wrote must keep loading.
+STACKED_LAYOUT_KEY = "fused"
 
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "PREFIX",
     "CORRUPT_FIX",
+    "STACKED_LAYOUT_KEY",
     "ModuleLora",
     "base_reference",
     "model_loras",
@@ -191,7 +196,7 @@ def model_loras(model: nn.Module, values: Mapping[str, torch.Tensor] | None = No
 
 
 def _slices(layer: nn.Module) -> dict | None:
-    """{"split_sizes", "enable_lora"} of a LoRA layer that adapts slices of a fused module, else None."""
+    """{"split_sizes", "enable_lora"} of a LoRA layer that adapts slices of a stacked module, else None."""
     if isinstance(layer, MergedLinear) or getattr(layer, "enable_lora", None) is not None:
         return {"split_sizes": list(layer.split_sizes), "enable_lora": list(layer.enable_lora)}
     return None

@@ -1,6 +1,14 @@
 """LoRA state: the ``LoRALayer`` mixin (hyper-parameters, exact merge/unmerge, what a merged layer saves
 and loads) and the model-level utilities built on it — which parameters train, what gets saved, merging.
 
+Merging, model-wide, under PEFT's names (a layer's own methods keep loralib's ``merge()``/``unmerge()``):
+
+    merge_adapter(model)      W += ΔW in every LoRA layer, in place; the original W is kept aside
+    unmerge_adapter(model)    put the original W back, bit for bit
+    merge_and_unload(model)   merge, then replace each LoRA layer by a plain module: no LoRA left
+
+``merge``/``unmerge`` are deprecated aliases of the first two (warn, then call them).
+
 ``mark_only_lora_as_trainable`` and ``lora_state_dict`` keep loralib's names, arguments and state-dict
 keys (a parameter is LoRA when ``"lora_"`` is in its name), so loralib checkpoints load unchanged.
 The concrete layers are in :mod:`lorafit.lora.layers`.
@@ -9,6 +17,7 @@ The concrete layers are in :mod:`lorafit.lora.layers`.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -19,6 +28,9 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "lora_state_dict",
     "lora_modules",
+    "merge_adapter",
+    "unmerge_adapter",
+    "merge_and_unload",
     "merge",
     "unmerge",
 ]
@@ -243,11 +255,12 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     return out
 
 
-def merge(model: nn.Module) -> list[str]:
-    """Merge every LoRA layer (see :meth:`LoRALayer.merge`); returns the names of the layers merged now.
+def merge_adapter(model: nn.Module) -> list[str]:
+    """Merge every LoRA layer in place (see :meth:`LoRALayer.merge`); returns the names of the layers
+    merged now. PEFT's name for the same operation.
 
-    Each merged layer keeps its original base weight until :func:`unmerge` (one extra weight-sized tensor
-    per layer), which makes unmerging bit-exact.
+    Each merged layer keeps its original base weight until :func:`unmerge_adapter` (one extra weight-sized
+    tensor per layer), which makes unmerging bit-exact.
     """
     done = []
     for name, m in lora_modules(model).items():
@@ -257,7 +270,7 @@ def merge(model: nn.Module) -> list[str]:
     return done
 
 
-def unmerge(model: nn.Module) -> list[str]:
+def unmerge_adapter(model: nn.Module) -> list[str]:
     """Restore the original base weights of every merged LoRA layer; returns the names unmerged now."""
     done = []
     for name, m in lora_modules(model).items():
@@ -265,3 +278,69 @@ def unmerge(model: nn.Module) -> list[str]:
             m.unmerge()
             done.append(name)
     return done
+
+
+def _plain(layer: LoRALayer) -> nn.Module:
+    """The plain module holding a merged LoRA layer's weight and bias: a wrapped layer's (or a
+    convolution's) own base module, else a new nn.Linear / nn.Embedding sharing the layer's tensors
+    (a ``fan_in_fan_out`` weight, stored (in, out), is transposed into nn.Linear's (out, in))."""
+    base = layer._base_module()
+    if base is not layer:  # WrappedLinear (merged: its base is a float nn.Linear), ConvLoRA
+        return base
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        new.bias = layer.bias
+    elif isinstance(layer, nn.Embedding):
+        new = nn.Embedding(
+            layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx, max_norm=layer.max_norm,
+            norm_type=layer.norm_type, scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse,
+            device="meta",
+        )  # fmt: skip
+    else:
+        raise LoraError(f"cannot merge a {type(layer).__name__} into a plain module")
+    w = layer.weight
+    if getattr(layer, "fan_in_fan_out", False):
+        w = nn.Parameter(w.detach().transpose(0, 1).contiguous(), requires_grad=w.requires_grad)
+    new.weight = w
+    new.train(layer.training)
+    return new
+
+
+def merge_and_unload(model: nn.Module) -> list[str]:
+    """Merge every LoRA layer (fp32 delta, rounded once into the base dtype) and replace it by a plain
+    module (nn.Linear, nn.Embedding, a wrapped layer's base, a convolution's ``conv``) holding the merged
+    weight, so the model has no LoRA left; returns the names of the replaced layers. PEFT's name.
+
+    Not reversible. One layer at a time: the copy of the original weight that ``merge()`` keeps is
+    dropped with the layer. A quantized wrapped base cannot absorb ΔW: dequantize it first.
+    """
+    parents: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for child_name, child in parent._modules.items():
+            if child is not None:
+                parents.setdefault(id(child), []).append((parent, child_name))
+    names = []
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, LoRALayer):
+            layer.merge()
+            plain = _plain(layer)
+            for parent, child_name in parents[id(layer)]:
+                setattr(parent, child_name, plain)
+            names.append(name)
+    return names
+
+
+def merge(model: nn.Module) -> list[str]:
+    """Deprecated alias of :func:`merge_adapter` (PEFT's name), kept for one release."""
+    warnings.warn(
+        "lorafit.lora.merge is deprecated; use lora.merge_adapter", DeprecationWarning, stacklevel=2
+    )
+    return merge_adapter(model)
+
+
+def unmerge(model: nn.Module) -> list[str]:
+    """Deprecated alias of :func:`unmerge_adapter` (PEFT's name), kept for one release."""
+    warnings.warn(
+        "lorafit.lora.unmerge is deprecated; use lora.unmerge_adapter", DeprecationWarning, stacklevel=2
+    )
+    return unmerge_adapter(model)
