@@ -106,10 +106,11 @@ def generate_batch(
     top_p: float = 1.0,
     streamer=None,
     system_message: str = "auto",
+    template: ChatTemplate | None = None,
 ) -> list[str]:
     """Reply to each conversation (lists of messages ending with a user turn). Greedy when temperature=0.
     System messages follow `system_message` as in training (see `prompt_text`)."""
-    template = ChatTemplate.probe(tokenizer)
+    template = template or ChatTemplate.probe(tokenizer)
     texts = [
         prompt_text(tokenizer, c, system_message=system_message, template=template) for c in conversations
     ]
@@ -155,8 +156,9 @@ def chat(model, tokenizer, *, system: str | None = None, max_new_tokens: int = 5
     honour ("error" on a template without a system role) stops before the first prompt."""
     from transformers import TextStreamer
 
+    template = ChatTemplate.probe(tokenizer)
     if system:  # "error" on a template that renders no system message: said before anything is typed
-        prepare(build_messages("", system), ChatTemplate.probe(tokenizer), system_message)
+        prepare(build_messages("", system), template, system_message)
     history: list[dict] = []
     print_fn("lorafit chat: /reset clears the conversation, /exit (or Ctrl-D) quits.")
     while True:
@@ -175,6 +177,6 @@ def chat(model, tokenizer, *, system: str | None = None, max_new_tokens: int = 5
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         reply = generate_batch(
             model, tokenizer, [build_messages(text, system, history)], max_new_tokens=max_new_tokens,
-            temperature=temperature, streamer=streamer, system_message=system_message,
+            temperature=temperature, streamer=streamer, system_message=system_message, template=template,
         )[0]  # fmt: skip
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
