@@ -4,6 +4,7 @@
                                        folder `lorafit export --layout loralib` writes
     recorded_base(path)                the base model the adapter records (adapter_base: or an error)
     adapter_quantization(path)         the quantization a QLoRA adapter was trained with
+    recorded_system_message(path)      the data.system_message policy it was trained with ("auto" if none)
     read_loralib / write_loralib       loralib `lora_state_dict` files + lorafit's JSON beside them
     continue_lora(model, peft, path)   an adapter onto the model to train further (--adapter)
 
@@ -30,6 +31,7 @@ from lorafit.lora.files import write_json_atomic
 from lorafit.lora.peft_format import CORRUPT_FIX, WEIGHTS_NAME, ModuleLora, base_reference
 from lorafit.model import stacked_layout, stacked_pieces, train_only_lora
 from lorafit.precision import lora_dtype
+from lorafit.templates import SYSTEM_MESSAGE
 
 LORALIB_NAME = "adapter_lora.pt"
 LORALIB_FORMAT = "lorafit-loralib-1"
@@ -88,6 +90,21 @@ def adapter_quantization(src: Path) -> dict:
         return dict(lora.read_adapter(src).meta.get("quantization") or {})
     except lora.LoraError:
         return {}
+
+
+def recorded_system_message(adapter: str | Path) -> str:
+    """The `data.system_message` policy (auto | fold | drop | error) the adapter was trained with, from
+    the "system_message" entry of its lorafit metadata (the safetensors header of a PEFT folder, the
+    JSON beside a loralib file), so generate and chat treat a system prompt as training did. "auto"
+    (the default policy) when the adapter records none: PEFT's own adapters, exports, older adapters."""
+    path = Path(adapter).expanduser()
+    pt = loralib_file(path)
+    try:
+        meta = loralib_sidecar(pt) if pt else lora.read_adapter(path).meta
+    except (lora.LoraError, AdapterError):
+        return "auto"
+    policy = meta.get("system_message")
+    return policy if policy in SYSTEM_MESSAGE else "auto"
 
 
 # ----------------------------------------------------------------------------- loralib checkpoints

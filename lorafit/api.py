@@ -143,13 +143,20 @@ def load(model: str | None = None, adapter: str | Path | None = None, **kwargs):
 
 
 def generate(model, tokenizer, prompt: str, *, system: str | None = None, max_new_tokens: int = 256,
-             temperature: float = 0.0) -> str:  # fmt: skip
-    """The model's reply to one prompt, through the chat template, stopping at end-of-turn."""
+             temperature: float = 0.0, system_message: str = "auto") -> str:  # fmt: skip
+    """The model's reply to one prompt, through the chat template, stopping at end-of-turn.
+
+    `system_message` (auto | fold | drop | error) treats `system` as training's data.system_message
+    treated system messages: "auto" keeps it where the template renders a system message and else
+    folds it into the user turn (system text, a blank line, the prompt). To match an adapter trained
+    with another policy, pass `lorafit.adapters.recorded_system_message(adapter)`.
+    """
     from lorafit.generation import generate as _generate
 
     return _generate(
-        model, tokenizer, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature
-    )
+        model, tokenizer, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+        system_message=system_message,
+    )  # fmt: skip
 
 
 def evaluate(
@@ -166,10 +173,13 @@ def evaluate(
     quantization: str = "none",
     lora_alpha: float | None = None,
     target_modules: list[str] | None = None,
+    system_message: str | None = None,
 ) -> dict:
     """Eval loss and perplexity of base (+ adapter) on a chat data file: {eval_loss, eval_perplexity, ...}.
 
-    `adapter`: any layout `lorafit.load` reads (`lora_alpha`/`target_modules` for a bare loralib file)."""
+    `adapter`: any layout `lorafit.load` reads (`lora_alpha`/`target_modules` for a bare loralib file).
+    `system_message` (data.system_message): default, the policy the adapter was trained with, else auto."""
+    from lorafit.adapters import recorded_system_message
     from lorafit.attention import use_packed_sdpa
     from lorafit.data import load_conversations, tokenize
     from lorafit.evaluation import eval_loss
@@ -185,8 +195,9 @@ def evaluate(
                      target_modules=target_modules)  # fmt: skip
     use_packed_sdpa(net)  # the attention training's eval uses, so both give the same eval loss
     tokens, stats = tokenize(
-        tok, convs, max_seq_length=max_seq_length, end_of_turn=end_of_turn(tok), train_on=train_on
-    )
+        tok, convs, max_seq_length=max_seq_length, end_of_turn=end_of_turn(tok), train_on=train_on,
+        system_message=system_message or (recorded_system_message(adapter) if adapter else "auto"),
+    )  # fmt: skip
     device_t = next(net.parameters()).device
     precision = mixed_precision(None, False, device_t)  # auto, as training_config.bf16: null
     res = eval_loss(

@@ -9,6 +9,8 @@
                   [--quantization nf4|fp4|int8] for a QLoRA adapter's base)
     lorafit generate [--model M] [--adapter A] --prompt TEXT [--system TEXT] [--max-new-tokens N]
     lorafit chat [--model M] [--adapter A] [--system TEXT]
+                 (eval, generate, chat: [--system-message auto|fold|drop|error], default: what the adapter
+                  records, i.e. what training did with system messages)
     lorafit tiny-model OUT [--size demo|tiny|small|medium]
     lorafit demo [--output-dir OUT]
     lorafit fuse [--model BASE] --adapter A --output-dir OUT [--dtype auto|bf16|fp16|fp32]
@@ -51,6 +53,9 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"],
                    help="load the base quantized (bitsandbytes), as a QLoRA adapter was trained")  # fmt: skip
+    p.add_argument("--system-message", default=None, choices=["auto", "fold", "drop", "error"],
+                   help="what to do with a system message the chat template does not render (data.system_message; "
+                   "default: what the adapter records, else auto)")  # fmt: skip
 
 
 def _loralib_args(p: argparse.ArgumentParser) -> None:
@@ -141,9 +146,17 @@ def cmd_eval(a) -> int:
     res = evaluate(
         a.model, a.data, a.adapter, max_seq_length=a.max_seq_length, batch_size=a.batch_size, dtype=a.dtype,
         device=a.device, quantization=a.quantization, lora_alpha=a.lora_alpha, target_modules=a.target_modules,
+        system_message=a.system_message,
     )  # fmt: skip
     print(json.dumps(res, indent=2))
     return 0
+
+
+def system_message_policy(a) -> str:
+    """--system-message, else the policy the adapter was trained with ("auto" without an adapter)."""
+    from lorafit.adapters import recorded_system_message
+
+    return a.system_message or (recorded_system_message(a.adapter) if a.adapter else "auto")
 
 
 def cmd_generate(a) -> int:
@@ -153,9 +166,10 @@ def cmd_generate(a) -> int:
                       lora_alpha=a.lora_alpha, target_modules=a.target_modules)  # fmt: skip
     print(
         generate(
-            model, tok, a.prompt, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature
+            model, tok, a.prompt, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+            system_message=system_message_policy(a),
         )
-    )
+    )  # fmt: skip
     return 0
 
 
@@ -164,7 +178,8 @@ def cmd_chat(a) -> int:
 
     model, tok = load(a.model, a.adapter, dtype=a.dtype, device=a.device, quantization=a.quantization,
                       lora_alpha=a.lora_alpha, target_modules=a.target_modules)  # fmt: skip
-    chat(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature)
+    chat(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+         system_message=system_message_policy(a))  # fmt: skip
     return 0
 
 

@@ -3,6 +3,12 @@
 Prompts are rendered with the tokenizer's own chat template and the generation prompt
 (`<|assistant|>\\n` for Phi-3); generation stops at the template's end-of-turn token (`<|end|>`),
 at EOS, or at any EOS id in the model's generation_config.
+
+A system prompt goes through the same `lorafit.templates.prepare` as training's system messages,
+with the same `system_message` policy (auto | fold | drop | error), so a model whose template renders
+no system message (the real Phi-3-mini's) sees the system text folded into the first user turn exactly
+as it was in training. The CLI uses the policy the adapter records
+(`lorafit.adapters.recorded_system_message`); the Python functions take `system_message=` ("auto").
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import torch
 
 from lorafit.adapters import adapter_base, adapter_quantization, load_any_adapter
 from lorafit.config import ModelConfig
-from lorafit.errors import AdapterError
+from lorafit.errors import AdapterError, DataError
 from lorafit.model import load_model, load_tokenizer, resolve_device, stop_token_ids
 from lorafit.quant import check_adapter_quantization
+from lorafit.templates import ChatTemplate, describe_missing, missing_content, prepare, render
 
 
 def load(
@@ -69,6 +76,25 @@ def build_messages(prompt: str, system: str | None = None, history: list[dict] |
     return msgs + list(history or []) + [{"role": "user", "content": prompt}]
 
 
+def prompt_text(
+    tokenizer, messages: list[dict], *, system_message: str = "auto", template: ChatTemplate | None = None
+) -> str:
+    """The text generation continues from: `messages` (ending with a user turn) prepared with the
+    `system_message` policy exactly as training prepares a conversation, rendered with the generation
+    prompt. This is training's render of the same conversation up to the assistant reply.
+
+    A DataError when the policy is "error" and the template renders no system message, or when the
+    template loses any other message's content. `template` saves probing the tokenizer again.
+    """
+    template = template or ChatTemplate.probe(tokenizer)
+    prepared, _ = prepare(messages, template, system_message)
+    text = render(tokenizer, prepared, add_generation_prompt=True)
+    missing = missing_content(text, prepared)
+    if missing:
+        raise DataError(describe_missing(missing, "the model"))
+    return text
+
+
 @torch.no_grad()
 def generate_batch(
     model,
@@ -79,10 +105,14 @@ def generate_batch(
     temperature: float = 0.0,
     top_p: float = 1.0,
     streamer=None,
+    system_message: str = "auto",
+    template: ChatTemplate | None = None,
 ) -> list[str]:
-    """Reply to each conversation (lists of messages ending with a user turn). Greedy when temperature=0."""
+    """Reply to each conversation (lists of messages ending with a user turn). Greedy when temperature=0.
+    System messages follow `system_message` as in training (see `prompt_text`)."""
+    template = template or ChatTemplate.probe(tokenizer)
     texts = [
-        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+        prompt_text(tokenizer, c, system_message=system_message, template=template) for c in conversations
     ]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens follow every prompt directly
@@ -110,16 +140,25 @@ def generate_batch(
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
-def generate(model, tokenizer, prompt: str, *, system: str | None = None, **kwargs) -> str:
-    """One reply to one prompt (optionally with a system message)."""
-    return generate_batch(model, tokenizer, [build_messages(prompt, system)], **kwargs)[0]
+def generate(
+    model, tokenizer, prompt: str, *, system: str | None = None, system_message: str = "auto", **kwargs
+) -> str:
+    """One reply to one prompt (optionally with a system message, treated per `system_message`)."""
+    return generate_batch(
+        model, tokenizer, [build_messages(prompt, system)], system_message=system_message, **kwargs
+    )[0]
 
 
 def chat(model, tokenizer, *, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.0,
-         input_fn=input, print_fn=print) -> None:  # fmt: skip
-    """An interactive loop: type a message, get the reply streamed. /reset clears history, /exit quits."""
+         system_message: str = "auto", input_fn=input, print_fn=print) -> None:  # fmt: skip
+    """An interactive loop: type a message, get the reply streamed. /reset clears history, /exit quits.
+    The system message is treated per `system_message`, as in training; a policy the template cannot
+    honour ("error" on a template without a system role) stops before the first prompt."""
     from transformers import TextStreamer
 
+    template = ChatTemplate.probe(tokenizer)
+    if system:  # "error" on a template that renders no system message: said before anything is typed
+        prepare(build_messages("", system), template, system_message)
     history: list[dict] = []
     print_fn("lorafit chat: /reset clears the conversation, /exit (or Ctrl-D) quits.")
     while True:
@@ -138,6 +177,6 @@ def chat(model, tokenizer, *, system: str | None = None, max_new_tokens: int = 5
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         reply = generate_batch(
             model, tokenizer, [build_messages(text, system, history)], max_new_tokens=max_new_tokens,
-            temperature=temperature, streamer=streamer,
+            temperature=temperature, streamer=streamer, system_message=system_message, template=template,
         )[0]  # fmt: skip
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

@@ -166,11 +166,12 @@ def missing_content(text: str, messages: list[dict]) -> list[tuple[int, str]]:
     return missing
 
 
-def describe_missing(missing: list[tuple[int, str]]) -> str:
-    """One sentence for a DataError: which messages the template dropped or rewrote."""
+def describe_missing(missing: list[tuple[int, str]], reader: str = "training") -> str:
+    """One sentence for a DataError: which messages the template dropped or rewrote, which `reader`
+    ("training", "the model") would then not see."""
     which = ", ".join(f"messages[{i}] ({role})" for i, role in missing)
     return (
-        f"the chat template dropped or rewrote the content of {which}, so training would not see it. "
+        f"the chat template dropped or rewrote the content of {which}, so {reader} would not see it. "
         f"Fix: use roles this model's template renders (usually system, user, assistant), or a template "
         f"that keeps them"
     )

@@ -27,7 +27,8 @@ def test_chat_loop_keeps_history_and_commands():
     real_apply = tok.apply_chat_template
 
     def spy(conversation, **kw):
-        seen_prompts.append(len(conversation))
+        if not any("lorafitprobe" in m["content"] for m in conversation):  # not ChatTemplate.probe's
+            seen_prompts.append(len(conversation))
         return real_apply(conversation, **kw)
 
     tok.apply_chat_template = spy

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 from families import family_tokenizer
 
+from lorafit.check import example_segments, marked
+from lorafit.data import encode
 from lorafit.errors import DataError
+from lorafit.model import end_of_turn
 from lorafit.templates import FOLD_SEPARATOR, ChatTemplate, missing_content, prepare, render
 
 CHAT = [
@@ -87,3 +90,42 @@ def test_missing_content_names_a_role_the_template_ignores_and_allows_trimmed_co
     assert missing_content(render(tok, messages, add_generation_prompt=False), messages) == [(2, "tool")]
     padded = [{"role": "user", "content": "  Hi there  "}, {"role": "assistant", "content": "Hello!"}]
     assert missing_content(render(family("llama3"), padded, add_generation_prompt=False), padded) == []
+
+
+# Multi-turn, with whitespace the templates treat differently: Llama 3 and Gemma trim content, Mistral
+# writes the reply right after "[/INST]", Phi-3 and ChatML keep it as it is.
+MULTI_TURN = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! How are you?"},
+    {"role": "user", "content": " What is 2+2? "},
+    {"role": "assistant", "content": "4, of course.\n"},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": " You're welcome."},
+]
+TRIMS = {"llama3", "gemma"}  # `| trim` in the template
+
+
+@pytest.mark.parametrize("name", ["phi-3", "qwen2", "llama3", "mistral", "gemma", "smollm2"])
+def test_the_trained_tokens_are_exactly_each_assistant_turn_and_its_end_of_turn(name):
+    tok = family(name)
+    eot = end_of_turn(tok)
+    messages, _ = prepare(MULTI_TURN, ChatTemplate.probe(tok))
+    segments, _ = example_segments(tok, messages, max_seq_length=4096, end_of_turn=eot, train_on="assistant")
+    print(f"{name}: end of turn {eot!r}\n{marked(segments)}")
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    expected = [(r.strip() if name in TRIMS else r) + eot for r in replies]
+    trained = [text for text, is_trained in segments if is_trained]
+    # a token's text may carry the whitespace before it (SentencePiece's "▁You"); nothing else is trained
+    assert [t.lstrip(" ") for t in trained] == [e.lstrip(" ") for e in expected]
+    ids, sup = encode(tok, messages, end_of_turn=eot)
+    runs, current = [], []
+    for i, s in zip(ids, sup):
+        if s:
+            current.append(i)
+        elif current:
+            runs, current = [*runs, current], []
+    runs += [current] if current else []
+    decoded = [tok.decode(r) for r in runs]
+    assert [d.strip() for d in decoded] == [e.strip() for e in expected]
+    assert all(tok.convert_tokens_to_ids(eot) == r[-1] for r in runs)
