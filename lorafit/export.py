@@ -42,6 +42,9 @@ from lorafit.model import load_model, stacked_layout, stacked_pieces
 from lorafit.precision import DTYPES, parse_dtype
 
 LAYOUTS = ("stacked", "split", "loralib")
+# What a training run recorded in its adapter's lorafit metadata that a converted adapter keeps: the
+# quantization the base was trained with (fuse quantizes again from it) and the system-message policy.
+CARRIED_METADATA = ("quantization", "system_message")
 # Older names of layouts, still accepted: "fused" was lorafit's word for "stacked" before fuse meant
 # writing a merged model.
 LAYOUT_ALIASES = {"fused": "stacked"}
@@ -135,7 +138,7 @@ def export_adapter(
             loras, full, problems, info = read_loralib(
                 src, net, lora_alpha=lora_alpha, target_modules=target_modules
             )
-            use_rslora, recorded = bool(info.get("use_rslora")), {}
+            use_rslora, recorded, carried = bool(info.get("use_rslora")), {}, {}
             named = dict(net.named_modules())
             shapes = {n: list(named[n].weight.shape) for n in loras if n in named}
         else:
@@ -143,10 +146,11 @@ def export_adapter(
             loras, full, problems = parse_adapter(files)
             use_rslora, base, cfg = files.use_rslora, base_model or files.base_model, files.config
             recorded, shapes = files.meta.get(STACKED_LAYOUT_KEY, {}), files.meta.get("base_shapes")
+            carried = {k: files.meta[k] for k in CARRIED_METADATA if k in files.meta}
         if problems:
             raise AdapterError(f"{src}: cannot convert:\n" + "\n".join(f"  - {p}" for p in problems))
         fl = _layout_for(loras, recorded, base, layout == "split", trust_remote_code)
-        extra = {}
+        extra = dict(carried)
         if layout == "split":
             loras = split_loras(loras, fl)
             extra[STACKED_LAYOUT_KEY] = {

@@ -12,6 +12,7 @@ naming the fix, and the output directory is untouched. train.run(job) is the loo
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from lorafit.model import (
     resolve_device,
 )
 from lorafit.precision import compute_dtype, mixed_precision
+from lorafit.templates import SystemMessageWarning
 
 log = logging.getLogger("lorafit")
 
@@ -91,7 +93,9 @@ def load_data(
         )
     eval_data = eval_stats = None
     if evals:
-        eval_data, eval_stats = tokenize(tokenizer, evals, **kw)
+        with warnings.catch_warnings():  # one warning per run: the training data's (the eval counts are in
+            warnings.simplefilter("ignore", SystemMessageWarning)  # results.json's eval_data.system_messages)
+            eval_data, eval_stats = tokenize(tokenizer, evals, **kw)
     return train_data, train_stats, eval_data, eval_stats
 
 

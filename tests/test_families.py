@@ -29,6 +29,7 @@ from lorafit.check import check_data, format_report
 from lorafit.cli import build_parser, main, system_message_policy
 from lorafit.data import encode
 from lorafit.errors import DataError
+from lorafit.export import export_adapter
 from lorafit.generation import build_messages, generate_batch, load, prompt_text
 from lorafit.model import end_of_turn, load_tokenizer, stop_token_ids
 from lorafit.templates import ChatTemplate, SystemMessageWarning, prepare, render
@@ -273,6 +274,9 @@ def test_training_records_its_system_message_policy_in_the_adapter(phi3, tmp_pat
     model, data = phi3
     finetune(model, data, tmp_path / "out", max_steps=1, overrides=["data.system_message=drop"])
     assert recorded_system_message(tmp_path / "out") == "drop"
+    for layout in ("split", "stacked"):  # a converted adapter keeps the record
+        export_adapter(tmp_path / "out", tmp_path / layout, layout=layout)
+        assert recorded_system_message(tmp_path / layout) == "drop"
 
 
 def test_an_adapter_without_a_record_is_auto(tmp_path):
