@@ -1,6 +1,6 @@
 """Reading an adapter for the pipeline: every layout lorafit writes or reads, in one place.
 
-    load_any_adapter(model, path)      a PEFT folder (fused or split keys), a loralib .pt file, or the
+    load_any_adapter(model, path)      a PEFT folder (stacked or split keys), a loralib .pt file, or the
                                        folder `lorafit export --layout loralib` writes
     recorded_base(path)                the base model the adapter records (adapter_base: or an error)
     adapter_quantization(path)         the quantization a QLoRA adapter was trained with
@@ -8,7 +8,7 @@
     read_loralib / write_loralib       loralib `lora_state_dict` files + lorafit's JSON beside them
     continue_lora(model, peft, path)   an adapter onto the model to train further (--adapter)
 
-PEFT folders are read by the library (lorafit.lora), which is told the model's fused layout
+PEFT folders are read by the library (lorafit.lora), which is told the model's stacked layout
 (lorafit.model.stacked_layout). Every LoraError becomes an AdapterError (`adapter_error`), with the
 library's advice said as lorafit commands.
 """
@@ -121,7 +121,7 @@ def loralib_sidecar(pt: Path) -> dict:
 
 
 def _guess_slices(name, a, b, r, mod, layout, target_modules) -> tuple[dict | None, str | None]:
-    """(slices, problem) for loralib factors on a plain Linear: whole module or which fused pieces."""
+    """(slices, problem) for loralib factors on a plain Linear: whole module or which pieces of a stacked module."""
     if a.shape[0] == r and b.shape[0] == mod.out_features:
         return None, None
     leaf = name.rpartition(".")[2]
@@ -149,7 +149,7 @@ def read_loralib(
     """A `lora_state_dict` checkpoint as (loras, full params, problems, sidecar info).
 
     Read with `torch.load(weights_only=True)` only. loralib files hold no rank, alpha or slices: r is
-    read off lora_B, the slices of a fused module off the factor shapes and the model's fused layout
+    read off lora_B, the slices of a stacked module off the factor shapes and the model's stacked layout
     (`target_modules` disambiguates), and alpha comes from the `adapter_lora.json` written beside
     lorafit's exports, or from `lora_alpha`.
     """
@@ -234,7 +234,7 @@ def load_any_adapter(
     model: nn.Module, adapter: str | Path, *, trainable: bool = False, dtype=None, lora_alpha=None,
     target_modules=None, lora_dropout: float = 0.0,
 ) -> list[str]:  # fmt: skip
-    """Load an adapter of any layout onto `model`: a PEFT folder (fused or split keys), a loralib file, or
+    """Load an adapter of any layout onto `model`: a PEFT folder (stacked or split keys), a loralib file, or
     the folder `lorafit export --layout loralib` writes (its adapter_lora.json gives alpha, ranks and base;
     a bare loralib file needs `lora_alpha`). `lora_dropout` is the dropout of the injected layers."""
     path = Path(adapter).expanduser()
@@ -275,7 +275,7 @@ def _adapter_targets(model, layers: dict) -> list[str]:
 def continue_lora(model, peft: PeftConfig, adapter: str) -> list[str]:
     """Put the adapter at `adapter` onto the model to train it further; freeze everything else.
 
-    `adapter` is any layout lorafit reads (a PEFT or lorafit folder, fused or split keys, slice adapters,
+    `adapter` is any layout lorafit reads (a PEFT or lorafit folder, stacked or split keys, slice adapters,
     a loralib export). The LoRA shape is the adapter's: its ranks and alphas (rank_pattern/alpha_pattern
     included), rsLoRA, and which modules and slices it adapts. peft_config's r, lora_alpha, use_rslora,
     target_modules and exclude_modules describe a new adapter: left at their defaults they are not

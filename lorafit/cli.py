@@ -46,7 +46,7 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     if not required:
         what += " (default: the base model recorded in the adapter, adapter_config.json's base_model_name_or_path)"
     p.add_argument("--model", required=required, help=what)
-    p.add_argument("--adapter", help="adapter folder (PEFT format, fused or split keys), a loralib .pt file, or "
+    p.add_argument("--adapter", help="adapter folder (PEFT format, stacked or split keys), a loralib .pt file, or "
                    "the folder `lorafit export --layout loralib` writes; without it the base model alone runs")  # fmt: skip
     _loralib_args(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])

@@ -40,7 +40,7 @@ def load(
 ):
     """Load a base model (hub id or folder) and optionally an adapter onto it; returns (model, tokenizer).
 
-    With `model=None` the base recorded in the adapter is used. The adapter is a PEFT folder (fused or
+    With `model=None` the base recorded in the adapter is used. The adapter is a PEFT folder (stacked or
     split keys), a loralib `.pt` file or the folder `lorafit export --layout loralib` writes; a bare
     loralib file records no alpha: pass `lora_alpha` (and `target_modules` when its slices are
     ambiguous). `quantization` (nf4, fp4, int8) loads the base quantized, as a QLoRA adapter was
