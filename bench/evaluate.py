@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorafit.data import load_conversations, tokenize
+    from lorafit.data import load_conversations
+    from lorafit.tokens import tokenize
 
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())

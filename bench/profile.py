@@ -134,8 +134,9 @@ def collate_ms(spec: dict, n_batches: int = 20) -> float:
     """Milliseconds lorafit.packing.collate takes for one batch of this run's packed rows."""
     from transformers import AutoTokenizer
 
-    from lorafit.data import load_conversations, tokenize
+    from lorafit.data import load_conversations
     from lorafit.packing import Batches, collate, pack
+    from lorafit.tokens import tokenize
 
     tok = AutoTokenizer.from_pretrained(spec["model"])
     data, _ = tokenize(

@@ -142,8 +142,9 @@ def run_peft_loop(spec: dict, pacer: Pacer) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorafit.data import load_conversations, tokenize
+    from lorafit.data import load_conversations
     from lorafit.packing import Batches, collate, pack
+    from lorafit.tokens import tokenize
 
     torch.manual_seed(spec["seed"])
     tok = AutoTokenizer.from_pretrained(spec["model"])

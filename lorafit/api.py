@@ -181,10 +181,11 @@ def evaluate(
     `system_message` (data.system_message): default, the policy the adapter was trained with, else auto."""
     from lorafit.adapters import recorded_system_message
     from lorafit.attention import use_packed_sdpa
-    from lorafit.data import load_conversations, tokenize
+    from lorafit.data import load_conversations
     from lorafit.evaluation import eval_loss
     from lorafit.generation import load as _load
     from lorafit.model import end_of_turn
+    from lorafit.tokens import tokenize
 
     if data is None:
         from lorafit.errors import ConfigError

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafit.data import encode, load_conversations, render_conversation, tokenize
+from lorafit.data import load_conversations
 from lorafit.errors import ConfigError, DataError
 from lorafit.model import end_of_turn, load_tokenizer
 from lorafit.templates import ChatTemplate, SystemMessageWarning, prepare
+from lorafit.tokens import encode, render_conversation, tokenize
 
 OPEN, CLOSE = "[[", "]]"
 COLOR_ON, COLOR_OFF = "\x1b[1;32m", "\x1b[0m"  # bold green

@@ -56,7 +56,7 @@ from lorafit.errors import LorafitError
 from lorafit.lora.files import fsync_dir, replace_atomic
 
 if TYPE_CHECKING:
-    from lorafit.data import TokenizedData
+    from lorafit.tokens import TokenizedData
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"

@@ -10,11 +10,11 @@ import math
 
 import torch
 
-from lorafit.data import TokenizedData
 from lorafit.distributed import all_sum
 from lorafit.loss import loss_sum
 from lorafit.packing import collate, pack, single_rows, to_device
 from lorafit.precision import autocast, compute_dtype
+from lorafit.tokens import TokenizedData
 
 
 def rows_for(data: TokenizedData, max_seq_length: int, packing: bool) -> list[list[int]]:

@@ -23,7 +23,7 @@ from lorafit.adapters import continue_lora
 from lorafit.check import nothing_to_train
 from lorafit.checkpoint import OutputDir, decide_output_dir
 from lorafit.config import RunConfig
-from lorafit.data import TokenizedData, TokenStats, load_conversations, split_eval, tokenize
+from lorafit.data import load_conversations, split_eval
 from lorafit.distributed import Dist
 from lorafit.errors import ConfigError, DataError, LorafitError
 from lorafit.estimate import needs_checkpointing
@@ -39,6 +39,7 @@ from lorafit.model import (
 )
 from lorafit.precision import compute_dtype, mixed_precision
 from lorafit.templates import SystemMessageWarning
+from lorafit.tokens import TokenizedData, TokenStats, tokenize
 
 log = logging.getLogger("lorafit")
 
@@ -158,7 +159,12 @@ def prepare(
         )
     if checkpointing:
         kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(
+            model, "activation_checkpointing_enable"
+        ):  # transformers >= 5 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs.get("use_reentrant", True):  # reentrant checkpoints only backprop into inputs needing grad
             model.enable_input_require_grads()
     return Job(

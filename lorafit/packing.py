@@ -1,6 +1,6 @@
 """Rows, packing and batches: from a TokenizedData to the tensors a training step feeds the model.
 
-Data flow (after `lorafit.data.tokenize`)::
+Data flow (after `lorafit.tokens.tokenize`)::
 
     TokenizedData --pack()/single_rows()--> rows: list[list[int]]     (example indices per row)
     rows --Batches.epoch_batches(epoch)--> micro-batches for this rank (lists of rows)
@@ -25,7 +25,7 @@ import numpy as np
 from lorafit.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from lorafit.data import TokenizedData
+    from lorafit.tokens import TokenizedData
 
 IGNORE_INDEX = -100
 

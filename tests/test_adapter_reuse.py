@@ -160,9 +160,10 @@ def test_a_peft_adapter_trains_further_from_peft_eval_loss(run_a, work):
     from transformers import AutoModelForCausalLM
 
     from lorafit.attention import use_packed_sdpa
-    from lorafit.data import load_conversations, tokenize
+    from lorafit.data import load_conversations
     from lorafit.evaluation import eval_loss
     from lorafit.model import end_of_turn, load_tokenizer
+    from lorafit.tokens import tokenize
 
     base = AutoModelForCausalLM.from_pretrained(run_a["base"], dtype=torch.float32)
     cfg = peft.LoraConfig(

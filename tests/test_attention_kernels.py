@@ -11,10 +11,11 @@ from torch.profiler import profile
 
 from lorafit import lora
 from lorafit.attention import PACKED_SDPA, flat_batch, needs_one_row, packed_sdpa, use_packed_sdpa
-from lorafit.data import Conversation, tokenize
+from lorafit.data import Conversation
 from lorafit.loss import loss_sum
 from lorafit.packing import collate
 from lorafit.tiny import build_model
+from lorafit.tokens import tokenize
 
 EOT = "<|end|>"
 SEGMENTS = [[5, 9, 2], [12, 4]]  # two rows of 16: three conversations, then one and padding

@@ -8,8 +8,9 @@ import pytest
 
 from bench.data import MIN_TOKENS, make_conversations, n_targets, n_tokens
 from bench.flops import flops_per_token
-from lorafit.data import Conversation, tokenize
+from lorafit.data import Conversation
 from lorafit.tiny import build_model
+from lorafit.tokens import tokenize
 
 ROOT = Path(__file__).resolve().parent.parent
 

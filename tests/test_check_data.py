@@ -10,7 +10,8 @@ from conftest import write_jsonl
 
 from lorafit.check import check_data, format_report, histogram
 from lorafit.cli import main
-from lorafit.data import load_conversations, tokenize
+from lorafit.data import load_conversations
+from lorafit.tokens import tokenize
 
 CONVS = [
     {"messages": [{"role": "user", "content": "2: even or odd?"}, {"role": "assistant", "content": "even"}]},
@@ -128,7 +129,7 @@ def test_no_example_would_train_exits_2_and_says_why(tiny_model, tmp_path, capsy
 
 def test_nothing_to_train_names_every_reason():
     from lorafit.check import nothing_to_train
-    from lorafit.data import TokenStats
+    from lorafit.tokens import TokenStats
 
     stats = TokenStats(conversations=5, examples=0, tokens=0, supervised_tokens=0, targets=0, truncated=2,
                        dropped=5, max_len=0, mean_len=0.0)  # fmt: skip

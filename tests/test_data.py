@@ -11,11 +11,12 @@ from conftest import write_jsonl
 
 from lorafit import lora
 from lorafit.attention import PACKED_SDPA, segment_kwargs, use_packed_sdpa
-from lorafit.data import Conversation, encode, load_conversations, split_eval, tokenize
+from lorafit.data import Conversation, load_conversations, split_eval
 from lorafit.errors import DataError
 from lorafit.loss import loss_sum
 from lorafit.packing import Batches, collate, pack, single_rows
 from lorafit.tiny import build_model, build_tokenizer
+from lorafit.tokens import encode, tokenize
 
 EOT = "<|end|>"
 

@@ -27,12 +27,12 @@ import lorafit
 from lorafit.adapters import recorded_system_message
 from lorafit.check import check_data, format_report
 from lorafit.cli import build_parser, main, system_message_policy
-from lorafit.data import encode
 from lorafit.errors import DataError
 from lorafit.export import export_adapter
 from lorafit.generation import build_messages, generate_batch, load, prompt_text
 from lorafit.model import end_of_turn, load_tokenizer, stop_token_ids
 from lorafit.templates import ChatTemplate, SystemMessageWarning, prepare, render
+from lorafit.tokens import encode
 
 SYSTEM, PROMPT, REPLY = "Answer in one word.", "Say OK", "OK"
 CONV = [

@@ -6,10 +6,10 @@ import pytest
 from families import family_tokenizer
 
 from lorafit.check import example_segments, marked
-from lorafit.data import encode
 from lorafit.errors import DataError
 from lorafit.model import end_of_turn
 from lorafit.templates import FOLD_SEPARATOR, ChatTemplate, missing_content, prepare, render
+from lorafit.tokens import encode
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

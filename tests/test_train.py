@@ -10,12 +10,13 @@ import torch.nn.functional as F
 
 from lorafit import lora
 from lorafit.config import PeftConfig
-from lorafit.data import Conversation, tokenize
+from lorafit.data import Conversation
 from lorafit.loss import linear_cross_entropy, loss_sum
 from lorafit.model import apply_lora, end_of_turn, fix_pad_token, plan_lora, stop_token_ids
 from lorafit.optim import lr_lambda
 from lorafit.packing import collate, pack
 from lorafit.tiny import build_model
+from lorafit.tokens import tokenize
 
 
 def convs(n: int = 12) -> list[Conversation]:
