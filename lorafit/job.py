@@ -159,10 +159,9 @@ def prepare(
         )
     if checkpointing:
         kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
-        if hasattr(
-            model, "activation_checkpointing_enable"
-        ):  # transformers >= 5 (the old name is deprecated)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5; the old name warns
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs.get("use_reentrant", True):  # reentrant checkpoints only backprop into inputs needing grad
