@@ -538,11 +538,33 @@ class OutputDir:
     overwrite: bool = False  # remove the previous run's files and checkpoints when the run starts
 
 
-def decide_output_dir(out: Path, *, resume: bool | str | None, overwrite: bool) -> OutputDir:
-    """Check `out` (writable; not another run's unless resume/overwrite) and pick the checkpoint to resume."""
+def decide_output_dir(
+    out: Path, *, resume: bool | str | None, overwrite: bool, inputs: list[str | Path | None] = ()
+) -> OutputDir:
+    """Check `out` (writable; not another run's unless resume/overwrite; replaces none of `inputs`)
+    and pick the checkpoint to resume."""
     preflight_output_dir(out)
+    check_inputs_kept(out, inputs)
     ckpt = check_output_dir(out, resume=resume, overwrite=overwrite)
     return OutputDir(out, resume_from=ckpt, resume=bool(resume), overwrite=overwrite)
+
+
+def check_inputs_kept(out: Path, inputs: list[str | Path | None]) -> None:
+    """Refuse an output directory where the run would replace an input (the base model, the data),
+    under any flag: an input that is `out` itself, or a file a run writes or --overwrite deletes there
+    (RUN_FILES, config.yaml, the lock, anything in a checkpoint-<step>/ folder). Hub ids are no paths."""
+    o = out.expanduser().resolve()
+    own = {o / f for f in (*RUN_FILES, "config.yaml", LOCK_FILE)}
+    for given in inputs:
+        if not given or not Path(given).expanduser().exists():
+            continue
+        p = Path(given).expanduser().resolve()
+        inside = p.relative_to(o).parts if o in p.parents else ()
+        if p == o or p in own or (inside and CHECKPOINT_RE.match(inside[0])):
+            raise LorafitError(
+                f"--output-dir {out} holds the input {given}, which the run would replace; lorafit never "
+                "replaces an input, even with --overwrite. Fix: choose another --output-dir (or move the input)."
+            )
 
 
 def preflight_output_dir(out: Path) -> None:

@@ -1,8 +1,9 @@
 """Hostile output folders (tiny Phi-3, CPU): lorafit never replaces an input, never writes through a
 link planted in its output folder, and a full disk is a message, not a traceback.
 
-* `export`/`fuse` with --overwrite onto the base model, the adapter or a training run: exit 2, the
-  folder byte for byte unchanged; --overwrite over a previous export of the same kind works.
+* `export`/`fuse` with --overwrite onto the base model, the adapter or a training run, and `train`
+  into a folder where it would replace its data or its base model: exit 2, the input byte for byte
+  unchanged; --overwrite over a previous export of the same kind works.
 * A symbolic link at OUT/.lorafit.lock or OUT/metrics.jsonl: refused (exit 2), the link's target
   unchanged.
 * No space left on device (OSError ENOSPC, or safetensors' error) at each write of a run: exit 2
@@ -112,6 +113,28 @@ def test_an_output_folder_given_as_a_link_is_refused(adapter, base_copy, tmp_pat
     assert run_cli("export", "--adapter", adapter, "--output-dir", link, "--overwrite") == 2
     assert "symbolic link" in capsys.readouterr().err
     assert tree(base_copy) == before and link.is_symlink()
+
+
+def test_train_never_replaces_its_data_or_its_base_model(tiny_model, base_copy, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    data = out / "metrics.jsonl"  # the data sits where a run writes its log (and --overwrite deletes it)
+    shutil.copy(demo_data_dir() / "train.jsonl", data)
+    before, base_before = data.read_bytes(), tree(base_copy)
+    sets = [
+        "training_config.max_steps=1",
+        "training_config.max_seq_length=64",
+        "training_config.eval_strategy=no",
+    ]
+    for flag in ([], ["--overwrite"], ["--resume"]):
+        assert main(train_argv(tiny_model, data, out, *flag, sets=sets)) == 2
+        err = capsys.readouterr().err
+        assert "holds the input" in err and "Traceback" not in err
+    assert (
+        main(train_argv(base_copy, demo_data_dir() / "train.jsonl", base_copy, "--overwrite", sets=sets)) == 2
+    )
+    assert "holds the input" in capsys.readouterr().err
+    assert data.read_bytes() == before and tree(base_copy) == base_before
 
 
 # ----------------------------------------------------------------------------- planted links
