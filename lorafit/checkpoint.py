@@ -36,11 +36,13 @@ Longer than lorafit's ~500-line mark on purpose: this is the one home of everyth
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -97,7 +99,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_path(tmp)  # a stale folder, or a link planted at the name: removed, never followed
     tmp.mkdir()
     try:
         yield tmp
@@ -105,7 +107,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
             os.replace(final, old)
         os.replace(tmp, final)
         fsync_dir(final.parent)
@@ -139,10 +141,15 @@ def remove_stale_temporaries(output_dir: Path) -> None:
         return
     for p in Path(output_dir).iterdir():
         if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            remove_path(p)
+
+
+def remove_path(p: Path) -> None:
+    """Remove a file, a link (the link itself, never its target) or a folder tree, if there is one."""
+    if p.is_symlink() or (p.exists() and not p.is_dir()):
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def rotate(output_dir: Path, limit: int | None, keep: Path | None = None) -> None:
@@ -168,13 +175,14 @@ def output_lock(output_dir: Path) -> Iterator[None]:
         yield
         return
     path = Path(output_dir) / LOCK_FILE
-    f = open(path, "a+")
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+    f = os.fdopen(fd, "r+")
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            who = f.read().strip() or "another process"
+            who = f.read(200).strip() or "another process"
             raise LorafitError(
                 f"{output_dir} is in use by another lorafit run ({who}). "
                 "Fix: wait for it to finish (or stop it), or choose another --output-dir."
@@ -189,6 +197,32 @@ def output_lock(output_dir: Path) -> Iterator[None]:
             path.unlink(missing_ok=True)
     finally:
         f.close()
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open a file lorafit writes inside an output folder, never through a link planted there.
+
+    A symbolic link at `path` (or anything but a regular file) is refused with a LorafitError naming
+    it: following it would write into whatever file the link points at.
+    """
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), mode)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK) or (os.path.islink(path)):
+            raise LorafitError(
+                f"{path} is a symbolic link; lorafit never writes through a link in its output folder. "
+                "Fix: remove the link (rm), or choose another --output-dir."
+            ) from None
+        raise LorafitError(
+            f"cannot open {path}: {e.strerror or e}. Fix: choose a writable --output-dir."
+        ) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LorafitError(
+            f"{path} is not a regular file; lorafit writes only regular files in its output folder. "
+            "Fix: remove it, or choose another --output-dir."
+        )
+    return fd
 
 
 def save_training_state(path: Path, state: dict) -> None:
@@ -460,6 +494,30 @@ def restore_training_state(
         ) from e
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """A write that failed for lack of space: OSError ENOSPC/EDQUOT, or safetensors' error saying so."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    return any(m in str(e) for m in ("No space left on device", "Disk quota exceeded"))
+
+
+def disk_full_error(out: Path, what: str, saved: str = "") -> LorafitError:
+    """The message for a disk that filled while writing `what` into `out`: what was and was not saved
+    (`saved`: what this run did write; and the last complete checkpoint), and how to continue.
+    Every writer removes its temporary file or folder on failure, so nothing half-written is left."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        have = f"the last complete checkpoint is {ckpt}"
+        fix = "free disk space, then run the same command with --resume to continue from it"
+    else:
+        have = "there is no complete checkpoint to resume from"
+        fix = "free disk space, then run the same command again with --overwrite"
+    return LorafitError(
+        f"no space left on device while writing {what} in {out}: it was not saved (nothing half-written "
+        f"is left). {saved}{have}. Fix: {fix}."
+    )
+
+
 def resume_fix(ckpt: Path) -> str:
     """How to get past a damaged checkpoint: the next older one, or starting over."""
     others = [p for _, p in list_checkpoints(ckpt.parent) if p.resolve() != ckpt.resolve()]
@@ -480,11 +538,33 @@ class OutputDir:
     overwrite: bool = False  # remove the previous run's files and checkpoints when the run starts
 
 
-def decide_output_dir(out: Path, *, resume: bool | str | None, overwrite: bool) -> OutputDir:
-    """Check `out` (writable; not another run's unless resume/overwrite) and pick the checkpoint to resume."""
+def decide_output_dir(
+    out: Path, *, resume: bool | str | None, overwrite: bool, inputs: list[str | Path | None] = ()
+) -> OutputDir:
+    """Check `out` (writable; not another run's unless resume/overwrite; replaces none of `inputs`)
+    and pick the checkpoint to resume."""
     preflight_output_dir(out)
+    check_inputs_kept(out, inputs)
     ckpt = check_output_dir(out, resume=resume, overwrite=overwrite)
     return OutputDir(out, resume_from=ckpt, resume=bool(resume), overwrite=overwrite)
+
+
+def check_inputs_kept(out: Path, inputs: list[str | Path | None]) -> None:
+    """Refuse an output directory where the run would replace an input (the base model, the data),
+    under any flag: an input that is `out` itself, or a file a run writes or --overwrite deletes there
+    (RUN_FILES, config.yaml, the lock, anything in a checkpoint-<step>/ folder). Hub ids are no paths."""
+    o = out.expanduser().resolve()
+    own = {o / f for f in (*RUN_FILES, "config.yaml", LOCK_FILE)}
+    for given in inputs:
+        if not given or not Path(given).expanduser().exists():
+            continue
+        p = Path(given).expanduser().resolve()
+        inside = p.relative_to(o).parts if o in p.parents else ()
+        if p == o or p in own or (inside and CHECKPOINT_RE.match(inside[0])):
+            raise LorafitError(
+                f"--output-dir {out} holds the input {given}, which the run would replace; lorafit never "
+                "replaces an input, even with --overwrite. Fix: choose another --output-dir (or move the input)."
+            )
 
 
 def preflight_output_dir(out: Path) -> None:
@@ -563,7 +643,8 @@ def make_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
+        remove_path(probe)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644))
         probe.unlink()
     except OSError as e:
         raise LorafitError(

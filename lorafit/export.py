@@ -10,7 +10,13 @@
 `lora.merge_and_unload` (PEFT's name). All conversions are exact: factors are copied or cut, never
 recomputed. Merging adds the fp32 delta (`delta_weight()`) to each base weight and rounds once into the
 base dtype. Outputs are written to a
-temporary folder and renamed into place. transformers is imported inside the functions. Reading
+temporary folder and renamed into place.
+
+No input is ever replaced: an output folder that is (or holds) the adapter or the base model is
+refused under any flag, and `--overwrite` replaces only a previous output of the same command --
+for an export, a folder holding nothing but adapter files (EXPORT_FILES), so never a model folder
+(config.json + weights) or a training run; for fuse, a model folder, never one holding an adapter
+or a training run (`_check_output`). transformers is imported inside the functions. Reading
 adapters of every layout (and the loralib file format) is lorafit/adapters.py.
 """
 
@@ -33,7 +39,7 @@ from lorafit.adapters import (
     recorded_base,
     write_loralib,
 )
-from lorafit.checkpoint import atomic_dir
+from lorafit.checkpoint import CHECKPOINT_RE, atomic_dir
 from lorafit.config import ModelConfig
 from lorafit.errors import AdapterError
 from lorafit.lora.factors import split_loras, stack_loras
@@ -94,14 +100,60 @@ def _layout_for(loras: dict, recorded: dict, base: str | None, split: bool, trus
     return layout
 
 
-def _check_output(out: Path, overwrite: bool, sources: list[Path]) -> None:
+# What `export_adapter` writes, and so all an output folder it may replace with --overwrite may hold
+# (README.md: the card a user or the hub adds next to an adapter). Anything else in the folder (a
+# config.json and model weights, a training run's results.json or checkpoints, data) means it is not
+# a previous export, and it is refused, --overwrite or not.
+EXPORT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "adapter_lora.pt", "adapter_lora.json",
+                          "README.md"})  # fmt: skip
+# What marks a folder as an input of some lorafit command (an adapter, a training run): never a `fuse` output.
+NOT_FUSED = ("adapter_config.json", "adapter_model.safetensors", "adapter_lora.pt", "results.json", "trainer_state.json",
+             ".lorafit.lock")  # fmt: skip
+
+
+def _check_output(out: Path, overwrite: bool, sources: list[Path], kind: str) -> None:
+    """Refuse an output folder that would replace an input or something that is not this command's output.
+
+    Never replaced, under any flag: an input (`sources`: the adapter, the base model) or a folder
+    holding one, a file, a link. With --overwrite, `kind` "export" replaces only a folder holding
+    nothing but EXPORT_FILES (a previous export: never a model folder, never a training run); `kind`
+    "fuse" replaces a model folder, but never one holding an adapter or a training run (NOT_FUSED).
+    """
+    if out.is_symlink():
+        raise AdapterError(
+            f"--output-dir {out} is a symbolic link; lorafit replaces no folder through a link. "
+            "Fix: pass the real folder, or choose another --output-dir"
+        )
     if not out.exists():
         return
     for src in sources:
-        if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
-            raise AdapterError(f"--output-dir {out} holds the input {src}; choose another output folder")
-    if out.is_file() or (any(out.iterdir()) and not overwrite):
+        if not src.exists():
+            continue
+        s, o = src.resolve(), out.resolve()
+        if s == o or o in s.parents:
+            raise AdapterError(
+                f"--output-dir {out} holds the input {src}; lorafit never replaces an input, even with "
+                "--overwrite. Fix: choose another output folder"
+            )
+    if out.is_file():
+        raise AdapterError(f"{out} is a file. Fix: choose another --output-dir")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return
+    if not overwrite:
         raise AdapterError(f"{out} already exists. Fix: choose another --output-dir, or pass --overwrite")
+    if kind == "export":
+        other = sorted(n for n in names if n not in EXPORT_FILES or (out / n).is_dir())
+        what = "an adapter export"
+    else:
+        other = sorted(n for n in names if n in NOT_FUSED or CHECKPOINT_RE.match(n))
+        what = "a merged model"
+    if other:
+        raise AdapterError(
+            f"{out} is not {what} written by lorafit (it holds {', '.join(other[:4])}); --overwrite replaces "
+            f"only a previous output of the same command, never a model, an adapter or a training run. "
+            "Fix: choose another --output-dir"
+        )
 
 
 def export_adapter(
@@ -126,7 +178,7 @@ def export_adapter(
     if layout not in LAYOUTS:
         raise AdapterError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     src, out = Path(adapter).expanduser(), Path(output_dir).expanduser()
-    _check_output(out, overwrite, [src])
+    _check_output(out, overwrite, [src] + ([Path(base_model).expanduser()] if base_model else []), "export")
     src = loralib_file(src) or src
     cfg: dict = {}
     try:
@@ -223,7 +275,7 @@ def fuse(
         model = recorded
         if not model:
             raise AdapterError(f"{src}: the adapter records no base model. Fix: pass --model BASE")
-    _check_output(out, overwrite, [src, Path(model).expanduser()])
+    _check_output(out, overwrite, [src, Path(model).expanduser()], "fuse")
     trained = adapter_quantization(src)
     method = quantization or trained.get("method") or "none"
     if double_quant is None:

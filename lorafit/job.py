@@ -112,7 +112,12 @@ def prepare(
     t = run.training_config
     # a local base folder is recorded (adapter, config.yaml, checkpoints) by its absolute path, a hub id as is
     run.model.name_or_path = base_reference(run.model.name_or_path)
-    output = decide_output_dir(Path(t.output_dir).expanduser(), resume=resume, overwrite=overwrite)
+    output = decide_output_dir(
+        Path(t.output_dir).expanduser(),
+        resume=resume,
+        overwrite=overwrite,
+        inputs=[run.model.name_or_path, run.data.train, run.data.eval],
+    )
     device = resolve_device(run.model.device, "model.device", run.origin("model.device"))
     dist = distributed.init(device.type)  # one process: a no-op; under torchrun: join the group
     device = distributed.device_for(dist, device)

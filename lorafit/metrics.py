@@ -16,8 +16,10 @@ never switches the process-wide pyplot backend.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from lorafit.checkpoint import disk_full_error, is_disk_full, open_nofollow
 from lorafit.lora.files import replace_atomic, write_bytes_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -40,8 +42,16 @@ class MetricsLog:
     def emit(self, record: dict) -> None:
         self.history.append(record)
         if self.write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            # appended through a descriptor opened without following links (restart() already replaced
+            # whatever was planted at the name; this guards the rest of the run)
+            fd = open_nofollow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                with os.fdopen(fd, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a line cut short is dropped by read_metrics; --resume rewrites the file
+                if not is_disk_full(e):
+                    raise
+                raise disk_full_error(self.path.parent, f"a line of {self.path.name}") from None
 
     def last_eval(self) -> dict | None:
         evals = [h for h in self.history if "eval_loss" in h]

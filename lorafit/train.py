@@ -65,6 +65,8 @@ from lorafit.checkpoint import (
     TrainState,
     clean_output_dir,
     data_fingerprint,
+    disk_full_error,
+    is_disk_full,
     latest_checkpoint,
     load_checkpoint,
     make_output_dir,
@@ -430,12 +432,17 @@ def save(job: Job, loop: Loop, state: TrainState) -> None:
         raise NonFiniteError(
             f"step {state.step}: {bad[0]} holds NaN/Inf values; not writing checkpoint-{state.step}"
         )
-    save_checkpoint(
-        job.output.path, state, steps_per_epoch=loop.steps_per_epoch, model=job.model, values=values,
-        adapter_kwargs=adapter_kwargs(job), optimizer_state=opt_state, scheduler=loop.scheduler,
-        scaler=loop.scaler, rngs=rngs if d.enabled else None, limit=loop.t.save_total_limit,
-        cuda_rngs=cuda_rngs,
-    )  # fmt: skip
+    try:
+        save_checkpoint(
+            job.output.path, state, steps_per_epoch=loop.steps_per_epoch, model=job.model, values=values,
+            adapter_kwargs=adapter_kwargs(job), optimizer_state=opt_state, scheduler=loop.scheduler,
+            scaler=loop.scaler, rngs=rngs if d.enabled else None, limit=loop.t.save_total_limit,
+            cuda_rngs=cuda_rngs,
+        )  # fmt: skip
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full_error(job.output.path, f"checkpoint-{state.step}") from None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -540,10 +547,24 @@ def finish(
     values = distributed.full_values(job.model) if job.sharded or d.main else {}  # collective under FSDP
     if not d.main:
         return {"rank": d.rank, "steps": state.step}
-    lora.save_adapter(job.model, out, values=values, **adapter_kwargs(job))
     results = summarize(job, loop, state, metrics, last_eval, runtime, run_tokens)
-    write_json_atomic(out / "results.json", results)
-    metrics.plot(out / "loss.png")
+    try:
+        lora.save_adapter(job.model, out, values=values, **adapter_kwargs(job))
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full_error(out, "the final adapter") from None
+    try:
+        write_json_atomic(out / "results.json", results)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full_error(out, "results.json", "The final adapter was saved; ") from None
+    try:  # the adapter and results.json are the run's output: a missing plot is a warning, not a failure
+        metrics.plot(out / "loss.png")
+    except OSError as e:
+        Console(True, False).warn(f"warning: could not write {out / 'loss.png'} ({e.strerror or e}); "
+                                  "the adapter and results.json are complete")  # fmt: skip
     return results
 
 

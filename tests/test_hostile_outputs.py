@@ -1,0 +1,288 @@
+"""Hostile output folders (tiny Phi-3, CPU): lorafit never replaces an input, never writes through a
+link planted in its output folder, and a full disk is a message, not a traceback.
+
+* `export`/`fuse` with --overwrite onto the base model, the adapter or a training run, and `train`
+  into a folder where it would replace its data or its base model: exit 2, the input byte for byte
+  unchanged; --overwrite over a previous export of the same kind works.
+* A symbolic link at OUT/.lorafit.lock or OUT/metrics.jsonl: refused (exit 2), the link's target
+  unchanged.
+* No space left on device (OSError ENOSPC, or safetensors' error) at each write of a run: exit 2
+  with what was saved and `--resume` as the fix, no temporary file left, and the run resumes; only
+  loss.png failing is a warning and the run succeeds.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lorafit_model, train_argv, tree
+from safetensors import SafetensorError
+
+from lorafit import lora
+from lorafit.checkpoint import atomic_dir, list_checkpoints, output_lock
+from lorafit.cli import main
+from lorafit.demo import demo_data_dir
+from lorafit.errors import LorafitError
+from lorafit.metrics import MetricsLog
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary files or folders left behind (hidden names holding .tmp-)."""
+    return sorted(p.name for p in out.rglob("*") if ".tmp-" in p.name)
+
+
+@pytest.fixture(scope="module")
+def base_copy(tiny_model, tmp_path_factory) -> Path:
+    """A copy of the tiny model folder (a failing test must not destroy the session's model)."""
+    return Path(shutil.copytree(tiny_model, tmp_path_factory.mktemp("hostile") / "base"))
+
+
+@pytest.fixture(scope="module")
+def adapter(base_copy, tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_copy, dtype=torch.float32)
+    folder = tmp_path_factory.mktemp("hostile") / "adapter"
+    return lora.save_adapter(
+        lorafit_model(base, "all-linear"), folder, base_model_name_or_path=str(base_copy)
+    )
+
+
+# ----------------------------------------------------------------------------- inputs are never replaced
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_export_overwrite_onto_the_base_model_is_refused_and_the_base_is_untouched(
+    base_copy, adapter, with_base, capsys
+):
+    before = tree(base_copy)
+    extra = ["--base-model", base_copy] if with_base else []
+    assert run_cli("export", "--adapter", adapter, "--output-dir", base_copy, "--overwrite", *extra) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Fix:" in err and str(base_copy) in err
+    assert tree(base_copy) == before
+
+
+def test_export_and_fuse_never_replace_their_adapter_or_a_training_run(base_copy, adapter, tmp_path, capsys):
+    before = tree(adapter)
+    assert run_cli("export", "--adapter", adapter, "--output-dir", adapter, "--overwrite") == 2
+    assert "holds the input" in capsys.readouterr().err
+    run = tmp_path / "run"  # what `lorafit train` leaves: an adapter with results and checkpoints
+    shutil.copytree(adapter, run)
+    (run / "results.json").write_text("{}\n")
+    (run / "checkpoint-4").mkdir()
+    run_before = tree(run)
+    assert run_cli("export", "--adapter", adapter, "--output-dir", run, "--overwrite") == 2
+    assert "not an adapter export" in capsys.readouterr().err
+    other = tmp_path / "other-adapter"  # not this command's input, but an adapter: never a fuse output
+    shutil.copytree(adapter, other)
+    for out in (run, other):
+        assert (
+            run_cli("fuse", "--adapter", adapter, "--model", base_copy, "--output-dir", out, "--overwrite")
+            == 2
+        )
+        assert "not a merged model" in capsys.readouterr().err
+    assert tree(adapter) == before and tree(run) == run_before
+
+
+def test_export_overwrite_replaces_a_previous_export(adapter, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert run_cli("export", "--adapter", adapter, "--output-dir", out, "--layout", "split") == 0
+    (out / "README.md").write_text("my notes\n")  # an adapter card next to it is still an export
+    assert run_cli("export", "--adapter", adapter, "--output-dir", out) == 2  # no --overwrite
+    assert run_cli("export", "--adapter", adapter, "--output-dir", out, "--overwrite") == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert any("qkv_proj" in m for m in cfg["target_modules"]) and not (out / "README.md").exists()
+    assert leftovers(out.parent) == []
+
+
+def test_an_output_folder_given_as_a_link_is_refused(adapter, base_copy, tmp_path, capsys):
+    link = tmp_path / "out"
+    link.symlink_to(base_copy, target_is_directory=True)
+    before = tree(base_copy)
+    assert run_cli("export", "--adapter", adapter, "--output-dir", link, "--overwrite") == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert tree(base_copy) == before and link.is_symlink()
+
+
+def test_train_never_replaces_its_data_or_its_base_model(tiny_model, base_copy, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    data = out / "metrics.jsonl"  # the data sits where a run writes its log (and --overwrite deletes it)
+    shutil.copy(demo_data_dir() / "train.jsonl", data)
+    before, base_before = data.read_bytes(), tree(base_copy)
+    sets = [
+        "training_config.max_steps=1",
+        "training_config.max_seq_length=64",
+        "training_config.eval_strategy=no",
+    ]
+    for flag in ([], ["--overwrite"], ["--resume"]):
+        assert main(train_argv(tiny_model, data, out, *flag, sets=sets)) == 2
+        err = capsys.readouterr().err
+        assert "holds the input" in err and "Traceback" not in err
+    assert (
+        main(train_argv(base_copy, demo_data_dir() / "train.jsonl", base_copy, "--overwrite", sets=sets)) == 2
+    )
+    assert "holds the input" in capsys.readouterr().err
+    assert data.read_bytes() == before and tree(base_copy) == base_before
+
+
+# ----------------------------------------------------------------------------- planted links
+
+
+def test_a_link_planted_at_the_lock_file_is_refused_and_its_target_kept(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious\n")
+    (out / ".lorafit.lock").symlink_to(victim)
+    with pytest.raises(LorafitError, match=r"\.lorafit\.lock is a symbolic link.*Fix: remove the link"):
+        with output_lock(out):
+            pass
+    assert victim.read_text() == "precious\n"
+    (out / ".lorafit.lock").unlink()
+    with output_lock(out):  # a plain lock file works, and is gone after the run
+        assert (out / ".lorafit.lock").read_text().startswith("pid ")
+    assert not (out / ".lorafit.lock").exists()
+
+
+def test_train_with_a_planted_lock_link_exits_2_and_writes_nothing_through_it(tiny_model, tmp_path, capsys):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious\n")
+    (out / ".lorafit.lock").symlink_to(victim)
+    data = demo_data_dir() / "train.jsonl"
+    sets = [
+        "training_config.max_steps=1",
+        "training_config.max_seq_length=64",
+        "training_config.eval_strategy=no",
+    ]
+    assert main(train_argv(tiny_model, data, out, sets=sets)) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "Traceback" not in err
+    assert victim.read_text() == "precious\n"
+
+
+def test_metrics_are_never_appended_through_a_planted_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    log = MetricsLog(tmp_path / "metrics.jsonl", [], write=True)
+    with pytest.raises(LorafitError, match="symbolic link"):
+        log.emit({"step": 1, "loss": 1.0})
+    assert victim.read_text() == "precious\n"
+    log.restart()  # the atomic rewrite replaces the link itself, never its target
+    log.emit({"step": 2, "loss": 0.5})
+    assert victim.read_text() == "precious\n" and not (tmp_path / "metrics.jsonl").is_symlink()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_link_planted_at_a_checkpoints_temporary_name_is_removed_not_followed(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    final = tmp_path / "out" / "checkpoint-4"
+    final.parent.mkdir()
+    (final.parent / f".checkpoint-4.tmp-{os.getpid()}").symlink_to(target, target_is_directory=True)
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "new" and not final.is_symlink()
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+def enospc(*_a, **_k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture
+def run_files(tiny_model, tmp_path):
+    lines = (demo_data_dir() / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:16]) + "\n")
+    sets = [
+        "training_config.max_steps=4", "training_config.save_steps=2", "training_config.logging_steps=2",
+        "training_config.eval_strategy=no", "training_config.per_device_train_batch_size=2",
+        "training_config.max_seq_length=64", "peft_config.r=2",
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    return out, lambda *extra: train_argv(tiny_model, tmp_path / "train.jsonl", out, *extra, sets=sets)
+
+
+def test_disk_full_during_a_checkpoint_is_a_message_and_the_run_resumes(run_files, monkeypatch, capsys):
+    out, argv = run_files
+    real_save, calls = torch.save, []
+
+    def save_until_full(obj, f, *a, **k):  # checkpoint-2 is written; checkpoint-4 fills the disk half-way
+        calls.append(f)
+        if len(calls) < 2:
+            return real_save(obj, f, *a, **k)
+        Path(f).write_bytes(b"half a file")
+        enospc()
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    assert main(argv()) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no space left on device while writing checkpoint-4" in err
+    assert "checkpoint-2" in err and "--resume" in err
+    assert [s for s, _ in list_checkpoints(out)] == [2] and leftovers(out) == []
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(argv("--resume")) == 0
+    assert json.loads((out / "results.json").read_text())["steps"] == 4
+
+
+def test_safetensors_disk_full_at_the_final_adapter_is_a_message(run_files, monkeypatch, capsys):
+    out, argv = run_files
+    real = lora.save_adapter
+
+    def full_at_the_end(model, path, *a, **k):
+        if Path(path) == out:
+            raise SafetensorError(
+                'Error while serializing: IoError(Os { code: 28, message: "No space left on device" })'
+            )
+        return real(model, path, *a, **k)
+
+    monkeypatch.setattr(lora, "save_adapter", full_at_the_end)
+    assert main(argv()) == 2
+    err = capsys.readouterr().err
+    assert (
+        "Traceback" not in err and "the final adapter" in err and "checkpoint-4" in err and "--resume" in err
+    )
+    assert not (out / "adapter_model.safetensors").exists() and leftovers(out) == []
+    monkeypatch.setattr(lora, "save_adapter", real)
+    assert main(argv("--resume")) == 0 and (out / "adapter_model.safetensors").exists()
+
+
+def test_disk_full_at_results_says_the_adapter_was_saved(run_files, monkeypatch, capsys):
+    out, argv = run_files
+    monkeypatch.setattr("lorafit.train.write_json_atomic", enospc)
+    assert main(argv()) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "results.json" in err and "final adapter was saved" in err
+    assert (out / "adapter_model.safetensors").exists() and not (out / "results.json").exists()
+
+
+def test_disk_full_at_the_plot_only_warns_and_the_run_succeeds(run_files, monkeypatch, capsys, caplog):
+    from matplotlib.figure import Figure
+
+    out, argv = run_files
+
+    def half_png(self, fname, *a, **k):
+        Path(fname).write_bytes(b"\x89PNG half")
+        enospc()
+
+    monkeypatch.setattr(Figure, "savefig", half_png)
+    assert main(argv()) == 0
+    assert "could not write" in caplog.text and "loss.png" in caplog.text
+    assert (out / "adapter_model.safetensors").exists() and (out / "results.json").exists()
+    assert not (out / "loss.png").exists() and leftovers(out) == []
