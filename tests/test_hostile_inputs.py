@@ -277,3 +277,53 @@ def test_printed_json_is_standard():
         "steps": 3,
         "ok": True,
     }
+
+
+# ----------------------------------------------------------------------------- generate and chat
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    from lorafit.generation import load
+
+    return load(str(tiny_model), device="cpu")
+
+
+def test_generate_refuses_text_that_is_not_utf8(tiny_model, capsys):
+    prompt = b"caf\xe9 ok".decode("utf-8", "surrogateescape")  # what Python makes of a latin-1 argument
+    err = fails(capsys, ["generate", "--model", str(tiny_model), "--prompt", prompt, "--device", "cpu"])
+    assert "the user text (message 0) has a character that is not text at position 3 (U+DCE9" in err
+    assert "Fix: type or pass it again as UTF-8 text" in err
+
+
+def test_generate_refuses_a_prompt_beyond_the_context(tiny_model, capsys):
+    err = fails(
+        capsys, ["generate", "--model", str(tiny_model), "--prompt", "x y " * 4200, "--device", "cpu"]
+    )
+    assert "but the model reads at most 4,096 (max_position_embeddings), leaving no room for a reply" in err
+
+
+def test_a_reply_is_limited_to_the_room_the_context_leaves():
+    from types import SimpleNamespace
+
+    from lorafit.errors import ConfigError
+    from lorafit.generation import _fit_context
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=100))
+    assert _fit_context(model, 10, 50) == 50
+    with pytest.warns(UserWarning, match="the reply is limited to 10 tokens instead of max_new_tokens=50"):
+        assert _fit_context(model, 90, 50) == 10
+    with pytest.raises(ConfigError, match="max_new_tokens must be at least 1, got 0"):
+        _fit_context(model, 10, 0)
+
+
+def test_chat_says_what_is_wrong_with_a_line_and_goes_on(loaded):
+    from lorafit.generation import chat
+
+    model, tok = loaded
+    lines = iter([b"\xff\xfe".decode("utf-8", "surrogateescape"), "/exit"])
+    printed = []
+    chat(model, tok, max_new_tokens=2, input_fn=lambda _: next(lines), print_fn=printed.append)
+    assert any(
+        p.startswith("error: the user text (message 0) has a character that is not text") for p in printed
+    )
