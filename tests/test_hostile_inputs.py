@@ -327,3 +327,22 @@ def test_chat_says_what_is_wrong_with_a_line_and_goes_on(loaded):
     assert any(
         p.startswith("error: the user text (message 0) has a character that is not text") for p in printed
     )
+
+
+def test_malformed_slices_metadata_is_a_problem_not_a_traceback(tmp_path, tok):
+    from safetensors import safe_open
+
+    from lorafit.tiny import build_model
+
+    model = lorafit_model(build_model(tok, "demo").eval(), ["q_proj", "v_proj"])
+    lora.save_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        meta = json.loads(f.metadata()["lorafit"])
+    name = next(iter(meta["slices"]))
+    meta["slices"][name]["split_sizes"] = "many"
+    save_file(load_file(weights), weights, metadata={"lorafit": json.dumps(meta)})
+    _, _, problems = lora.peft_format.parse_adapter(lora.read_adapter(tmp_path / "a"))
+    assert problems == [
+        f"malformed lorafit metadata (slices) for {name} in adapter_model.safetensors; Fix: copy the adapter again."
+    ]

@@ -483,6 +483,20 @@ _SUFFIXES = {
 }
 
 
+def _good_slices(spec) -> bool:
+    """Whether the slices metadata of one module is what `write_adapter` records."""
+    if not isinstance(spec, dict) or not _is_rank(spec.get("r")) or not _is_finite(spec.get("lora_alpha")):
+        return False
+    sizes, enable = spec.get("split_sizes"), spec.get("enable_lora")
+    return (
+        isinstance(sizes, list)
+        and isinstance(enable, list)
+        and len(sizes) == len(enable)
+        and all(_is_rank(n) for n in sizes)
+        and all(isinstance(e, bool) for e in enable)
+    )
+
+
 def parse_adapter(files: AdapterFiles) -> tuple[dict[str, ModuleLora], dict[str, torch.Tensor], list[str]]:
     """(LoRA factors by module name, full parameters by parameter name, problems) of an adapter."""
     cfg = files.config
@@ -522,7 +536,12 @@ def parse_adapter(files: AdapterFiles) -> tuple[dict[str, ModuleLora], dict[str,
                 f"and lora_B is {tuple(b.shape)} (expected ({r}, in) and (out, {r}))"
             )
             continue
-        spec = slices_meta.get(name)
+        spec = slices_meta.get(name) if isinstance(slices_meta, dict) else None
+        if spec is not None and not _good_slices(spec):
+            problems.append(
+                f"malformed lorafit metadata (slices) for {name} in {WEIGHTS_NAME}; {CORRUPT_FIX}"
+            )
+            continue
         stacked = _slices_from_block(b, spec) if spec and g["kind"] == "linear" else None
         if stacked is not None:
             slices = {"split_sizes": list(spec["split_sizes"]), "enable_lora": list(spec["enable_lora"])}
