@@ -117,7 +117,11 @@ def loralib_sidecar(pt: Path) -> dict:
         info = json.loads(side.read_text()) if side.is_file() else {}
     except (OSError, json.JSONDecodeError) as e:
         raise AdapterError(f"{side}: unreadable ({e}). Fix: delete it and pass --lora-alpha.") from e
-    return info if info.get("format") == LORALIB_FORMAT else {}
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise AdapterError(
+            f"{side}: unreadable ({type(e).__name__}). Fix: delete it and pass --lora-alpha."
+        ) from e
+    return info if isinstance(info, dict) and info.get("format") == LORALIB_FORMAT else {}
 
 
 def _guess_slices(name, a, b, r, mod, layout, target_modules) -> tuple[dict | None, str | None]:

@@ -31,7 +31,7 @@ from lorafit.data import load_conversations
 from lorafit.errors import ConfigError, DataError
 from lorafit.model import end_of_turn, load_tokenizer
 from lorafit.templates import ChatTemplate, SystemMessageWarning, prepare
-from lorafit.tokens import encode, render_conversation, tokenize
+from lorafit.tokens import clip_messages, encode, render_conversation, tokenize
 
 OPEN, CLOSE = "[[", "]]"
 COLOR_ON, COLOR_OFF = "\x1b[1;32m", "\x1b[0m"  # bold green
@@ -137,7 +137,7 @@ def check_data(
             f"{dropped} conversation(s) have their system message left out (data.system_message=drop)"
         )
     idx = min(example, len(convs) - 1)
-    messages, _ = prepare(convs[idx].messages, template, system_message)
+    messages, _ = prepare(clip_messages(convs[idx].messages, max_seq_length)[0], template, system_message)
     segments, cut = example_segments(
         tok, messages, max_seq_length=max_seq_length, end_of_turn=eot, train_on=train_on
     )

@@ -28,10 +28,38 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import warnings
 
 # lorafit's own modules are imported inside each command (an entry point): `lorafit --help` stays fast.
+
+
+def _finite(value):
+    """`value` with every NaN or infinite float replaced by None, so that it is standard JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps_json(value) -> str:
+    """What lorafit prints as JSON: standard JSON (RFC 8259), a NaN or infinite number printed as null."""
+    return json.dumps(_finite(value), indent=2, allow_nan=False)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _one_line_warnings() -> None:
@@ -114,7 +142,7 @@ def cmd_train(a) -> int:
         return 0
     shown = {k: v for k, v in res.items() if k in ("train_loss", "eval_loss_before", "eval_loss", "eval_perplexity",
                                                  "steps", "tokens", "runtime_sec", "tokens_per_sec", "output_dir")}  # fmt: skip
-    print(json.dumps(shown, indent=2))
+    print(dumps_json(shown))
     return 0
 
 
@@ -128,7 +156,7 @@ def cmd_check_data(a) -> int:
         example=a.example, system_message=a.system_message,
     )  # fmt: skip
     if a.json:
-        print(json.dumps(report, indent=2))
+        print(dumps_json(report))
     else:
         print(format_report(report, color=use_color(sys.stdout, a.no_color, os.environ)))
     return 0
@@ -148,7 +176,7 @@ def cmd_eval(a) -> int:
         device=a.device, quantization=a.quantization, lora_alpha=a.lora_alpha, target_modules=a.target_modules,
         system_message=a.system_message,
     )  # fmt: skip
-    print(json.dumps(res, indent=2))
+    print(dumps_json(res))
     return 0
 
 
@@ -293,14 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g, required=False)
     g.add_argument("--prompt", required=True)
     g.add_argument("--system", help="optional system message")
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=positive_int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat with base (+ adapter)")
     _model_args(c, required=False)
     c.add_argument("--system", help="optional system message")
-    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--max-new-tokens", type=positive_int, default=512)
     c.add_argument("--temperature", type=float, default=0.0)
     c.set_defaults(func=cmd_chat)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,13 @@ def _text_problem(label: str, value: Any) -> str | None:
         return f"{label} is a {_json_type(value)}, not a string; give it text"
     if not value.strip():
         return f"{label} is empty; give it text or remove it"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (
+            f"{label} has a lone surrogate code point (U+{ord(value[e.start]):04X}) at character {e.start}, "
+            f"which is not text (an escaped half of a UTF-16 pair, such as \\ud83d); remove it or give the full pair"
+        )
     return None
 
 
@@ -251,6 +259,13 @@ def _read_text(path: Path, shown: str) -> str:
     return text
 
 
+def _unreadable_json(e: Exception) -> str:
+    """The problem text for valid-looking JSON Python cannot read: nesting too deep, a huge integer."""
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply to read; flatten the record (messages are a list of {role, content} objects)"
+    return f"unreadable JSON value ({str(e)[:120]}); give numbers of sensible size, or write them as strings"
+
+
 def _jsonl_records(path: Path, shown: str, problems: Problems) -> Iterator[tuple[str, Any]]:
     # split on "\n" only: str.splitlines() would also split on U+2028 etc., legal inside JSON strings
     for n, line in enumerate(_read_text(path, shown).split("\n"), start=1):
@@ -263,6 +278,8 @@ def _jsonl_records(path: Path, shown: str, problems: Problems) -> Iterator[tuple
             problems.add(
                 loc, f"malformed JSON: {e.msg} (column {e.colno}); each line must be one complete JSON object"
             )
+        except (ValueError, RecursionError) as e:
+            problems.add(loc, _unreadable_json(e))
 
 
 def _json_records(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
@@ -274,6 +291,8 @@ def _json_records(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
         if e.msg == "Extra data":
             hint = "This looks like JSON Lines (one object per line): rename the file to .jsonl"
         raise DataError(f"{shown}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno}). {hint}") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{shown}: {_unreadable_json(e)}") from None
     if not isinstance(data, list):
         keys = f" with keys {', '.join(repr(k) for k in list(data)[:8])}" if isinstance(data, dict) else ""
         raise DataError(
@@ -347,6 +366,7 @@ def load_conversations(source: str | Path, *, split: str | None = None) -> list[
             raise DataError(
                 f"{shown}: is a directory. Fix: give the .jsonl, .json or .parquet file inside it"
             )
+        _check_regular(path, shown)
         kind = _SUFFIXES.get(path.suffix.lower())
         if kind is None:
             raise DataError(
@@ -376,6 +396,25 @@ def load_conversations(source: str | Path, *, split: str | None = None) -> list[
     if not seen:
         raise DataError(f"{shown}: contains no records. Fix: add training records ({LAYOUTS})")
     return convs
+
+
+def _check_regular(path: Path, shown: str) -> None:
+    """Refuse a data path that is not (or does not link to) a regular file: a device such as /dev/zero,
+    a FIFO or a socket would be read without end."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: what would be read
+    except OSError as e:
+        raise DataError(
+            f"{shown}: cannot read ({e.strerror}). Fix: check the path and its permissions"
+        ) from None
+    if not stat.S_ISREG(mode):
+        what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(
+            mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"  # fmt: skip
+        linked = f" (it links to {os.path.realpath(path)})" if path.is_symlink() else ""
+        raise DataError(
+            f"{shown}: is {what}{linked}, not a regular file, and would be read without end. "
+            f"Fix: write the records to a .jsonl, .json or .parquet file and give its path"
+        )
 
 
 def _looks_like_path(s: str) -> bool:

@@ -13,13 +13,14 @@ as it was in training. The CLI uses the policy the adapter records
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from lorafit.adapters import adapter_base, adapter_quantization, load_any_adapter
 from lorafit.config import ModelConfig
-from lorafit.errors import AdapterError, DataError
+from lorafit.errors import AdapterError, ConfigError, DataError
 from lorafit.model import load_model, load_tokenizer, resolve_device, stop_token_ids
 from lorafit.quant import check_adapter_quantization
 from lorafit.templates import ChatTemplate, describe_missing, missing_content, prepare, render
@@ -76,6 +77,20 @@ def build_messages(prompt: str, system: str | None = None, history: list[dict] |
     return msgs + list(history or []) + [{"role": "user", "content": prompt}]
 
 
+def check_text(messages: list[dict]) -> None:
+    """A DataError naming the first message whose content is not text: a lone surrogate code point, as
+    Python makes of bytes that are not UTF-8 in a command-line argument or typed input."""
+    for i, m in enumerate(messages):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(
+                f"the {m['role']} text (message {i}) has a character that is not text at position {e.start} "
+                f"(U+{ord(m['content'][e.start]):04X}: bytes that are not UTF-8, or half of a surrogate pair). "
+                f"Fix: type or pass it again as UTF-8 text"
+            ) from None
+
+
 def prompt_text(
     tokenizer, messages: list[dict], *, system_message: str = "auto", template: ChatTemplate | None = None
 ) -> str:
@@ -87,12 +102,38 @@ def prompt_text(
     template loses any other message's content. `template` saves probing the tokenizer again.
     """
     template = template or ChatTemplate.probe(tokenizer)
+    check_text(messages)
     prepared, _ = prepare(messages, template, system_message)
     text = render(tokenizer, prepared, add_generation_prompt=True)
     missing = missing_content(text, prepared)
     if missing:
         raise DataError(describe_missing(missing, "the model"))
     return text
+
+
+def _fit_context(model, prompt_tokens: int, max_new_tokens: int) -> int:
+    """`max_new_tokens`, lowered (with a warning) so that prompt and reply fit the model's context
+    (`config.max_position_embeddings`); a DataError when the prompt alone fills it."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int) or context <= 0:
+        return max_new_tokens
+    if prompt_tokens >= context:
+        raise DataError(
+            f"the prompt is {prompt_tokens:,} tokens, but the model reads at most {context:,} "
+            f"(max_position_embeddings), leaving no room for a reply. Fix: shorten the prompt "
+            f"(in chat: /reset clears the conversation so far)"
+        )
+    if prompt_tokens + max_new_tokens > context:
+        room = context - prompt_tokens
+        warnings.warn(
+            f"the prompt is {prompt_tokens:,} tokens of the model's {context:,}: the reply is limited to {room:,} "
+            f"tokens instead of max_new_tokens={max_new_tokens:,}",
+            stacklevel=3,
+        )
+        return room
+    return max_new_tokens
 
 
 @torch.no_grad()
@@ -120,6 +161,7 @@ def generate_batch(
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
+    max_new_tokens = _fit_context(model, enc["input_ids"].shape[1], max_new_tokens)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     kwargs = (
@@ -158,6 +200,7 @@ def chat(model, tokenizer, *, system: str | None = None, max_new_tokens: int = 5
 
     template = ChatTemplate.probe(tokenizer)
     if system:  # "error" on a template that renders no system message: said before anything is typed
+        check_text([{"role": "system", "content": system}])
         prepare(build_messages("", system), template, system_message)
     history: list[dict] = []
     print_fn("lorafit chat: /reset clears the conversation, /exit (or Ctrl-D) quits.")
@@ -175,8 +218,12 @@ def chat(model, tokenizer, *, system: str | None = None, max_new_tokens: int = 5
         if not text:
             continue
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        reply = generate_batch(
-            model, tokenizer, [build_messages(text, system, history)], max_new_tokens=max_new_tokens,
-            temperature=temperature, streamer=streamer, system_message=system_message, template=template,
-        )[0]  # fmt: skip
+        try:
+            reply = generate_batch(
+                model, tokenizer, [build_messages(text, system, history)], max_new_tokens=max_new_tokens,
+                temperature=temperature, streamer=streamer, system_message=system_message, template=template,
+            )[0]  # fmt: skip
+        except DataError as e:  # text that is not UTF-8, a conversation beyond the context: say so, go on
+            print_fn(f"error: {e}")
+            continue
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

@@ -120,6 +120,28 @@ def encode(
     return ids, sup.tolist()
 
 
+# At most this many characters of a conversation's message text are tokenized per token of
+# max_seq_length: far more than any tokenizer's average (about 4 for English text), so only text that
+# would be truncated away anyway is clipped, and one enormous record cannot exhaust memory.
+CHARS_PER_TOKEN = 8
+
+
+def clip_messages(messages: list[dict], max_seq_length: int) -> tuple[list[dict], bool]:
+    """`messages` with at most ``CHARS_PER_TOKEN * max_seq_length`` characters of content in all, and
+    whether anything was cut: the message that crosses the bound is cut there and later ones are left
+    out. Text beyond the bound lies past max_seq_length tokens, where truncation would cut it anyway."""
+    budget = CHARS_PER_TOKEN * max_seq_length
+    if sum(len(m["content"]) for m in messages) <= budget:
+        return messages, False
+    out: list[dict] = []
+    for m in messages:
+        if budget <= 0:
+            break
+        out.append(m if len(m["content"]) <= budget else {**m, "content": m["content"][:budget]})
+        budget -= len(m["content"])
+    return out, True
+
+
 # --------------------------------------------------------------------------------------------------
 # The tokenized dataset.
 
@@ -171,6 +193,9 @@ class TokenStats:
     lengths: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))
     # What happened to system messages: counts of "kept", "folded", "dropped" (see lorafit.templates).
     system_messages: dict[str, int] = field(default_factory=dict)
+    # Conversations whose text was clipped to CHARS_PER_TOKEN * max_seq_length characters before
+    # tokenizing (`clip_messages`); each is also counted in `truncated`.
+    clipped: int = 0
 
     def histogram(self, bins: int = 10) -> list[tuple[int, int, int]]:
         """Example lengths in `bins` equal integer bins: ``(lo, hi, count)`` with ``lo <= length < hi``."""
@@ -192,6 +217,7 @@ class TokenStats:
             "max_len": self.max_len,
             "mean_len": self.mean_len,
             "system_messages": dict(self.system_messages),
+            "clipped": self.clipped,
         }
 
 
@@ -224,18 +250,27 @@ def tokenize(
     toks: list[np.ndarray] = []
     sups: list[np.ndarray] = []
     sources: list[str] = []
-    truncated = dropped = 0
+    truncated = dropped = clipped = 0
     template = templates.ChatTemplate.probe(tokenizer)
     system = Counter()
     for conv in conversations:
+        messages, cut = clip_messages(conv.messages, max_seq_length)
+        if cut and not truncation:
+            too_long.add(
+                conv.location,
+                f"more than {CHARS_PER_TOKEN * max_seq_length:,} characters, far more than "
+                f"max_seq_length {max_seq_length} tokens can hold",
+            )
+            continue
         try:
-            messages, action = templates.prepare(conv.messages, template, system_message)
+            messages, action = templates.prepare(messages, template, system_message)
             system.update([action] if action else [])
             ids, sup = encode(tokenizer, messages, end_of_turn=end_of_turn, train_on=train_on)
         except DataError as e:
             problems.add(conv.location, str(e))
             continue
-        if len(ids) > max_seq_length:
+        clipped += cut
+        if len(ids) > max_seq_length or cut:
             if not truncation:
                 too_long.add(conv.location, f"{len(ids)} tokens > max_seq_length {max_seq_length}")
                 continue
@@ -287,8 +322,18 @@ def tokenize(
         mean_len=float(lengths.mean()) if len(lengths) else 0.0,
         lengths=lengths,
         system_messages=dict(system),
+        clipped=clipped,
     )
     return data, stats
 
 
-__all__ = ["TokenStats", "TokenizedData", "assistant_spans", "encode", "render_conversation", "tokenize"]
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "TokenStats",
+    "TokenizedData",
+    "assistant_spans",
+    "clip_messages",
+    "encode",
+    "render_conversation",
+    "tokenize",
+]

@@ -9,6 +9,7 @@ stacked first (:mod:`lorafit.lora.factors`) when the model has the stacked modul
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from lorafit.lora.factors import StackedLayout, stack_loras
 from lorafit.lora.inject import inject
 from lorafit.lora.layers import Embedding
 from lorafit.lora.peft_format import (
+    NONFINITE_FIX,
     PREFIX,
     STACKED_LAYOUT_KEY,
     ModuleLora,
@@ -92,6 +94,24 @@ def _fit_problems(name: str, m: ModuleLora, mod: nn.Module, use_rslora: bool) ->
     return []
 
 
+def _check_finite(loras: Mapping[str, ModuleLora], full: Mapping[str, torch.Tensor] | None, source) -> None:
+    """Refuse NaN or infinite factors, alphas and full parameters: a LoraError naming the first one."""
+    bad = None
+    for name, m in sorted(loras.items()):
+        if not isinstance(m.alpha, (int, float)) or isinstance(m.alpha, bool) or not math.isfinite(m.alpha):
+            bad = f"lora_alpha of {name} is {m.alpha!r}, not a finite number"
+        for which, t in (("lora_A", m.A), ("lora_B", m.B)):
+            if bad is None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = f"{name}.{which} holds NaN or infinite values"
+        if bad:
+            break
+    for key, t in sorted((full or {}).items()):
+        if bad is None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = f"{key} holds NaN or infinite values"
+    if bad:
+        raise LoraError(f"adapter {source}: {bad}. {NONFINITE_FIX}")
+
+
 def apply_loras(
     model: nn.Module,
     loras: Mapping[str, ModuleLora],
@@ -113,6 +133,7 @@ def apply_loras(
     `base_shapes` is refused, then every missing, unexpected and wrong-shape key is reported at once in
     one LoraError. Pieces of stacked modules (`stacked`) whose own modules the model lacks are stacked first.
     """
+    _check_finite(loras, full, source)
     named = dict(model.named_modules())
     base = base_model or "an unrecorded base model"
     mine = _model_name(model)

@@ -56,6 +56,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # The fix a corrupt weights file names (a caller that keeps older copies can add where they are).
 CORRUPT_FIX = "Fix: copy the adapter again."
+# The fix a non-finite adapter names: the weights are unusable (training diverged, or the file was damaged).
+NONFINITE_FIX = (
+    "The adapter cannot be used. Fix: use an earlier checkpoint, or train again (with a lower learning rate "
+    "if the loss diverged)."
+)
 # The metadata key (in the `lorafit` JSON of the safetensors header) of the stacked layout a split
 # adapter was cut from, {stacked leaf: {"pieces", "split_sizes"}}. Still "fused", the word lorafit used
 # before it said "stacked": older lorafit reads only this key, and files it wrote must keep loading.
@@ -66,6 +71,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "PREFIX",
     "CORRUPT_FIX",
+    "NONFINITE_FIX",
     "STACKED_LAYOUT_KEY",
     "ModuleLora",
     "base_reference",
@@ -74,6 +80,7 @@ __all__ = [
     "save_adapter",
     "AdapterFiles",
     "read_adapter",
+    "check_config",
     "parse_adapter",
 ]
 
@@ -373,6 +380,11 @@ def read_adapter(path: str | Path) -> AdapterFiles:
         raise LoraError(
             f"{cfg_path}: not valid JSON ({e}). Fix: restore the file from the run's output."
         ) from e
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise LoraError(
+            f"{cfg_path}: not a readable JSON file ({type(e).__name__}). Fix: restore the file from the run's output."
+        ) from None
+    check_config(config, cfg_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraError(
             f"{cfg_path}: peft_type is {config.get('peft_type')!r}; lorafit reads LoRA adapters only"
@@ -390,11 +402,64 @@ def read_adapter(path: str | Path) -> AdapterFiles:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoraError(f"{w_path}: corrupt or truncated safetensors file ({e}). {CORRUPT_FIX}") from e
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LoraError(f"{w_path}: tensor {key} holds NaN or infinite values. {NONFINITE_FIX}")
     try:
         meta = json.loads(raw_meta.get("lorafit", "{}"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         meta = {}
-    return AdapterFiles(config, tensors, meta, path)
+    return AdapterFiles(config, tensors, meta if isinstance(meta, dict) else {}, path)
+
+
+def _kind(value) -> str:
+    """The JSON name of `value`'s type, for messages."""
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config(config, cfg_path: Path) -> None:
+    """Refuse an adapter config lorafit cannot read safely: a LoraError naming the file, the key and what
+    was expected. Checked: the top level is an object; `r` and the `rank_pattern` values are positive
+    integers; `lora_alpha` and the `alpha_pattern` values are finite numbers (NaN or Infinity, which
+    Python's json accepts, are refused); the two patterns are objects."""
+    fix = f"Fix: correct {CONFIG_NAME} (or restore it from the run's output)."
+    if not isinstance(config, dict):
+        raise LoraError(f"{cfg_path}: the top level is a {_kind(config)}, not a JSON object. {fix}")
+    checks = (("r", _is_rank, "a positive integer"), ("lora_alpha", _is_finite, "a finite number"))
+    for key, ok, want in checks:
+        if key in config and not ok(config[key]):
+            raise LoraError(f"{cfg_path}: {key} is {_preview(config[key])}; expected {want}. {fix}")
+    for key, ok, want in (
+        ("rank_pattern", _is_rank, "a positive integer"),
+        ("alpha_pattern", _is_finite, "a finite number"),
+    ):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise LoraError(
+                f"{cfg_path}: {key} is a {_kind(patterns)}; expected an object {{module name: value}}. {fix}"
+            )
+        for name, value in patterns.items():
+            if not ok(value):
+                raise LoraError(
+                    f"{cfg_path}: {key}[{_preview(name)}] is {_preview(value)}; expected {want}. {fix}"
+                )
+
+
+def _preview(value, limit: int = 60) -> str:
+    """A bounded repr of a config value for a message."""
+    text = repr(value) if isinstance(value, (str, int, float, bool)) or value is None else f"a {_kind(value)}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _pattern_value(patterns: Mapping, name: str, default):
@@ -416,6 +481,20 @@ _SUFFIXES = {
     ".lora_embedding_A": ("A", "embedding"),
     ".lora_embedding_B": ("B", "embedding"),
 }
+
+
+def _good_slices(spec) -> bool:
+    """Whether the slices metadata of one module is what `write_adapter` records."""
+    if not isinstance(spec, dict) or not _is_rank(spec.get("r")) or not _is_finite(spec.get("lora_alpha")):
+        return False
+    sizes, enable = spec.get("split_sizes"), spec.get("enable_lora")
+    return (
+        isinstance(sizes, list)
+        and isinstance(enable, list)
+        and len(sizes) == len(enable)
+        and all(_is_rank(n) for n in sizes)
+        and all(isinstance(e, bool) for e in enable)
+    )
 
 
 def parse_adapter(files: AdapterFiles) -> tuple[dict[str, ModuleLora], dict[str, torch.Tensor], list[str]]:
@@ -457,7 +536,12 @@ def parse_adapter(files: AdapterFiles) -> tuple[dict[str, ModuleLora], dict[str,
                 f"and lora_B is {tuple(b.shape)} (expected ({r}, in) and (out, {r}))"
             )
             continue
-        spec = slices_meta.get(name)
+        spec = slices_meta.get(name) if isinstance(slices_meta, dict) else None
+        if spec is not None and not _good_slices(spec):
+            problems.append(
+                f"malformed lorafit metadata (slices) for {name} in {WEIGHTS_NAME}; {CORRUPT_FIX}"
+            )
+            continue
         stacked = _slices_from_block(b, spec) if spec and g["kind"] == "linear" else None
         if stacked is not None:
             slices = {"split_sizes": list(spec["split_sizes"]), "enable_lora": list(spec["enable_lora"])}
