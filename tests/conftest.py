@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from lorafit import lora
+from lorafit.attention import PACKED_SDPA, use_packed_sdpa
+from lorafit.loss import loss_sum
 from lorafit.model import plan_lora
-from lorafit.tiny import build_tokenizer, write_tiny_model
+from lorafit.tiny import build_model, build_tokenizer, write_tiny_model
 
 SLICE_TARGETS = ["q_proj", "v_proj", "gate_proj", "o_proj"]  # q, v of qkv_proj, gate of gate_up_proj
 
@@ -91,3 +93,21 @@ def train_argv(
 def tree(path: Path) -> dict[Path, bytes]:
     """Every file under `path` with its bytes (to show a folder was not changed)."""
     return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def lora_grads(tok, batch, attn: str, **dims):
+    """(loss, LoRA gradients) of the tiny Phi-3 with the same random LoRA weights for every `attn`."""
+    model = build_model(tok, **dims)
+    torch.manual_seed(0)
+    lora.inject(model, ["qkv_proj", "o_proj"], r=4, lora_alpha=8)
+    lora.mark_only_lora_as_trainable(model)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    if attn == PACKED_SDPA:
+        assert use_packed_sdpa(model)
+    else:
+        model.set_attn_implementation(attn)
+    loss = loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lora_grads
 from torch.profiler import profile
 
-from lorafit import lora
 from lorafit.attention import PACKED_SDPA, flat_batch, needs_one_row, packed_sdpa, use_packed_sdpa
 from lorafit.data import Conversation
 from lorafit.loss import loss_sum
@@ -85,24 +85,6 @@ def batch(tok):
     convs = [Conversation(chat(f"q{i} " * (i + 1), f"answer {i} " * (3 * i + 1)), f"t:{i}") for i in range(6)]
     data, _ = tokenize(tok, convs, max_seq_length=256, end_of_turn=EOT)
     return collate(data, [[0, 1, 2], [5], [3, 4]], pad_id=tok.pad_token_id)
-
-
-def lora_grads(tok, batch, attn: str, **dims):
-    """(loss, LoRA gradients) of the tiny Phi-3 with the same random LoRA weights for every `attn`."""
-    model = build_model(tok, **dims)
-    torch.manual_seed(0)
-    lora.inject(model, ["qkv_proj", "o_proj"], r=4, lora_alpha=8)
-    lora.mark_only_lora_as_trainable(model)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.1)
-    if attn == PACKED_SDPA:
-        assert use_packed_sdpa(model)
-    else:
-        model.set_attn_implementation(attn)
-    loss = loss_sum(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 def assert_same_training(a, b):

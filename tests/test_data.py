@@ -7,13 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import lora_grads, write_jsonl
 
-from lorafit import lora
 from lorafit.attention import PACKED_SDPA, segment_kwargs, use_packed_sdpa
 from lorafit.data import Conversation, load_conversations, split_eval
 from lorafit.errors import DataError
-from lorafit.loss import loss_sum
 from lorafit.packing import Batches, collate, pack, single_rows
 from lorafit.tiny import build_model, build_tokenizer
 from lorafit.tokens import encode, tokenize
@@ -383,21 +381,12 @@ def test_per_conversation_attention_gives_the_masked_gradients(tok):
     batch = collate(data, [[0, 1, 2], [3, 4], [5]], pad_id=tok.pad_token_id)
     grads = {}
     for attn in ("sdpa", PACKED_SDPA):
-        model = build_model(tok, num_key_value_heads=2)
-        torch.manual_seed(0)  # the same LoRA weights for both
-        lora.inject(model, ["qkv_proj", "o_proj"], r=4, lora_alpha=8)
-        lora.mark_only_lora_as_trainable(model)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1)
-        if attn == PACKED_SDPA:
-            use_packed_sdpa(model)
-        loss = loss_sum(model, batch)
-        loss.backward()
-        grads[attn] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        grads[attn] = lora_grads(tok, batch, attn, num_key_value_heads=2)  # the same LoRA weights for both
     (l0, g0), (l1, g1) = grads.values()
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
-    assert g0.keys() == g1.keys() and len(g0) == 4 * model.config.num_hidden_layers  # A, B of 2 modules
+    assert (
+        g0.keys() == g1.keys() and len(g0) == 4 * build_model(tok).config.num_hidden_layers
+    )  # A, B of 2 modules
     for n in g0:
         scale = float(g0[n].abs().max())  # fp32 sums in another order: relative to the gradient's size
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
