@@ -26,6 +26,7 @@ from torch import nn
 from lorafit import lora
 from lorafit.config import PeftConfig
 from lorafit.errors import AdapterError, ConfigError
+from lorafit.gguf_files import BASE_GGUF_KEY, check_same_base
 from lorafit.lora.apply import PIECES_FIX, apply_loras
 from lorafit.lora.files import write_json_atomic
 from lorafit.lora.peft_format import CORRUPT_FIX, WEIGHTS_NAME, ModuleLora, base_reference
@@ -245,6 +246,7 @@ def load_any_adapter(
     try:
         pt = loralib_file(path)
         if pt is None:
+            check_same_base(model, lora.read_adapter(path).meta.get(BASE_GGUF_KEY), path)
             return lora.load_adapter(model, path, trainable=trainable, dtype=dtype, stacked=stacked_layout(model),
                                      lora_dropout=lora_dropout)  # fmt: skip
         loras, full, problems, info = read_loralib(

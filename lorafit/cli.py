@@ -15,8 +15,10 @@
     lorafit demo [--output-dir OUT]
     lorafit fuse [--model BASE] --adapter A --output-dir OUT [--dtype auto|bf16|fp16|fp32]
                  [--quantization nf4|fp4|int8] [--base-weights dequantized|original]
+                 [--format hf|gguf] [--gguf-type f32|f16|bf16|q8_0]
                  (writes the merged model; `lorafit merge` is the same command)
-    lorafit export --adapter A --output-dir OUT [--layout stacked|split|loralib] [--base-model M]
+    lorafit export --adapter A --output-dir OUT [--layout stacked|split|loralib|gguf] [--base-model M]
+                   [--gguf-type f32|f16|bf16]
 
 Exit status: 0 success; 2 bad input or a failed run, with a one-paragraph message on stderr (no
 traceback) -- data errors list every bad record with its file:line, and nothing was written;
@@ -232,8 +234,9 @@ def cmd_fuse(a) -> int:
     out = fuse(
         a.model, a.adapter, a.output_dir, a.dtype, overwrite=a.overwrite, quantization=a.quantization,
         base_weights=a.base_weights, lora_alpha=a.lora_alpha, target_modules=a.target_modules,
+        format=a.format, gguf_type=a.gguf_type or "f16",
     )  # fmt: skip
-    print(f"wrote the merged model to {out}")
+    print(f"wrote the merged model to {out / 'model.gguf' if a.format == 'gguf' else out}")
     report = out / "quantization_error.json"
     if report.is_file():
         s = json.loads(report.read_text())["summary"]
@@ -249,9 +252,10 @@ def cmd_export(a) -> int:
 
     out = export_adapter(
         a.adapter, a.output_dir, a.layout, a.base_model, lora_alpha=a.lora_alpha,
-        target_modules=a.target_modules, overwrite=a.overwrite,
+        target_modules=a.target_modules, overwrite=a.overwrite, gguf_type=a.gguf_type or "f32",
     )  # fmt: skip
-    print(f"wrote the {LAYOUT_ALIASES.get(a.layout, a.layout)} adapter to {out}")
+    where = out / "adapter.gguf" if a.layout == "gguf" else out
+    print(f"wrote the {LAYOUT_ALIASES.get(a.layout, a.layout)} adapter to {where}")
     return 0
 
 
@@ -374,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--base-weights", default="dequantized", choices=["dequantized", "original"],
                     help="QLoRA: merge into the dequantized base the adapter was trained on (default; "
                     "written in bf16), or into the original unquantized weights")  # fmt: skip
+    mg.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                    help="hf: a Hugging Face model folder (default); gguf: OUT/model.gguf for llama.cpp and Ollama")  # fmt: skip
+    mg.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"],
+                    help="weight type of model.gguf (default f16)")  # fmt: skip
     mg.set_defaults(func=cmd_fuse)
 
     x = sub.add_parser(
@@ -385,8 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--adapter", required=True,
                    help="adapter folder, a loralib lora_state_dict .pt file, or a loralib export folder")  # fmt: skip
     x.add_argument("--output-dir", required=True, help="folder for the converted adapter")
-    x.add_argument("--layout", default="stacked", choices=["stacked", "split", "loralib", "fused"],
-                   help="stacked (default), split or loralib; fused: the old name of stacked, still accepted")  # fmt: skip
+    x.add_argument("--layout", default="stacked", choices=["stacked", "split", "loralib", "gguf", "fused"],
+                   help="stacked (default), split, loralib, or gguf (OUT/adapter.gguf, a llama.cpp/Ollama LoRA "
+                   "adapter); fused: the old name of stacked, still accepted")  # fmt: skip
+    x.add_argument(
+        "--gguf-type", choices=["f32", "f16", "bf16"], help="tensor type of adapter.gguf (default f32)"
+    )
     x.add_argument("--base-model", help="base model folder or hub id (default: the adapter's recorded base)")
     x.add_argument(
         "--lora-alpha", type=float, help="lora_alpha of a loralib checkpoint (it does not record it)"

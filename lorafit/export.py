@@ -42,15 +42,19 @@ from lorafit.adapters import (
 from lorafit.checkpoint import CHECKPOINT_RE, atomic_dir
 from lorafit.config import ModelConfig
 from lorafit.errors import AdapterError
+from lorafit.gguf_export import write_adapter_gguf, write_model_gguf
+from lorafit.gguf_files import fingerprint, gguf_file, hf_source
 from lorafit.lora.factors import split_loras, stack_loras
 from lorafit.lora.peft_format import STACKED_LAYOUT_KEY, parse_adapter, write_adapter
 from lorafit.model import load_model, stacked_layout, stacked_pieces
 from lorafit.precision import DTYPES, parse_dtype
 
-LAYOUTS = ("stacked", "split", "loralib")
+LAYOUTS = ("stacked", "split", "loralib", "gguf")
+GGUF_ADAPTER = "adapter.gguf"
+GGUF_MODEL = "model.gguf"
 # What a training run recorded in its adapter's lorafit metadata that a converted adapter keeps: the
 # quantization the base was trained with (fuse quantizes again from it) and the system-message policy.
-CARRIED_METADATA = ("quantization", "system_message")
+CARRIED_METADATA = ("quantization", "system_message", "base_gguf")
 # Older names of layouts, still accepted: "fused" was lorafit's word for "stacked" before fuse meant
 # writing a merged model.
 LAYOUT_ALIASES = {"fused": "stacked"}
@@ -61,17 +65,26 @@ LAYOUT_ALIASES = {"fused": "stacked"}
 
 def _meta_model(base: str, trust_remote_code: bool = False) -> nn.Module:
     """The base model's architecture on the 'meta' device (module types and shapes, no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    cfg = _base_config(base, trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+
+
+def _base_config(base: str, trust_remote_code: bool = False):
+    """The transformers config of the base model (a folder, hub id or .gguf file)."""
+    from transformers import AutoConfig
+
+    source, gguf_kwargs = hf_source(base)
     try:
-        cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_kwargs)
     except (OSError, ValueError) as e:
         raise AdapterError(
             f"cannot read the config of base model {base!r}: {e}\n"
             "Fix: pass --base-model with a local model folder (or a reachable hub id)."
         ) from e
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    return cfg
 
 
 def _layout_for(loras: dict, recorded: dict, base: str | None, split: bool, trust_remote_code=False) -> dict:
@@ -105,7 +118,7 @@ def _layout_for(loras: dict, recorded: dict, base: str | None, split: bool, trus
 # config.json and model weights, a training run's results.json or checkpoints, data) means it is not
 # a previous export, and it is refused, --overwrite or not.
 EXPORT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "adapter_lora.pt", "adapter_lora.json",
-                          "README.md"})  # fmt: skip
+                          "adapter.gguf", "README.md"})  # fmt: skip
 # What marks a folder as an input of some lorafit command (an adapter, a training run): never a `fuse` output.
 NOT_FUSED = ("adapter_config.json", "adapter_model.safetensors", "adapter_lora.pt", "results.json", "trainer_state.json",
              ".lorafit.lock")  # fmt: skip
@@ -166,11 +179,13 @@ def export_adapter(
     target_modules: list[str] | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    gguf_type: str = "f32",
 ) -> Path:
     """Convert an adapter folder or loralib checkpoint to `layout` in `output_dir`; returns the folder.
 
     "stacked": PEFT keys on the model's own modules (qkv_proj, gate_up_proj); "split": one LoRA per
-    q/k/v/gate/up piece, for runtimes that load Phi-3 as Llama; "loralib": OUT/adapter_lora.pt.
+    q/k/v/gate/up piece, for runtimes that load Phi-3 as Llama; "loralib": OUT/adapter_lora.pt;
+    "gguf": OUT/adapter.gguf, a llama.cpp LoRA adapter in `gguf_type` (lorafit.gguf_export).
     "fused" is accepted for "stacked" (its name before). A loralib source needs `base_model` (module
     types and shapes), unless lorafit wrote it.
     """
@@ -212,6 +227,14 @@ def export_adapter(
             loras, problems = stack_loras(loras, fl, use_rslora=use_rslora)
             if problems:
                 raise AdapterError(f"{src}: cannot stack:\n" + "\n".join(f"  - {p}" for p in problems))
+        if layout == "gguf":
+            if not base:
+                raise AdapterError(f"{src}: the adapter records no base model. Fix: pass --base-model M")
+            config = _base_config(base, trust_remote_code)
+            with atomic_dir(out) as tmp:
+                write_adapter_gguf(tmp / GGUF_ADAPTER, loras, full, config, use_rslora=use_rslora, kind=gguf_type,
+                                   name=f"lorafit adapter {src.name}")  # fmt: skip
+            return out
         keep = {
             k: cfg[k]
             for k in ("lora_dropout", "bias", "modules_to_save", "task_type", "revision")
@@ -232,6 +255,7 @@ def export_adapter(
 
 
 BASE_WEIGHTS = ("dequantized", "original")
+FORMATS = ("hf", "gguf")
 ERROR_REPORT = "quantization_error.json"
 
 
@@ -248,6 +272,8 @@ def fuse(
     base_weights: str = "dequantized",
     lora_alpha: float | None = None,
     target_modules: list[str] | None = None,
+    format: str = "hf",
+    gguf_type: str = "f16",
 ) -> Path:
     """Write base + adapter as one plain Hugging Face model folder (safetensors, config, tokenizer with
     its chat template, generation_config) that `AutoModelForCausalLM.from_pretrained` loads without
@@ -262,9 +288,15 @@ def fuse(
     way OUT/quantization_error.json gives the relative error of each dequantized base weight against
     the original (lorafit.quant.error_report): by that much the export differs from the original
     base + adapter ("dequantized"), or from the model that was trained ("original").
+
+    `format="gguf"` writes OUT/model.gguf instead, a complete llama.cpp model in `gguf_type` (f32, f16,
+    bf16, q8_0) merged in fp32 the same way, with the tokenizer of the base GGUF file (or of the base
+    folder): lorafit.gguf_export.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if format not in FORMATS:
+        raise AdapterError(f"format must be one of {FORMATS}, got {format!r}")
     if dtype != "auto" and dtype not in DTYPES:
         raise AdapterError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     if base_weights not in BASE_WEIGHTS:
@@ -289,10 +321,14 @@ def fuse(
             load_dtype = (
                 torch.float32 if method != "none" else "auto" if dtype == "auto" else parse_dtype(dtype)
             )
+            source, gguf_kwargs = hf_source(model)  # a .gguf base: dequantized as training read it
             net = AutoModelForCausalLM.from_pretrained(
-                model, trust_remote_code=trust_remote_code, dtype=load_dtype
+                source, trust_remote_code=trust_remote_code, dtype=load_dtype, **gguf_kwargs
             )
-        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+            if gguf_kwargs:
+                net.lorafit_base_gguf = fingerprint(gguf_file(model))
+        source, gguf_kwargs = hf_source(model)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_kwargs)
     except (OSError, ValueError) as e:
         raise AdapterError(
             f"cannot load base model {model!r}: {e}\nFix: pass --model with a model folder"
@@ -312,6 +348,15 @@ def fuse(
     if method != "none":
         net.to(torch.bfloat16 if dtype == "auto" else parse_dtype(dtype))
     net.config.use_cache = True
+    if format == "gguf":
+        with atomic_dir(out) as tmp:
+            base_gguf = gguf_file(model)
+            write_model_gguf(tmp / GGUF_MODEL, net, kind=gguf_type, tokenizer_gguf=base_gguf,
+                             tokenizer_dir=None if base_gguf else Path(model), name=f"{Path(model).stem} + {src.name}")  # fmt: skip
+            if report is not None:
+                report["base_weights"] = base_weights
+                (tmp / ERROR_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        return out
     with atomic_dir(out) as tmp:
         net.save_pretrained(tmp, max_shard_size="5GB")  # shards the size Phi-3's own repository uses
         tok.save_pretrained(tmp)

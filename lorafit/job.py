@@ -27,6 +27,7 @@ from lorafit.data import load_conversations, split_eval
 from lorafit.distributed import Dist
 from lorafit.errors import ConfigError, DataError, LorafitError
 from lorafit.estimate import needs_checkpointing
+from lorafit.gguf_files import BASE_GGUF_KEY
 from lorafit.lora.peft_format import base_reference
 from lorafit.model import (
     apply_lora,
@@ -190,6 +191,12 @@ def adapter_kwargs(job: Job) -> dict:
         extra_metadata={
             **(quantization_metadata(job.run.model, job.model) or {}),
             "system_message": job.run.data.system_message,
+            # a GGUF base: which file (name, size, digest), so another file is refused at load
+            **(
+                {BASE_GGUF_KEY: job.model.lorafit_base_gguf}
+                if hasattr(job.model, "lorafit_base_gguf")
+                else {}
+            ),
         },
     )
 

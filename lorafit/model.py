@@ -29,6 +29,7 @@ from lorafit import lora, quant
 from lorafit.attention import use_packed_sdpa
 from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError, DataError, LorafitError
+from lorafit.gguf_files import describe, fingerprint, gguf_file, hf_source
 from lorafit.lora.inject import target_names
 from lorafit.precision import (
     bnb_compute_dtype,
@@ -159,9 +160,10 @@ def fix_pad_token(tokenizer) -> None:
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
+    source, gguf_kwargs = hf_source(name_or_path)  # a .gguf file: its tokenizer and chat template
     try:
         tok = AutoTokenizer.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, revision=revision
+            source, trust_remote_code=trust_remote_code, revision=revision, **gguf_kwargs
         )
     except (OSError, ValueError) as e:
         raise LorafitError(
@@ -188,14 +190,22 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
     use_cache is off while training (a KV cache is useless there and, with packed rows, it would
     switch off the block-diagonal attention mask). For training, sdpa becomes ``lorafit_sdpa``
     (`lorafit.attention`): packed rows attend per conversation, everything else is unchanged.
-    trust_remote_code stays off unless asked.
+    trust_remote_code stays off unless asked. A `.gguf` file is read through transformers' GGUF support
+    (lorafit.gguf_files): its weights are dequantized once, the log says from what, and the model
+    remembers the file's fingerprint (`model.lorafit_base_gguf`) for the adapter to record.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = device or resolve_device(cfg.device)
+    source, gguf_kwargs = hf_source(cfg.name_or_path)
+    if gguf_kwargs and cfg.quantization != "none":
+        raise ConfigError(
+            f"model.quantization: {cfg.quantization} quantizes a checkpoint with bitsandbytes; the GGUF file "
+            f"{cfg.name_or_path} is read dequantized. Fix: set model.quantization to none for a GGUF base"
+        )
     try:
         hf_config = AutoConfig.from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+            source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **gguf_kwargs
         )
     except (OSError, ValueError) as e:
         raise LorafitError(
@@ -219,12 +229,13 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
         }
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path,
+            source,
             dtype=dtype,
             attn_implementation=attn,
             trust_remote_code=cfg.trust_remote_code,
             revision=cfg.revision,
             **quantized,
+            **gguf_kwargs,
         )
     except (ImportError, ValueError) as e:  # flash-attn not installed, or not for this model/GPU
         if attn in ("sdpa", "eager") or "attention" not in str(e).lower():
@@ -234,6 +245,10 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
             "Fix: install its package (flash_attention_2: pip install flash-attn, for NVIDIA GPUs of compute "
             "capability 8.0 or newer), or use sdpa (the default), which needs no extra package."
         ) from e
+    if gguf_kwargs:
+        path = gguf_file(cfg.name_or_path)
+        model.lorafit_base_gguf = fingerprint(path)
+        log.info("base model %s", describe(path, model))
     model.config.use_cache = not training
     if training:
         use_packed_sdpa(model)  # sdpa -> lorafit_sdpa: attention per packed conversation
