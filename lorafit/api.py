@@ -221,9 +221,12 @@ def fuse(
     base_weights: str = "dequantized",
     lora_alpha: float | None = None,
     target_modules: list[str] | None = None,
+    format: str = "hf",
+    gguf_type: str = "f16",
 ) -> Path:
     """Merge `adapter` into `model` (default: its recorded base) and write a plain Hugging Face model folder
-    (mlx-lm's `fuse`; CLI `lorafit fuse`). A QLoRA adapter merges into the dequantized base by default
+    (mlx-lm's `fuse`; CLI `lorafit fuse`), or with `format="gguf"` OUT/model.gguf for llama.cpp and Ollama
+    (`gguf_type` f32, f16, bf16 or q8_0). A QLoRA adapter merges into the dequantized base by default
     (see lorafit.export.fuse). To merge in memory instead, use `lorafit.lora.merge_adapter(model)`
     (reversible) or `lorafit.lora.merge_and_unload(model)`."""
     from lorafit import export
@@ -238,6 +241,8 @@ def fuse(
         base_weights=base_weights,
         lora_alpha=lora_alpha,
         target_modules=target_modules,
+        format=format,
+        gguf_type=gguf_type,
     )
 
 
@@ -267,8 +272,9 @@ def merge_adapter(model: str | None, adapter: str | Path, output_dir: str | Path
 
 def export_adapter(adapter: str | Path, output_dir: str | Path, layout: str = "stacked", base_model: str | None = None,
                    **kwargs) -> Path:  # fmt: skip
-    """Convert an adapter to the stacked or split PEFT layout, or to/from a loralib checkpoint ("fused" is
-    accepted for "stacked", its name before)."""
+    """Convert an adapter to the stacked or split PEFT layout, to/from a loralib checkpoint, or to a llama.cpp
+    LoRA adapter (layout "gguf", `gguf_type=` f32, f16 or bf16) ("fused" is accepted for "stacked", its
+    name before)."""
     from lorafit.export import export_adapter as _export
 
     return _export(adapter, output_dir, layout, base_model, **kwargs)

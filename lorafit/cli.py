@@ -72,7 +72,7 @@ def _one_line_warnings() -> None:
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    what = "base model: hub id or local folder"
+    what = "base model: hub id, local folder or .gguf file"
     if not required:
         what += " (default: the base model recorded in the adapter, adapter_config.json's base_model_name_or_path)"
     p.add_argument("--model", required=required, help=what)
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a model with LoRA on chat data")
-    t.add_argument("--model", help="base model: hub id or local folder (model.name_or_path)")
+    t.add_argument("--model", help="base model: hub id, local folder or .gguf file (model.name_or_path)")
     t.add_argument("--data", help="training data: .jsonl/.json/.parquet or a datasets hub id (data.train)")
     t.add_argument("--eval-data", help="evaluation data (data.eval)")
     t.add_argument(
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`lorafit merge` is the same command (fuse is mlx-lm's name for it).",
     )  # fmt: skip
     mg.add_argument(
-        "--model", help="base model: hub id or local folder (default: the adapter's recorded base)"
+        "--model", help="base model: hub id, local folder or .gguf file (default: the adapter's recorded base)"
     )
     mg.add_argument("--adapter", required=True,
                     help="adapter folder (stacked or split keys), loralib .pt file or loralib export folder")  # fmt: skip
