@@ -138,7 +138,7 @@ def test_adapter_gguf_in_llama_cpp_gives_lorafits_logits(family, kind, tmp_path)
     )
     print(json.dumps(report))
     assert report["without_adapter"] > 10 * report["max_abs_logit_diff"]
-    assert report["max_abs_logit_diff"] <= TOL["f32"]
+    assert report["max_abs_logit_diff"] <= TOL[kind]
     assert report["greedy_equal"] == f"{len(PROMPTS)}/{len(PROMPTS)}"
 
 
@@ -148,7 +148,7 @@ def test_merged_f16_gguf_in_llama_cpp_gives_lorafits_logits(family, tmp_path):
     report = {"case": f"merged f16 model.gguf, {family[0]}"}
     compare(model, llama(out / "model.gguf"), report)
     print(json.dumps(report))
-    assert report["max_abs_logit_diff"] <= TOL["f16"]
+    assert report["max_abs_logit_diff"] <= TOL["merged-f16"]
     assert report["greedy_equal"] == f"{len(PROMPTS)}/{len(PROMPTS)}"
 
 
@@ -179,7 +179,7 @@ def test_smollm2_q4_1_trained_through_lorafit_runs_in_llama_cpp(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", *data)
     res = lorafit.finetune(
         model=str(base), train_data=str(train), output_dir=str(tmp_path / "run"), progress=False,
-        training_config={"max_steps": 6, "learning_rate": 3e-3, "per_device_train_batch_size": 4,
+        training_config={"max_steps": 4, "learning_rate": 3e-3, "per_device_train_batch_size": 4,
                          "save_strategy": "no", "lr_scheduler_type": "constant", "max_seq_length": 96},
         peft_config={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     )  # fmt: skip
