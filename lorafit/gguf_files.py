@@ -16,6 +16,7 @@ The `gguf` package is the optional extra `lorafit[gguf]`; without it a GGUF base
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from pathlib import Path
@@ -55,6 +56,14 @@ def require_gguf():
 
 
 def reader(path: Path):
+    """A GGUFReader of `path` (parsed once per version of the file: parsing a vocabulary takes a second)."""
+    path = Path(path)
+    stat = path.stat()
+    return _reader(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: str, mtime_ns: int, size: int):
     gguf = require_gguf()
     try:
         return gguf.GGUFReader(path)

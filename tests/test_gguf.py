@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,11 +31,25 @@ from lorafit.model import load_model, load_tokenizer
 gguf = pytest.importorskip("gguf", reason="GGUF files need the gguf package (pip install 'lorafit[gguf]')")
 
 
-@pytest.fixture(scope="module", params=["mistral", "phi3"])
-def base_folder(request, tmp_path_factory):
+_FOLDERS: dict = {}
+
+
+def family_folder(name: str, factory) -> Path:
     """A tiny Mistral (written as llama.cpp's llama) or Phi-3 with its family's real tokenizer and chat
     template, as a Hugging Face folder (tests/families.py; the gguf package needs a real tokenizer)."""
-    return write_family_model(request.param, tmp_path_factory.mktemp(request.param) / "hf")
+    if name not in _FOLDERS:
+        _FOLDERS[name] = write_family_model(name, factory.mktemp(name) / "hf")
+    return _FOLDERS[name]
+
+
+@pytest.fixture(scope="module", params=["mistral", "phi3"])
+def base_folder(request, tmp_path_factory):
+    return family_folder(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def mistral_folder(tmp_path_factory):
+    return family_folder("mistral", tmp_path_factory)
 
 
 def fields(path):
@@ -52,8 +67,12 @@ def test_permutation_is_llama_cpps_and_transformers_undoes_it():
     assert torch.equal(torch.from_numpy(undone), w)
 
 
-def test_model_gguf_loads_back_with_the_same_logits(base_folder, ids, tmp_path, caplog):
+def test_model_gguf_loads_back_with_the_same_logits(mistral_folder, ids, tmp_path, caplog):
+    """Llama's permuted q/k round-trip (transformers' GGUF reader takes ~5 s of CPU per model: the
+    slow llama.cpp tests read Phi-3 back too)."""
     from transformers import AutoModelForCausalLM
+
+    base_folder = mistral_folder
 
     hf = AutoModelForCausalLM.from_pretrained(base_folder).eval()
     path = tmp_path / "base.gguf"
