@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`lorafit merge` is the same command (fuse is mlx-lm's name for it).",
     )  # fmt: skip
     mg.add_argument(
-        "--model", help="base model: hub id, local folder or .gguf file (default: the adapter's recorded base)"
+        "--model",
+        help="base model: hub id, local folder or .gguf file (default: the adapter's recorded base)",
     )
     mg.add_argument("--adapter", required=True,
                     help="adapter folder (stacked or split keys), loralib .pt file or loralib export folder")  # fmt: skip
