@@ -192,10 +192,10 @@ def test_smollm2_q4_1_trained_through_lorafit_runs_in_llama_cpp(tmp_path):
     stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
     same, diffs, first = 0, [], []
     for q in QUESTIONS:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
         )
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
         ours, theirs = torch_logits(model, ids)[-1], cpp_logits(llm, ids)[-1]
         diffs.append(float(np.abs(ours - theirs).max()))
         first.append(int(ours.argmax()) == int(theirs.argmax()))
