@@ -30,6 +30,7 @@ from lorafit.estimate import needs_checkpointing
 from lorafit.lora.peft_format import base_reference
 from lorafit.model import (
     apply_lora,
+    check_attention,
     end_of_turn,
     hold_frozen_linears_in,
     load_model,
@@ -124,6 +125,7 @@ def prepare(
     precision = mixed_precision(t.bf16, t.fp16, device)
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("training_config.fp16: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32")
+    check_attention(run.model.attn_implementation, device, training=True)  # before the data is read
     sharded = t.fsdp and dist.enabled
     if t.fsdp and not dist.enabled:
         log.warning(
@@ -140,7 +142,9 @@ def prepare(
     if model is None:
         try:
             # sharded on GPUs: load on the CPU; fully_shard moves each rank's shards to its GPU
-            model = load_model(m, device=torch.device("cpu") if sharded else device, training=True)
+            model = load_model(
+                m, device=torch.device("cpu") if sharded else device, training=True, runs_on=device
+            )
         except LorafitError:
             raise
         except Exception as e:  # e.g. a truncated or corrupt model.safetensors

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lorafit import lora, quant
-from lorafit.attention import use_packed_sdpa
+from lorafit.attention import use_packed_attention
 from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError, DataError, LorafitError
 from lorafit.lora.inject import target_names
@@ -182,17 +182,47 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
 # ----------------------------------------------------------------------------- model
 
 
-def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training: bool = True):
-    """Load a causal LM with transformers' Auto classes.
+def check_attention(attn: str, device: torch.device, training: bool) -> None:
+    """Refuse an attention implementation the device cannot run (model.attn_implementation), before loading.
 
+    flex_attention: PyTorch (2.13 included) has flex_attention's backward only on GPUs; on a CPU any
+    call with inputs that need gradients raises "FlexAttention does not support backward on CPU",
+    eager or compiled. Training is refused there rather than moved to sdpa behind the user's back (a
+    run asked to measure flex would measure something else); its forward (eval, generation) runs.
+    """
+    if attn == "flash_attention_2" and device.type != "cuda":
+        raise ConfigError(
+            "model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa (the default)"
+        )
+    if attn == "flex_attention" and training and device.type != "cuda":
+        raise ConfigError(
+            f"model.attn_implementation: flex_attention trains only on a CUDA GPU: PyTorch has no flex_attention "
+            f'backward on {device.type} ("FlexAttention does not support backward on CPU"). Fix: use sdpa (the '
+            "default; it attends per packed conversation with the fused kernel and gives the same result), "
+            "e.g. --set model.attn_implementation=sdpa"
+        )
+
+
+def load_model(
+    cfg: ModelConfig,
+    *,
+    device: torch.device | None = None,
+    training: bool = True,
+    runs_on: torch.device | None = None,
+):
+    """Load a causal LM with transformers' Auto classes onto `device`.
+
+    `runs_on`: the device it will compute on when that is not `device` (FSDP on GPUs loads on the CPU
+    and moves each rank's shards to its GPU); what the attention needs is checked against it.
     use_cache is off while training (a KV cache is useless there and, with packed rows, it would
-    switch off the block-diagonal attention mask). For training, sdpa becomes ``lorafit_sdpa``
-    (`lorafit.attention`): packed rows attend per conversation, everything else is unchanged.
-    trust_remote_code stays off unless asked.
+    switch off the block-diagonal attention mask). For training, sdpa becomes ``lorafit_sdpa`` and
+    flex_attention ``lorafit_flex`` (`lorafit.attention`): packed rows attend per conversation,
+    everything else is unchanged. trust_remote_code stays off unless asked.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = device or resolve_device(cfg.device)
+    check_attention(cfg.attn_implementation, runs_on or device, training)
     try:
         hf_config = AutoConfig.from_pretrained(
             cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
@@ -204,10 +234,6 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
         ) from e
     dtype = weight_dtype(cfg.dtype, device, getattr(hf_config, "dtype", None))
     attn = cfg.attn_implementation
-    if attn == "flash_attention_2" and device.type != "cuda":
-        raise ConfigError(
-            "model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa (the default)"
-        )
     quantized = {}
     if cfg.quantization != "none":  # see lorafit/quant.py; lm_head and embeddings keep `dtype`
         compute = bnb_compute_dtype(cfg.bnb_4bit_compute_dtype, device)
@@ -236,7 +262,9 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
         ) from e
     model.config.use_cache = not training
     if training:
-        use_packed_sdpa(model)  # sdpa -> lorafit_sdpa: attention per packed conversation
+        use_packed_attention(
+            model
+        )  # sdpa/flex_attention -> lorafit_sdpa/lorafit_flex: per packed conversation
     if quantized:
         quant.keep_packed_layout(model)
         quant.release_checkpoint(model)

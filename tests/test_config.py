@@ -787,7 +787,9 @@ WRONG_TYPE_MESSAGES = {
     "model.name_or_path": "expected a non-empty string, got [1, 2] (list)",
     "model.adapter": "expected a non-empty string or null, got [1, 2] (list)",
     "model.dtype": "expected one of 'auto', 'bf16', 'fp16', 'fp32', got [1, 2] (list)",
-    "model.attn_implementation": "expected one of 'sdpa', 'eager', 'flash_attention_2', got [1, 2] (list)",
+    "model.attn_implementation": (
+        "expected one of 'sdpa', 'eager', 'flash_attention_2', 'flex_attention', got [1, 2] (list)"
+    ),
     "model.device": "expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got [1, 2] (list)",
     "model.trust_remote_code": "expected true or false, got [1, 2] (list)",
     "model.revision": "expected a non-empty string or null, got [1, 2] (list)",

@@ -35,9 +35,10 @@ class ModelConfig(Section):
     # Dtype of the base weights: auto (the checkpoint's own dtype, like transformers' dtype="auto"),
     # bf16, fp16 or fp32. bfloat16/float16/float32 are accepted and stored as bf16/fp16/fp32.
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", aliases=DTYPE_ALIASES)
-    # Attention kernel: sdpa (torch's scaled_dot_product_attention; fast everywhere), eager, or
-    # flash_attention_2 (needs the flash-attn package and a recent NVIDIA GPU).
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = option("sdpa")
+    # Attention kernel: sdpa (torch's scaled_dot_product_attention; fast everywhere), eager,
+    # flash_attention_2 (needs the flash-attn package and a recent NVIDIA GPU) or flex_attention
+    # (torch's flex_attention, compiled: one call per layer for a packed batch; trains on CUDA only).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = option("sdpa")
     # auto picks cuda, then mps, then cpu.
     device: str = option("auto", check=checks.device)
     # Run model code downloaded from the Hub. Phi-3 is built into transformers and does not need it.
