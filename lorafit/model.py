@@ -222,7 +222,8 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = device or resolve_device(cfg.device)
-    check_attention(cfg.attn_implementation, runs_on or device, training)
+    runs_on = runs_on or device
+    check_attention(cfg.attn_implementation, runs_on, training)
     try:
         hf_config = AutoConfig.from_pretrained(
             cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
@@ -232,11 +233,13 @@ def load_model(
             f"cannot load a model config from {cfg.name_or_path!r}: {e}\n"
             "Fix: pass a local model directory or a Hugging Face hub id (model.name_or_path / --model)."
         ) from e
-    dtype = weight_dtype(cfg.dtype, device, getattr(hf_config, "dtype", None))
+    # the dtypes are those of the device that computes: a bf16 base loaded on a CPU for FSDP on GPUs
+    # stays bf16 (fp32 would double the host RAM of every rank, then the GPUs' share)
+    dtype = weight_dtype(cfg.dtype, runs_on, getattr(hf_config, "dtype", None))
     attn = cfg.attn_implementation
     quantized = {}
     if cfg.quantization != "none":  # see lorafit/quant.py; lm_head and embeddings keep `dtype`
-        compute = bnb_compute_dtype(cfg.bnb_4bit_compute_dtype, device)
+        compute = bnb_compute_dtype(cfg.bnb_4bit_compute_dtype, runs_on)
         quantized = {
             "quantization_config": quant.bnb_config(
                 cfg.quantization, double_quant=cfg.bnb_4bit_use_double_quant, compute=compute

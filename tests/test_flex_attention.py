@@ -179,3 +179,16 @@ def test_training_with_flex_attention_off_cuda_is_refused(tiny_model, tmp_path, 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert NO_CPU_BACKWARD in err and "Traceback" not in err
+
+
+def test_fsdp_on_gpus_loads_a_flex_model_on_the_cpu(tiny_model):
+    """FSDP loads the base on the CPU for GPUs: the attention is checked against the device that
+    computes (`runs_on`), so flex_attention (and flash_attention_2) are not refused there."""
+    from lorafit.config import ModelConfig
+    from lorafit.model import load_model
+
+    cfg = ModelConfig(name_or_path=str(tiny_model), attn_implementation="flex_attention", dtype="fp32")
+    model = load_model(cfg, device=torch.device("cpu"), training=True, runs_on=torch.device("cuda"))
+    assert model.config._attn_implementation == PACKED_FLEX
+    with pytest.raises(ConfigError, match="flex_attention trains only on a CUDA GPU"):
+        load_model(cfg, device=torch.device("cpu"), training=True)
