@@ -48,6 +48,8 @@ batch is ONE row (transformers' ``_is_packed_sequence``); `flat_batch` makes it 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -147,12 +149,17 @@ class PackedMasks:
         return self._masks[window]
 
 
-def flex_kernel(query, key, value, **kwargs):
-    """torch's flex_attention, compiled once (transformers' compiled singleton, shared with its own
-    flex path); eager flex_attention materializes the scores."""
-    from transformers.integrations.flex_attention import compile_friendly_flex_attention
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
 
-    return compile_friendly_flex_attention(query, key, value, **kwargs)
+    return torch.compile(flex_attention)
+
+
+def flex_kernel(query, key, value, **kwargs):
+    """torch's flex_attention, compiled (once per process; new row lengths may recompile): eager
+    flex_attention is an unfused reference that materializes the scores."""
+    return _compiled_flex()(query, key, value, **kwargs)
 
 
 def packed_flex(
@@ -184,7 +191,7 @@ def packed_flex(
         )
     out = flex_kernel(
         query, key, value, block_mask=lorafit_masks.block_mask(sliding_window), scale=scaling,
-        enable_gqa=key.shape[1] != query.shape[1], training=getattr(module, "training", False),
+        enable_gqa=key.shape[1] != query.shape[1],
     )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 

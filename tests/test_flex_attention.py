@@ -32,7 +32,7 @@ NO_CPU_BACKWARD = "FlexAttention does not support backward on CPU"
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-def eager_flex(query, key, value, training=False, **kwargs):
+def eager_flex(query, key, value, **kwargs):
     """The flex kernel without torch.compile (same results; no compile per shape in the tests)."""
     return flex_attention(query, key, value, **kwargs)
 
@@ -102,7 +102,7 @@ def test_one_flex_call_equals_the_masked_reference(monkeypatch, kv_heads, window
 
 @pytest.mark.slow
 def test_the_compiled_kernel_and_compiled_mask_equal_the_masked_reference():
-    """What runs on CUDA: transformers' compiled flex_attention, and create_block_mask compiled (and
+    """What runs on CUDA: the compiled flex_attention kernel, and create_block_mask compiled (and
     compiled, the kernel refuses gradients on a CPU just the same)."""
     with pytest.raises(NotImplementedError, match=NO_CPU_BACKWARD):
         torch.compile(flex_attention)(*qkv(4))
@@ -116,7 +116,7 @@ def test_the_compiled_kernel_and_compiled_mask_equal_the_masked_reference():
     torch.testing.assert_close(got, masked_reference(q, k, v, SEGMENTS, 3), rtol=1e-5, atol=1e-5)
 
 
-def dense_stand_in(query, key, value, block_mask, scale=None, enable_gqa=False, training=False):
+def dense_stand_in(query, key, value, block_mask, scale=None, enable_gqa=False):
     """What flex_attention computes, done densely by SDPA: its CPU backward is missing, so the model
     wiring's gradients are checked through this (the mask is the BlockMask's own, token by token)."""
     mask = represented(block_mask)[:, None]
