@@ -21,5 +21,14 @@ from lorafit.api import check_adapter, evaluate, export_adapter, finetune, fuse,
 
 __version__ = "0.1.0"
 _library = [n for n in _lora_all if n != "merge_adapter"]
-__all__ = [*_library, "finetune", "load", "evaluate", "generate", "fuse", "merge_adapter", "export_adapter",
-           "check_adapter"]
+__all__ = [
+    *_library,
+    "finetune",
+    "load",
+    "evaluate",
+    "generate",
+    "fuse",
+    "merge_adapter",
+    "export_adapter",
+    "check_adapter",
+]

@@ -180,7 +180,9 @@ def reply_check(model, tokenizer, prompts, th: Thresholds, *, system_message: st
     repetitive = [r for r in replies if r["repeated_4grams"] > th.repeat_ratio]
     failed = []
     if len(runaway) > th.max_runaway * n:
-        failed.append(f"{len(runaway)}/{n} replies ran to the limit of {used} tokens without {end_of_turn(tokenizer)}")
+        failed.append(
+            f"{len(runaway)}/{n} replies ran to the limit of {used} tokens without {end_of_turn(tokenizer)}"
+        )
     if len(empty) > th.max_empty * n:
         failed.append(f"{len(empty)}/{n} replies are empty")
     if len(repetitive) > th.max_repetitive * n:
@@ -229,7 +231,9 @@ def merge_check(model, tokenizer, texts: list[str], th: Thresholds, *, precision
     use = precision if not full else "no"  # bf16/fp16 weights refuse fp32 inputs outside autocast
     was_training = model.training
     model.eval()
-    rows = [tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device) for t in texts]
+    rows = [
+        tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device) for t in texts
+    ]
 
     def all_logits():
         with autocast(device, use):
@@ -253,8 +257,12 @@ def merge_check(model, tokenizer, texts: list[str], th: Thresholds, *, precision
     ok = math.isfinite(relative) and relative <= tolerance
     return {
         "status": "pass" if ok else "fail",
-        "failed": [] if ok else [f"merged logits differ from base + adapter by {relative:.2g} of max |logit| "
-                                 f"(tolerance {tolerance:g})"],  # fmt: skip
+        "failed": []
+        if ok
+        else [
+            f"merged logits differ from base + adapter by {relative:.2g} of max |logit| "
+            f"(tolerance {tolerance:g})"
+        ],  # fmt: skip
         "prompts": len(rows),
         "positions": positions,
         "max_abs_diff": diff,
@@ -272,13 +280,21 @@ def merge_check(model, tokenizer, texts: list[str], th: Thresholds, *, precision
 def compare_loss(loss: float, training: float | None, th: Thresholds, why_not: str = "") -> dict:
     """The reloaded adapter's eval loss against training's final eval loss."""
     if training is None or not math.isfinite(training):
-        return {"status": "skipped", "why": why_not or "no training eval loss to compare with", "eval_loss": loss}
+        return {
+            "status": "skipped",
+            "why": why_not or "no training eval loss to compare with",
+            "eval_loss": loss,
+        }
     diff = abs(loss - training)
     ok = math.isfinite(loss) and diff <= th.loss_tolerance * abs(training) + 1e-6
     return {
         "status": "pass" if ok else "fail",
-        "failed": [] if ok else [f"the reloaded adapter's eval loss is {loss:.4f}, training's {training:.4f} "
-                                 f"(off by {diff / abs(training) if training else diff:.2%})"],  # fmt: skip
+        "failed": []
+        if ok
+        else [
+            f"the reloaded adapter's eval loss is {loss:.4f}, training's {training:.4f} "
+            f"(off by {diff / abs(training) if training else diff:.2%})"
+        ],  # fmt: skip
         "eval_loss": loss,
         "training_eval_loss": training,
         "difference": diff,
@@ -315,9 +331,14 @@ def run_checks(model, tokenizer, prompts, th: Thresholds, *, system_message: str
     """The report: each check's result, the verdict and its line. `reload()` returns the reload dict."""
     t0 = time.perf_counter()
     if not prompts:
-        replies = merge = {"status": "skipped", "why": "no conversation with an assistant turn after a user turn"}
+        replies = merge = {
+            "status": "skipped",
+            "why": "no conversation with an assistant turn after a user turn",
+        }
     else:
-        replies = reply_check(model, tokenizer, prompts, th, system_message=system_message, precision=precision)
+        replies = reply_check(
+            model, tokenizer, prompts, th, system_message=system_message, precision=precision
+        )
         texts = [prompt_text(tokenizer, p, system_message=system_message) + ref for p, ref in prompts[:3]]
         merge = merge_check(model, tokenizer, texts, th, precision=precision)
     checks = {"replies": replies, "merge": merge, "reload": reload()}
@@ -350,7 +371,9 @@ def format_report(report: dict) -> str:
             f"(longest repeated n-gram: {r['longest_repeat']} tokens)  {r['status']}",
         ]
         for ex in r["examples"]:
-            lines.append(f"           {ex['kind']}: {ex['prompt']!r} -> {ex['reply']!r} ({ex['tokens']} tokens)")
+            lines.append(
+                f"           {ex['kind']}: {ex['prompt']!r} -> {ex['reply']!r} ({ex['tokens']} tokens)"
+            )
     if m["status"] == "skipped":
         lines.append(f"  merge    skipped: {m['why']}")
     else:
@@ -382,7 +405,9 @@ def check_trained(model, tokenizer, conversations, adapter: str | Path, *, eval_
     def reload():
         if eval_data is None:
             return {"status": "skipped", "why": "no eval data (pass --eval-data or set data.eval_split)"}
-        loss, why = reload_in_place(model, adapter, lambda: eval_loss(model, eval_data, **eval_args)["eval_loss"])
+        loss, why = reload_in_place(
+            model, adapter, lambda: eval_loss(model, eval_data, **eval_args)["eval_loss"]
+        )
         if loss is None:
             return {"status": "fail", "failed": [why]}
         return compare_loss(loss, training_eval_loss, th)

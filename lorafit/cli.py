@@ -219,7 +219,9 @@ def cmd_check_adapter(a) -> int:
     from lorafit.errors import AdapterError
 
     if not a.adapter:
-        raise AdapterError("check-adapter needs --adapter A (an adapter folder or a training run's output folder)")
+        raise AdapterError(
+            "check-adapter needs --adapter A (an adapter folder or a training run's output folder)"
+        )
     report = check_adapter(
         a.model, a.adapter, a.data, dtype=a.dtype, device=a.device, quantization=a.quantization,
         lora_alpha=a.lora_alpha, target_modules=a.target_modules, system_message=a.system_message,
@@ -362,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--data", required=True, help="held-out chat data (the run's eval data)")
     ca.add_argument("--max-seq-length", type=positive_int, default=None,
                     help="for the eval loss (default: the run's config.yaml, else 2048)")  # fmt: skip
-    ca.add_argument("--batch-size", type=positive_int, default=None, help="eval batch size (default: the run's)")
+    ca.add_argument(
+        "--batch-size", type=positive_int, default=None, help="eval batch size (default: the run's)"
+    )
     ca.add_argument("--sample", type=positive_int, default=8, help="held-out prompts to reply to (default 8)")
     ca.add_argument("--max-new-tokens", type=positive_int, default=None,
                     help="the reply limit (default: 2 x the longest reference reply, within 32..1024)")  # fmt: skip
