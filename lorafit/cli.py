@@ -243,7 +243,7 @@ def cmd_demo(a) -> int:
     from lorafit.demo import run_demo
 
     res = run_demo(a.output_dir, progress=not a.no_progress)
-    return 0 if res["accuracy_after"] >= 0.8 else 1
+    return 0 if res["accuracy_after"] >= 0.8 and res["check"] != "FAIL" else 1
 
 
 def cmd_fuse(a) -> int:
