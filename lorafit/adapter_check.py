@@ -357,7 +357,7 @@ def run_checks(model, tokenizer, prompts, th: Thresholds, *, system_message: str
 def format_report(report: dict) -> str:
     """The report as a few lines, ending with the verdict line."""
     if report.get("verdict") is None:  # skipped as a whole
-        return f"check: skipped ({report.get('why', '')})"
+        return report["verdict_line"]
     r, m, ld = report["replies"], report["merge"], report["reload"]
     lines = []
     if r["status"] == "skipped":
@@ -391,6 +391,11 @@ def format_report(report: dict) -> str:
         )
     lines.append(report["verdict_line"])
     return "\n".join(lines)
+
+
+def skipped(why: str) -> dict:
+    """The report of checks not run at all."""
+    return {"verdict": None, "verdict_line": f"check: skipped ({why})", "why": why}
 
 
 def check_trained(model, tokenizer, conversations, adapter: str | Path, *, eval_data, eval_args: dict,

@@ -144,6 +144,8 @@ def cmd_train(a) -> int:
         return 0
     shown = {k: v for k, v in res.items() if k in ("train_loss", "eval_loss_before", "eval_loss", "eval_perplexity",
                                                  "steps", "tokens", "runtime_sec", "tokens_per_sec", "output_dir")}  # fmt: skip
+    if res.get("checks"):
+        shown["check"] = res["checks"]["verdict_line"]
     print(dumps_json(shown))
     return 0
 

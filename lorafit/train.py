@@ -62,7 +62,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafit import distributed, lora
-from lorafit.adapter_check import check_trained, format_report
+from lorafit.adapter_check import check_trained, format_report, skipped
 from lorafit.checkpoint import (
     TrainState,
     clean_output_dir,
@@ -579,7 +579,7 @@ def post_check(job: Job, loop: Loop, results: dict, console: Console) -> None:
     if not t.post_check:
         return
     if job.dist.enabled:
-        report = {"verdict": None, "why": "not run under torchrun; run `lorafit check-adapter` on the output"}
+        report = skipped("not run under torchrun; run `lorafit check-adapter` on the output")
     else:
         eval_args = dict(batch_size=t.per_device_eval_batch_size, max_seq_length=t.max_seq_length,
                          pad_id=job.tokenizer.pad_token_id, device=job.device, precision=job.precision,
@@ -592,7 +592,7 @@ def post_check(job: Job, loop: Loop, results: dict, console: Console) -> None:
                 prompts_from="eval data" if job.eval_data is not None else "training data (no eval data)",
             )  # fmt: skip
         except LorafitError as e:  # e.g. no prompt fits the model's context: say so, keep the run
-            report = {"verdict": None, "why": str(e)}
+            report = skipped(str(e))
     results["checks"] = report
     tqdm.write(format_report(report))
     try:
