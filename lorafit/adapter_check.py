@@ -30,8 +30,8 @@ default true) and stores the report in OUT/results.json under "checks". Three ch
    when the folder has no results.json eval loss, or the training's was taken on other data.
 
 Cost: one batch of 8 greedy replies, 6 forward passes for the merge check and one eval pass (as many
-as training runs at each evaluation); the report says how many seconds it took (0.5 s on the demo's
-tiny model, 2 CPU cores). Exit status of `check-adapter`: 0 every check passed (or was skipped),
+as training runs at each evaluation); the report says how many seconds it took (1.1 s in `lorafit demo`,
+where the merge difference with bf16-held weights was 2.2e-2, and 2.2e-6 from `check-adapter` in fp32). Exit status of `check-adapter`: 0 every check passed (or was skipped),
 1 a check failed, 2 bad input (a missing file, a broken adapter, a bad threshold).
 """
 
