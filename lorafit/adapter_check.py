@@ -336,9 +336,14 @@ def run_checks(model, tokenizer, prompts, th: Thresholds, *, system_message: str
             "why": "no conversation with an assistant turn after a user turn",
         }
     else:
-        replies = reply_check(
-            model, tokenizer, prompts, th, system_message=system_message, precision=precision
-        )
+        was_training = model.training  # after training: no dropout in the replies
+        model.eval()
+        try:
+            replies = reply_check(
+                model, tokenizer, prompts, th, system_message=system_message, precision=precision
+            )
+        finally:
+            model.train(was_training)
         texts = [prompt_text(tokenizer, p, system_message=system_message) + ref for p, ref in prompts[:3]]
         merge = merge_check(model, tokenizer, texts, th, precision=precision)
     checks = {"replies": replies, "merge": merge, "reload": reload()}
