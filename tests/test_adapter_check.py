@@ -240,3 +240,14 @@ def test_prompts_are_the_conversations_up_to_their_last_assistant_turn():
         "Say ok to 8.",
         "Say ok to 12.",
     ]
+
+
+def test_the_checks_reply_in_eval_mode_and_leave_a_training_model_training(adapted, tok):
+    model, prompts = adapted
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    model.train()
+    report = ac.run_checks(model, tok, prompts, ac.Thresholds(max_new_tokens=4), system_message="auto",
+                           precision="no", reload=lambda: {"status": "skipped", "why": "-"}, prompts_from="test")  # fmt: skip
+    assert seen and not any(seen) and model.training
+    assert report["reload"]["status"] == "skipped" and report["verdict_line"].startswith("check: ")
