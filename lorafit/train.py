@@ -24,7 +24,7 @@ Output directory:
 
     OUT/adapter_config.json, adapter_model.safetensors   the final adapter (PEFT format)
     OUT/config.yaml       the resolved run config        OUT/metrics.jsonl   every log line
-    OUT/results.json      summary                        OUT/loss.png        train/eval loss plot
+    OUT/results.json      summary, "checks"              OUT/loss.png        train/eval loss plot
     OUT/checkpoint-<step>/                               adapter + optimizer/scheduler/RNG/data position
 
 Reliability (tests/test_resume.py, tests/test_bad_input.py):
