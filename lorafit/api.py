@@ -272,3 +272,33 @@ def export_adapter(adapter: str | Path, output_dir: str | Path, layout: str = "s
     from lorafit.export import export_adapter as _export
 
     return _export(adapter, output_dir, layout, base_model, **kwargs)
+
+
+def check_adapter(
+    model: str | None,
+    adapter: str | Path,
+    data: str | Path,
+    *,
+    sample: int = 8,
+    max_new_tokens: int | None = None,
+    max_runaway: float = 0.125,
+    max_empty: float = 0.125,
+    max_repetitive: float = 0.125,
+    repeat_ratio: float = 0.5,
+    merge_tolerance: float | None = None,
+    loss_tolerance: float = 0.01,
+    **kwargs,
+) -> dict:
+    """Check a trained adapter before shipping it (CLI `lorafit check-adapter`): greedy replies to held-out
+    prompts from `data` (runaways that never emit end-of-turn, empty and repetitive replies), merged ==
+    unmerged logits, and the adapter reloaded from disk gives training's eval loss. Returns the report:
+    `report["verdict"]` is "PASS" or "FAIL", `lorafit.adapter_check.format_report(report)` prints it.
+    The thresholds are documented in lorafit/adapter_check.py; `kwargs` (dtype, device, quantization,
+    lora_alpha, target_modules, system_message, max_seq_length, batch_size) are as for `evaluate`."""
+    from lorafit.adapter_check import Thresholds
+    from lorafit.adapter_check import check_adapter as _check
+
+    th = Thresholds(sample=sample, max_new_tokens=max_new_tokens, max_runaway=max_runaway, max_empty=max_empty,
+                    max_repetitive=max_repetitive, repeat_ratio=repeat_ratio, merge_tolerance=merge_tolerance,
+                    loss_tolerance=loss_tolerance)  # fmt: skip
+    return _check(model, adapter, data, thresholds=th, **kwargs)

@@ -17,10 +17,12 @@
                  [--quantization nf4|fp4|int8] [--base-weights dequantized|original]
                  (writes the merged model; `lorafit merge` is the same command)
     lorafit export --adapter A --output-dir OUT [--layout stacked|split|loralib] [--base-model M]
+    lorafit check-adapter [--model M] --adapter A --data EVAL [--sample N] [--max-runaway F] ... [--json]
 
 Exit status: 0 success; 2 bad input or a failed run, with a one-paragraph message on stderr (no
 traceback) -- data errors list every bad record with its file:line, and nothing was written;
-130 stopped by Ctrl-C/SIGTERM (`train` saves a checkpoint first: continue with --resume).
+130 stopped by Ctrl-C/SIGTERM (`train` saves a checkpoint first: continue with --resume);
+1 from `check-adapter` (and `demo`) when a check failed.
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ def cmd_train(a) -> int:
         return 0
     shown = {k: v for k, v in res.items() if k in ("train_loss", "eval_loss_before", "eval_loss", "eval_perplexity",
                                                  "steps", "tokens", "runtime_sec", "tokens_per_sec", "output_dir")}  # fmt: skip
+    if res.get("checks"):
+        shown["check"] = res["checks"]["verdict_line"]
     print(dumps_json(shown))
     return 0
 
@@ -211,6 +215,24 @@ def cmd_chat(a) -> int:
     return 0
 
 
+def cmd_check_adapter(a) -> int:
+    from lorafit.adapter_check import THRESHOLD_NAMES, format_report
+    from lorafit.api import check_adapter
+    from lorafit.errors import AdapterError
+
+    if not a.adapter:
+        raise AdapterError(
+            "check-adapter needs --adapter A (an adapter folder or a training run's output folder)"
+        )
+    report = check_adapter(
+        a.model, a.adapter, a.data, dtype=a.dtype, device=a.device, quantization=a.quantization,
+        lora_alpha=a.lora_alpha, target_modules=a.target_modules, system_message=a.system_message,
+        max_seq_length=a.max_seq_length, batch_size=a.batch_size, **{k: getattr(a, k) for k in THRESHOLD_NAMES},
+    )  # fmt: skip
+    print(dumps_json(report) if a.json else format_report(report))
+    return 0 if report["verdict"] == "PASS" else 1
+
+
 def cmd_tiny_model(a) -> int:
     from lorafit.tiny import write_tiny_model
 
@@ -223,7 +245,7 @@ def cmd_demo(a) -> int:
     from lorafit.demo import run_demo
 
     res = run_demo(a.output_dir, progress=not a.no_progress)
-    return 0 if res["accuracy_after"] >= 0.8 else 1
+    return 0 if res["accuracy_after"] >= 0.8 and res["check"] != "FAIL" else 1
 
 
 def cmd_fuse(a) -> int:
@@ -331,6 +353,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=positive_int, default=512)
     c.add_argument("--temperature", type=float, default=0.0)
     c.set_defaults(func=cmd_chat)
+
+    ca = sub.add_parser(
+        "check-adapter", help="check a trained adapter: replies that stop, merged == unmerged, reload gives the eval loss",
+        description="Greedy replies of base + adapter to held-out prompts (the eval conversations up to their last "
+        "assistant turn): how many run to the token limit without the end-of-turn token, are empty or repeat "
+        "themselves; the merged model's logits against base + adapter; the adapter reloaded from disk against "
+        "training's eval loss (results.json of a training run's folder). `lorafit train` runs the same checks at "
+        "its end (training_config.post_check). Exit status: 0 all checks pass, 1 a check failed, 2 bad input.",
+    )  # fmt: skip
+    _model_args(ca, required=False)
+    ca.add_argument("--data", required=True, help="held-out chat data (the run's eval data)")
+    ca.add_argument("--max-seq-length", type=positive_int, default=None,
+                    help="for the eval loss (default: the run's config.yaml, else 2048)")  # fmt: skip
+    ca.add_argument(
+        "--batch-size", type=positive_int, default=None, help="eval batch size (default: the run's)"
+    )
+    ca.add_argument("--sample", type=positive_int, default=8, help="held-out prompts to reply to (default 8)")
+    ca.add_argument("--max-new-tokens", type=positive_int, default=None,
+                    help="the reply limit (default: 2 x the longest reference reply, within 32..1024)")  # fmt: skip
+    ca.add_argument("--max-runaway", type=float, default=0.125, metavar="SHARE",
+                    help="largest share of replies that may run to the limit (default 0.125: 1 in 8)")  # fmt: skip
+    ca.add_argument("--max-empty", type=float, default=0.125, metavar="SHARE",
+                    help="largest share of empty replies (default 0.125)")  # fmt: skip
+    ca.add_argument("--max-repetitive", type=float, default=0.125, metavar="SHARE",
+                    help="largest share of repetitive replies (default 0.125)")  # fmt: skip
+    ca.add_argument("--repeat-ratio", type=float, default=0.5, metavar="SHARE",
+                    help="a reply is repetitive above this share of repeated token 4-grams (default 0.5)")  # fmt: skip
+    ca.add_argument("--merge-tolerance", type=float, default=None, metavar="REL",
+                    help="max |merged - unmerged logit| / max |logit| (default 1e-3 fp32 weights, 5e-2 bf16/fp16)")  # fmt: skip
+    ca.add_argument("--loss-tolerance", type=float, default=0.01, metavar="REL",
+                    help="relative difference of the reloaded eval loss from training's (default 0.01)")  # fmt: skip
+    ca.add_argument("--json", action="store_true", help="print the report as JSON")
+    ca.set_defaults(func=cmd_check_adapter)
 
     tm = sub.add_parser(
         "tiny-model", help="write a small random Phi-3 model + tokenizer for tests and smoke runs"

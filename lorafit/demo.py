@@ -11,9 +11,11 @@
    occur in training, so answering them needs the rule, not memory;
 3. answers the held-out prompts greedily with the base model (random: ~0% right);
 4. fine-tunes LoRA (r=16, all linear layers, loss on the assistant turns only);
-5. answers them again through base + saved adapter and counts the right ones.
+5. answers them again through base + saved adapter and counts the right ones;
+6. (during 4, at the end of training) the post-training check: 8 held-out replies stop at <|end|>,
+   merged == unmerged logits, the saved adapter gives the training eval loss (lorafit.adapter_check).
 
-Most answers right (at least 80%) shows that chat template, loss mask, packing, training, adapter
+Most answers right (at least 80%) and a passing check show that chat template, loss mask, packing, training, adapter
 saving/loading and generation (stopping at <|end|>) all work together.
 """
 
@@ -162,8 +164,13 @@ def run_demo(output_dir: str | Path = "lorafit-demo", *, progress: bool = True, 
         f"\ntraining: {res['steps']} steps, {res['tokens']:,} tokens in {train_sec:.0f} s "
         f"({res['tokens'] / train_sec:,.0f} tokens/s); whole demo {time.perf_counter() - t0:.0f} s"
     )
-    verdict = "PASS" if score["accuracy"] >= 0.8 else "FAIL"
-    say(f"{verdict}: at least 80% of held-out answers must be right. Adapter: {out / 'adapter'}")
+    checks = res.get("checks") or {}
+    say(f"post-training check: {checks.get('verdict_line', 'not run')}")
+    verdict = "PASS" if score["accuracy"] >= 0.8 and checks.get("verdict") != "FAIL" else "FAIL"
+    say(
+        f"{verdict}: at least 80% of held-out answers must be right and the post-training check must pass. "
+        f"Adapter: {out / 'adapter'}"
+    )
     summary = {
         "accuracy_before": score_before["accuracy"],
         "accuracy_after": score["accuracy"],
@@ -177,6 +184,7 @@ def run_demo(output_dir: str | Path = "lorafit-demo", *, progress: bool = True, 
         "tokens": res["tokens"],
         "tokens_per_sec": round(res["tokens"] / train_sec, 1),
         "adapter": str(out / "adapter"),
+        "check": checks.get("verdict"),
     }
     write_json_atomic(out / "demo_results.json", summary, sort_keys=False)
     return summary

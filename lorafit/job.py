@@ -63,11 +63,14 @@ class Job:
     dist: Dist = field(default_factory=Dist)
     sharded: bool = False  # FSDP2 (training_config.fsdp under torchrun)
     checkpointing: str = ""  # what gradient checkpointing is and why, printed at the start
+    # the conversations the post-training check takes prompts from: the eval ones, else the training ones
+    check_conversations: list = field(default_factory=list)
 
 
 def load_data(
     run: RunConfig, tokenizer
-) -> tuple[TokenizedData, TokenStats, TokenizedData | None, TokenStats | None]:
+) -> tuple[TokenizedData, TokenStats, TokenizedData | None, TokenStats | None, list]:
+    """Training and eval data, tokenized, and the conversations the post-training check prompts with."""
     d, t = run.data, run.training_config
     if not d.train:
         raise ConfigError(
@@ -98,7 +101,7 @@ def load_data(
         with warnings.catch_warnings():  # one warning per run: the training data's (the eval counts are in
             warnings.simplefilter("ignore", SystemMessageWarning)  # results.json's eval_data.system_messages)
             eval_data, eval_stats = tokenize(tokenizer, evals, **kw)
-    return train_data, train_stats, eval_data, eval_stats
+    return train_data, train_stats, eval_data, eval_stats, evals or train
 
 
 def prepare(
@@ -136,7 +139,7 @@ def prepare(
     tokenizer = tokenizer or load_tokenizer(
         m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision
     )
-    train_data, train_stats, eval_data, eval_stats = load_data(run, tokenizer)
+    train_data, train_stats, eval_data, eval_stats, check_conversations = load_data(run, tokenizer)
     torch.manual_seed(t.seed)
     loaded_here = model is None  # a model passed in is not recast behind its owner's back
     if model is None:
@@ -179,6 +182,7 @@ def prepare(
         run=run, model=model, tokenizer=tokenizer, device=device, precision=precision,
         train_data=train_data, train_stats=train_stats, eval_data=eval_data, eval_stats=eval_stats,
         adapted=adapted, output=output, dist=dist, sharded=sharded, checkpointing=f"gradient checkpointing: {why}",
+        check_conversations=check_conversations,
     )  # fmt: skip
 
 

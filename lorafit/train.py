@@ -9,7 +9,8 @@ its slot within the epoch), which is what makes resume exact.
     job.prepare():  config -> output directory checked -> tokenizer -> data -> model + LoRA
                     (all checks happen here, before anything is written)
     run(job):       [checkpoint loaded] -> setup_loop -> [eval before] -> steps -> finish
-                    (last checkpoint, adapter, results.json, loss.png), or stopped by a signal
+                    (last checkpoint, adapter, results.json, loss.png, post-training check),
+                    or stopped by a signal
     each step:      train_step (micro-batches, all ranks summed, clip, NaN/Inf guard)
                     -> apply_step or skip_step -> log_window / evaluate / save when due
 
@@ -23,7 +24,7 @@ Output directory:
 
     OUT/adapter_config.json, adapter_model.safetensors   the final adapter (PEFT format)
     OUT/config.yaml       the resolved run config        OUT/metrics.jsonl   every log line
-    OUT/results.json      summary                        OUT/loss.png        train/eval loss plot
+    OUT/results.json      summary, "checks"              OUT/loss.png        train/eval loss plot
     OUT/checkpoint-<step>/                               adapter + optimizer/scheduler/RNG/data position
 
 Reliability (tests/test_resume.py, tests/test_bad_input.py):
@@ -61,6 +62,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafit import distributed, lora
+from lorafit.adapter_check import check_trained, format_report, skipped
 from lorafit.checkpoint import (
     TrainState,
     clean_output_dir,
@@ -565,7 +567,38 @@ def finish(
     except OSError as e:
         Console(True, False).warn(f"warning: could not write {out / 'loss.png'} ({e.strerror or e}); "
                                   "the adapter and results.json are complete")  # fmt: skip
+    post_check(job, loop, results, Console(True, False))
     return results
+
+
+def post_check(job: Job, loop: Loop, results: dict, console: Console) -> None:
+    """training_config.post_check: lorafit.adapter_check on the model just trained and the adapter just
+    saved; the report is printed (always, like the eval lines) and added to results.json under "checks"
+    (rewritten atomically). A failed check is reported, not an error: the run and its adapter are complete."""
+    t = loop.t
+    if not t.post_check:
+        return
+    if job.dist.enabled:
+        report = skipped("not run under torchrun; run `lorafit check-adapter` on the output")
+    else:
+        eval_args = dict(batch_size=t.per_device_eval_batch_size, max_seq_length=t.max_seq_length,
+                         pad_id=job.tokenizer.pad_token_id, device=job.device, precision=job.precision,
+                         packing=t.packing)  # fmt: skip
+        try:
+            report = check_trained(
+                job.model, job.tokenizer, job.check_conversations, job.output.path, eval_data=job.eval_data,
+                eval_args=eval_args, training_eval_loss=results["eval_loss"], precision=job.precision,
+                system_message=job.run.data.system_message,
+                prompts_from="eval data" if job.eval_data is not None else "training data (no eval data)",
+            )  # fmt: skip
+        except LorafitError as e:  # e.g. no prompt fits the model's context: say so, keep the run
+            report = skipped(str(e))
+    results["checks"] = report
+    tqdm.write(format_report(report))
+    try:
+        write_json_atomic(job.output.path / "results.json", results)
+    except OSError as e:
+        console.warn(f"warning: could not add the check to {job.output.path / 'results.json'} ({e})")
 
 
 def summarize(

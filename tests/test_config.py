@@ -834,6 +834,7 @@ WRONG_TYPE_MESSAGES = {
     "training_config.packing": "expected true or false, got [1, 2] (list)",
     "training_config.skip_nonfinite_batches": "expected an integer >= 0, got [1, 2] (list)",
     "training_config.fsdp": "expected true, false, 'full_shard' or 'full_shard auto_wrap', got [1, 2] (list)",
+    "training_config.post_check": "expected true or false, got [1, 2] (list)",
     "peft_config.r": "expected an integer >= 1, got [1, 2] (list)",
     "peft_config.lora_alpha": "expected a number > 0, got [1, 2] (list)",
     "peft_config.lora_dropout": "expected a float in [0, 1), got [1, 2] (list)",

@@ -164,6 +164,10 @@ class TrainingConfig(Section):
     # rest), for base models that do not fit on one device; the LoRA weights train sharded too. One process
     # trains unsharded. Hugging Face's forms work: "full_shard" / "full_shard auto_wrap" = true, "" = false.
     fsdp: bool = option(False, check=checks.fsdp)
+    # After training, check the saved adapter on a few held-out prompts (lorafit.adapter_check): replies
+    # that never stop or are empty or repeat, merged == unmerged logits, the reloaded adapter's eval loss.
+    # The report goes to results.json's "checks"; false skips it (`lorafit check-adapter` runs it later).
+    post_check: bool = option(True)
 
     def _cross_checks(self) -> list[tuple[str, str]]:
         if self.bf16 and self.fp16:
