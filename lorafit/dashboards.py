@@ -161,7 +161,8 @@ class Trackio:
 class MLflow:
     """An MLflow run through MlflowClient (no process-wide active run): params = the flattened config."""
 
-    modules = ("mlflow", "sqlalchemy", "alembic")  # the sqlite store needs the last two (mlflow-skinny lacks them)
+    # the sqlite store needs sqlalchemy and alembic, which mlflow-skinny does not bring
+    modules = ("mlflow", "sqlalchemy", "alembic")
 
     def __init__(self, out: Path, name: str, project: str | None):
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve() / 'mlflow.db'}"
@@ -220,7 +221,9 @@ class Dashboards:
     finishes them, with "failed" on an error, "killed" on KeyboardInterrupt or when the run set
     `boards.status = "killed"` (stopped by a signal), else "finished"."""
 
-    def __init__(self, names: list[str], out: Path, config: dict, step: int, *, name: str, project: str | None):
+    def __init__(
+        self, names: list[str], out: Path, config: dict, step: int, *, name: str, project: str | None
+    ):
         self.boards = [BACKENDS[n](out, name, project) for n in names]
         self.config, self.step, self.status = config, step, "finished"
 
