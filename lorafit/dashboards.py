@@ -95,7 +95,8 @@ class TensorBoard:
 def wandb_mode(wandb) -> tuple[str | None, str]:
     """(mode for wandb.init, why). WANDB_MODE decides when set (None lets wandb read it); otherwise
     online only with an API key (env, settings file or .netrc; found without prompting) and a W&B host
-    that answers within 3 s, so a run never waits on a login prompt or on the network."""
+    that answers within 3 s, so a run never waits on a login prompt or on the network. (The probe connects
+    directly: behind an HTTPS proxy, set WANDB_MODE=online.)"""
     if os.environ.get("WANDB_MODE"):
         return None, f"WANDB_MODE={os.environ['WANDB_MODE']}"
     if not wandb.login(prompt=False, verify=False):

@@ -86,6 +86,29 @@ def test_a_missing_library_is_a_config_error_naming_pip_before_the_model_loads(t
     assert "pip install 'lorafit[tensorboard]'" in err and "no-model" not in err
 
 
+class FakeWandb:
+    """wandb's two calls wandb_mode makes: login (never prompting) and the host from its settings."""
+
+    def __init__(self, key: bool, host: str):
+        self.key, self.host = key, host
+
+    def login(self, *, prompt: bool, verify: bool) -> bool:
+        assert prompt is False and verify is False  # no prompt, no network for the login itself
+        return self.key
+
+    def Settings(self):  # noqa: N802 (wandb's name)
+        return type("S", (), {"base_url": f"https://{self.host}"})()
+
+
+def test_wandb_goes_offline_without_a_key_or_network_and_wandb_mode_decides_when_set(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert dashboards.wandb_mode(FakeWandb(False, "api.wandb.ai"))[0] == "offline"
+    mode, why = dashboards.wandb_mode(FakeWandb(True, "host.invalid"))  # .invalid never resolves (RFC 2606)
+    assert mode == "offline" and "host.invalid cannot be reached" in why
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert dashboards.wandb_mode(FakeWandb(True, "host.invalid")) == (None, "WANDB_MODE=disabled")
+
+
 class Recorder:
     """A dashboard that remembers its calls (stands in for a library in the tests below)."""
 
