@@ -817,6 +817,9 @@ WRONG_TYPE_MESSAGES = {
     "training_config.adam_epsilon": "expected a float > 0, got [1, 2] (list)",
     "training_config.max_grad_norm": "expected a float >= 0, got [1, 2] (list)",
     "training_config.logging_steps": "expected an integer >= 1, got [1, 2] (list)",
+    "training_config.report_to": "expected 'none', 'all', a dashboard name or a list of them, got [1, 2] (list)",
+    "training_config.run_name": "expected a non-empty string or null, got [1, 2] (list)",
+    "training_config.project": "expected a non-empty string or null, got [1, 2] (list)",
     "training_config.eval_strategy": "expected one of 'no', 'steps', 'epoch', got [1, 2] (list)",
     "training_config.eval_steps": "expected an integer >= 1 or null, got [1, 2] (list)",
     "training_config.save_strategy": "expected one of 'steps', 'epoch', 'no', got [1, 2] (list)",
@@ -847,6 +850,8 @@ WRONG_TYPE_MESSAGES = {
 
 # Fields that accept null (fsdp reads it as false).
 NULLABLE = {
+    "training_config.run_name",
+    "training_config.project",
     "model.adapter",
     "model.revision",
     "data.train",
