@@ -5,7 +5,8 @@ dashboards are finished however the run ends.
 
 The four libraries are in the `test` extra; a test whose library is missing is skipped with the reason.
 One tiny run (a subprocess, so wandb's and trackio's process-wide state and TRACKIO_DIR stay out of
-pytest's process) reports to every installed dashboard at once.
+pytest's process) reports to every installed dashboard at once. W&B's reader is `wandb leet inspect
+--json` (wandb 0.31 has no Python reader of .wandb files; its Go core writes, reads and syncs them).
 """
 
 from __future__ import annotations
@@ -199,45 +200,21 @@ def test_tensorboard_event_files_hold_the_metrics_jsonl_values(reported):
     assert "learning_rate" in acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
 
 
-def wandb_records(path: Path):
-    """The protobuf Records of a .wandb file. wandb 0.31 has no Python reader for it (its Go core writes
-    and syncs it; `wandb sync --view` is gone), so the LevelDB-log framing is undone here (7-byte header
-    ":W&B" 0xBEE1 version; 32 KiB blocks of chunks: crc32 4, length 2, type 1 = full/first/middle/last)
-    and every Record is decoded with wandb's own protobuf class."""
-    from wandb.proto.wandb_internal_pb2 import Record
-
-    data, pos, chunks = path.read_bytes(), 7, b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is zero padding
-            pos += 32768 - pos % 32768
-            continue
-        n, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunks += data[pos + 7 : pos + 7 + n]
-        pos += 7 + n
-        if kind in (1, 4):
-            rec = Record()
-            rec.ParseFromString(chunks)
-            yield rec
-            chunks = b""
-
-
 def test_wandb_runs_offline_without_a_key_and_its_history_holds_the_metrics_jsonl_values(reported):
     pytest.importorskip("wandb", reason="report_to: wandb needs pip install 'lorafit[wandb]'")
     out, _ = reported
-    (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")  # offline: no key in HOME, none in the env
-    history: dict[str, list[tuple[int, float]]] = {}
-    config = {}
-    for rec in wandb_records(path):
-        if rec.WhichOneof("record_type") == "history":
-            for item in rec.history.item:
-                history.setdefault(item.key or "/".join(item.nested_key), []).append(
-                    (rec.history.step.num, json.loads(item.value_json))
-                )
-        elif rec.WhichOneof("record_type") == "run":
-            config = {i.key: json.loads(i.value_json) for i in rec.run.config.update}
+    (run,) = (out / "wandb").glob("offline-run-*")  # offline: no key in HOME, none in the environment
+    # wandb's own reader of a run's .wandb log: one JSON record per line
+    cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HOME": str(out.parent)})
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    rows = [
+        (x["history"]["step"].get("num", 0), x["history"]["item"]) for x in records if x["type"] == "history"
+    ]
     for tag, want in expected(out).items():
-        assert history[tag] == want, tag  # JSON: the exact float64 values
+        assert [(step, item[tag]) for step, item in rows if tag in item] == want, tag  # exact float64 (JSON)
+    (config,) = [x["run"]["config"]["update"] for x in records if x["type"] == "run"]
     assert config["training_config"]["learning_rate"] == 2e-4
 
 
