@@ -261,6 +261,9 @@ def test_a_resumed_run_continues_the_tensorboard_curves_as_metrics_jsonl_does(ti
     assert main(argv) == 0
     shutil.rmtree(out / "checkpoint-4")  # as if killed after step 4's log line, before its checkpoint
     assert main([*argv, "--resume"]) == 0  # from checkpoint-2: metrics.jsonl drops steps 3-4 and redoes them
+    raw = EventAccumulator(str(out / "runs"), purge_orphaned_data=False)
+    raw.Reload()  # the files keep the first run's steps 3-4: the resumed run's start hides them
+    assert [e.step for e in raw.Scalars("train/loss")] == [1, 2, 3, 4, 3, 4]
     acc = EventAccumulator(str(out / "runs"))
     acc.Reload()
     for tag, want in expected(out).items():
