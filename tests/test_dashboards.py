@@ -163,13 +163,14 @@ def test_dashboards_are_finished_failed_or_killed_when_the_run_ends_otherwise(re
 
 
 @pytest.fixture(scope="module")
-def reported(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
+def reported(request, tmp_path_factory) -> tuple[Path, Path]:
     """(output dir, trackio dir) of one tiny run that reports to every installed dashboard."""
     names = [n for n in BACKENDS if not missing(n)]
     if not names:
         pytest.skip(
             "no dashboard library is installed (they are in the test extra: pip install -e '.[test]')"
         )
+    tiny_model = request.getfixturevalue("tiny_model")  # built only when a library is there
     root = tmp_path_factory.mktemp("dash")
     out, data = root / "out", demo_data_dir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_", "TRACKIO_"))}
