@@ -208,7 +208,7 @@ def check_installed(names: list[str]) -> None:
     """A ConfigError naming the pip command for every chosen dashboard whose library is missing (called
     before the model is loaded, so a run does not fail after minutes of loading)."""
     problems = [
-        f"training_config.report_to: {n} needs {', '.join(missing(n))}, which is not installed. "
+        f"training_config.report_to: {n} needs {', '.join(missing(n))} (not installed). "
         f"Fix: pip install 'lorafit[{n}]', or remove {n} from report_to"
         for n in names
         if missing(n)
