@@ -24,7 +24,7 @@ Where each one writes (OUT = training_config.output_dir):
                   and the W&B host answers; WANDB_MODE, when set, decides instead. `wandb sync` uploads later.
     trackio       trackio's own local store (TRACKIO_DIR, default ~/.cache/huggingface/trackio); `trackio show`.
     mlflow        MLFLOW_TRACKING_URI if set, else sqlite:///OUT/mlflow.db (MLflow's own default backend:
-                  MLflow 3 refuses its ./mlruns file store unless MLFLOW_ALLOW_FILE_STORE is set).
+                  MLflow 3.18 refuses its ./mlruns file store unless MLFLOW_ALLOW_FILE_STORE is set).
 
 Each run is named training_config.run_name (default: the output folder's name) in the project
 training_config.project (default: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME when set, else "lorafit").
