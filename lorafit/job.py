@@ -23,6 +23,7 @@ from lorafit.adapters import continue_lora
 from lorafit.check import nothing_to_train
 from lorafit.checkpoint import OutputDir, decide_output_dir
 from lorafit.config import RunConfig
+from lorafit.dashboards import check_installed
 from lorafit.data import load_conversations, split_eval
 from lorafit.distributed import Dist
 from lorafit.errors import ConfigError, DataError, LorafitError
@@ -122,6 +123,7 @@ def prepare(
         overwrite=overwrite,
         inputs=[run.model.name_or_path, run.data.train, run.data.eval],
     )
+    check_installed(t.report_to)  # a missing dashboard library fails now, not after loading the model
     device = resolve_device(run.model.device, "model.device", run.origin("model.device"))
     dist = distributed.init(device.type)  # one process: a no-op; under torchrun: join the group
     device = distributed.device_for(dist, device)

@@ -26,6 +26,7 @@ Output directory:
     OUT/config.yaml       the resolved run config        OUT/metrics.jsonl   every log line
     OUT/results.json      summary, "checks"              OUT/loss.png        train/eval loss plot
     OUT/checkpoint-<step>/                               adapter + optimizer/scheduler/RNG/data position
+    OUT/runs/, OUT/wandb/, OUT/mlflow.db                 dashboards (training_config.report_to), when chosen
 
 Reliability (tests/test_resume.py, tests/test_bad_input.py):
 
@@ -77,6 +78,7 @@ from lorafit.checkpoint import (
     save_checkpoint,
 )
 from lorafit.config import TrainingConfig, save_config
+from lorafit.dashboards import Dashboards
 from lorafit.distributed import Dist, all_sum
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.evaluation import eval_loss, rows_for
@@ -470,18 +472,29 @@ def run(job: Job, *, progress: bool = True) -> dict:
         state = resumed_state(job, loop, state, console)
     else:
         state = new_state(job, loop)
-    metrics = MetricsLog(out / METRICS_FILE, state.log_history, write=d.main)
+    t = loop.t
+    boards = None  # training_config.report_to: rank 0 only; started once the output directory is ready
+    if d.main and t.report_to:
+        name = t.run_name or out.resolve().name
+        boards = Dashboards(t.report_to, out, job.run.to_dict(), state.step, name=name, project=t.project)
+    metrics = MetricsLog(out / METRICS_FILE, state.log_history, write=d.main, dashboards=boards)
 
     # every rank has checked the output directory and the checkpoint before rank 0 writes the first byte
     # (DDP's constructor is a collective and met here anyway; FSDP's fully_shard is not)
     distributed.barrier(d)
     if d.main:
         make_output_dir(out)
-    with output_lock(out) if d.main else contextlib.nullcontext(), Stop(d) as stop:
+    with (
+        output_lock(out) if d.main else contextlib.nullcontext(),
+        Stop(d) as stop,
+        contextlib.ExitStack() as finally_,
+    ):
         if d.main:
             clean_output_dir(out, job.output.overwrite)
             save_config(job.run, out / "config.yaml")
             metrics.restart()
+        if boards is not None:  # finished on every way out: the end, an error, Ctrl-C, a signal
+            finally_.enter_context(boards)
         distributed.barrier(d)
         if ckpt is not None:
             console.say(f"resuming from {ckpt} (step {state.step} of {loop.total_steps})")
@@ -518,6 +531,8 @@ def run(job: Job, *, progress: bool = True) -> dict:
         runtime, run_tokens = state.run_time()  # the training itself: before the last checkpoint and eval
 
         if state.step < loop.total_steps:  # stopped by a signal (whenever it came, the current step is saved)
+            if boards is not None:
+                boards.status = "killed"
             return stopped(job, loop, state, stop.requested or "a signal to another rank", saved, console)
         return finish(job, loop, state, metrics, runtime, run_tokens)
 

@@ -416,14 +416,14 @@ def test_file_errors(tmp_path):
 def test_ignored_keys_warn_with_file_and_line(tmp_path):
     path = write(
         tmp_path / "c.yaml",
-        "training_config:\n  report_to: wandb\n  optim: adamw_torch_fused\n  push_to_hub: false\n"
+        "training_config:\n  logging_dir: logs\n  optim: adamw_torch_fused\n  push_to_hub: false\n"
         "peft_config:\n  inference_mode: false\n  fan_in_fan_out: false\n",
     )
     with pytest.warns(ConfigWarning) as record:
         cfg = load_config(path, overrides=["training_config.optim=paged_adamw_8bit"])
     messages = [str(w.message) for w in record]
     assert messages == [
-        f"{path}:2: training_config.report_to is ignored: {IGNORED_TRAINING_KEYS['report_to']}",
+        f"{path}:2: training_config.logging_dir is ignored: {IGNORED_TRAINING_KEYS['logging_dir']}",
         f"--set training_config.optim=paged_adamw_8bit: training_config.optim='paged_adamw_8bit' is ignored: "
         f"{IGNORED_TRAINING_KEYS['optim']}",
         f"{path}:4: training_config.push_to_hub is ignored: {IGNORED_TRAINING_KEYS['push_to_hub']}",
@@ -431,7 +431,7 @@ def test_ignored_keys_warn_with_file_and_line(tmp_path):
         f"{path}:7: peft_config.fan_in_fan_out is ignored: {IGNORED_PEFT_KEYS['fan_in_fan_out']}",
     ]
     assert record[0].filename == __file__  # attributed to the caller, not to config.py
-    assert "report_to" not in cfg.to_dict()["training_config"]
+    assert "logging_dir" not in cfg.to_dict()["training_config"]
     # optim adamw_torch / adamw_torch_fused is what lorafit does: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -819,6 +819,9 @@ WRONG_TYPE_MESSAGES = {
     "training_config.adam_epsilon": "expected a float > 0, got [1, 2] (list)",
     "training_config.max_grad_norm": "expected a float >= 0, got [1, 2] (list)",
     "training_config.logging_steps": "expected an integer >= 1, got [1, 2] (list)",
+    "training_config.report_to": "expected 'none', 'all', a dashboard name or a list of them, got [1, 2] (list)",
+    "training_config.run_name": "expected a non-empty string or null, got [1, 2] (list)",
+    "training_config.project": "expected a non-empty string or null, got [1, 2] (list)",
     "training_config.eval_strategy": "expected one of 'no', 'steps', 'epoch', got [1, 2] (list)",
     "training_config.eval_steps": "expected an integer >= 1 or null, got [1, 2] (list)",
     "training_config.save_strategy": "expected one of 'steps', 'epoch', 'no', got [1, 2] (list)",
@@ -850,6 +853,8 @@ WRONG_TYPE_MESSAGES = {
 
 # Fields that accept null (fsdp reads it as false).
 NULLABLE = {
+    "training_config.run_name",
+    "training_config.project",
     "model.adapter",
     "model.revision",
     "data.train",

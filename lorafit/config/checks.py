@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from lorafit.dashboards import BACKENDS, missing
+
 Check = Callable[[Any], Any]
 # (dotted key, message, where the value came from or None to look it up)
 Problem = tuple[str, str, "str | None"]
@@ -321,6 +323,27 @@ def fsdp(value: Any) -> Any:
                 "the frozen base and the LoRA weights sharded across processes) or false"
             )
     raise Bad(f"expected true, false, 'full_shard' or 'full_shard auto_wrap', got {show(value)}")
+
+
+def report_to(value: Any) -> Any:
+    """Hugging Face's forms: "none", one name, a list of names, or "all" (the installed ones); a list out."""
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) and v.strip() for v in value)):
+        raise Bad(f"expected 'none', 'all', a dashboard name or a list of them, got {show(value)}")
+    names = list(dict.fromkeys(v.strip().lower() for v in value))
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:  # as TrainingArguments: every integration whose library is installed
+        return [n for n in BACKENDS if not missing(n)]
+    if "none" in names or "all" in names:
+        raise Bad(f"'none' and 'all' stand alone, got {show(value)}")
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise Bad(
+            f"{unknown[0]!r} is not a dashboard lorafit reports to; choose from {', '.join(BACKENDS)} (or none/all)"
+        )
+    return names
 
 
 DTYPE_ALIASES = {

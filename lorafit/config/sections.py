@@ -130,6 +130,15 @@ class TrainingConfig(Section):
     max_grad_norm: float = option(1.0, ge=0)
     # Log the training loss every this many optimizer steps.
     logging_steps: int = option(10, ge=1)
+    # Dashboards that get every metrics.jsonl line, Hugging Face's names: tensorboard, wandb, trackio, mlflow;
+    # one name or a list; all (every one whose library is installed, as transformers does); none. Each needs
+    # its library: pip install 'lorafit[tensorboard]' (etc.). Where each writes: lorafit/dashboards.py.
+    report_to: str | list[str] = option("none", check=checks.report_to)
+    # The run's name in wandb, trackio and mlflow; null = the output folder's name.
+    run_name: str | None = option(None)
+    # The project (wandb, trackio) or experiment (mlflow) the run goes to; null = WANDB_PROJECT or
+    # MLFLOW_EXPERIMENT_NAME when set, else "lorafit".
+    project: str | None = option(None)
     # When to evaluate: no, steps (every eval_every() steps) or epoch. Alias: evaluation_strategy.
     eval_strategy: Literal["no", "steps", "epoch"] = option("no", false_means="no")
     # Steps between evaluations when eval_strategy is steps; null = logging_steps.
