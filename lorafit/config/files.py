@@ -98,9 +98,15 @@ def _compose(text: str) -> tuple[Any, Any]:
     anything is built."""
     loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
+        try:
+            node = loader.get_single_node()
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise YamlTooLarge("the document nests deeper than Python's stack; write it flatter") from None
         expanded_size(node)
-        return node, (loader.construct_document(node) if node is not None else None)
+        try:
+            return node, (loader.construct_document(node) if node is not None else None)
+        except ValueError as e:  # e.g. an integer of more digits than Python converts (4,300)
+            raise yaml.YAMLError(f"a value Python cannot read: {str(e)[:200]}") from None
     finally:
         loader.dispose()
 
@@ -122,6 +128,9 @@ def _read_config_file(path: Path) -> tuple[Any, dict[str, int], list[Problem]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        except (ValueError, RecursionError) as e:  # a 5000-digit integer; nesting deeper than Python's stack
+            what = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+            raise ConfigError(f"{path}: unreadable JSON: {what}. Fix: correct the config file") from None
         try:  # JSON is (nearly) YAML: compose it for line numbers and duplicate keys, best effort
             node, _ = _compose(text)
         except yaml.YAMLError:
@@ -186,7 +195,7 @@ def _apply_override(
     rank: int = 0,
 ) -> None:
     """Apply one --set section.key[.subkey]=value (value read as YAML) to `merged`."""
-    where = f"--set {item}"
+    where = f"--set {item if not isinstance(item, str) or len(item) <= 200 else item[:100] + '...'}"
     if not isinstance(item, str) or "=" not in item:
         problems.append(("", "expected section.key=value, e.g. training_config.learning_rate=1e-4", where))
         return
