@@ -351,18 +351,20 @@ def load_config(
 _SAVE_HEADER = "# lorafit run config, resolved (defaults < config file < command line < --set)\n"
 
 
+def config_text(cfg: RunConfig, path: str | os.PathLike[str]) -> str:
+    """What save_config writes to `path`: YAML, or JSON when the name ends in .json."""
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"save_config needs a RunConfig, got {show(cfg)}")
+    data = cfg.to_dict()
+    if os.fspath(path).lower().endswith(".json"):
+        return json.dumps(data, indent=2) + "\n"
+    return _SAVE_HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
     """Write the resolved config to `path` atomically (a temporary file, then os.replace): YAML, or JSON
     when the name ends in .json. Missing parent directories are created."""
-    if not isinstance(cfg, RunConfig):
-        raise TypeError(f"save_config needs a RunConfig, got {show(cfg)}")
+    text = config_text(cfg, path)
     file = Path(os.path.expanduser(os.fspath(path)))
-    data = cfg.to_dict()
-    if file.suffix.lower() == ".json":
-        text = json.dumps(data, indent=2) + "\n"
-    else:
-        text = _SAVE_HEADER + yaml.safe_dump(
-            data, sort_keys=False, default_flow_style=False, allow_unicode=True
-        )
     file.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(file, text)
