@@ -554,7 +554,9 @@ def decide_output_dir(
     return OutputDir(out, resume_from=ckpt, resume=bool(resume), overwrite=overwrite)
 
 
-def check_inputs_kept(out: Path, inputs: list[str | Path | None], rewritten: str | Path | None = None) -> None:
+def check_inputs_kept(
+    out: Path, inputs: list[str | Path | None], rewritten: str | Path | None = None
+) -> None:
     """Refuse an output directory where the run would replace an input (the base model, the data, the
     config, the adapter), under any flag: an input that is `out` itself, or a file a run writes or
     deletes there (RUN_FILES, config.yaml, the lock, a leftover temporary, anything in a
@@ -572,7 +574,9 @@ def check_inputs_kept(out: Path, inputs: list[str | Path | None], rewritten: str
         if same_config and p == o / "config.yaml":
             continue
         inside = p.relative_to(o).parts if o in p.parents else ()
-        stale = len(inside) == 1 and inside[0].startswith(".") and (".tmp-" in inside[0] or ".old-" in inside[0])
+        stale = (
+            len(inside) == 1 and inside[0].startswith(".") and (".tmp-" in inside[0] or ".old-" in inside[0])
+        )
         if p == o or p in own or stale or (inside and CHECKPOINT_RE.match(inside[0])):
             raise LorafitError(
                 f"--output-dir {out} holds the input {given}, which the run would replace; lorafit never "

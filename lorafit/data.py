@@ -244,19 +244,45 @@ def record_to_messages(record: Any) -> tuple[list[dict] | None, list[str]]:
 # Sources.
 
 
+def _not_utf8(shown: str, path: Path, line: int, byte: int, offset: int) -> DataError:
+    return DataError(
+        f"{shown}:{line}: not valid UTF-8 (byte 0x{byte:02x} at byte offset {offset}). "
+        f"Fix: re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {shown} > fixed{path.suffix}`"
+    )
+
+
+def _empty(shown: str) -> DataError:
+    return DataError(f"{shown}: the file is empty. Fix: point to a file with training records ({LAYOUTS})")
+
+
 def _read_text(path: Path, shown: str) -> str:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{shown}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start}). "
-            f"Fix: re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {shown} > fixed{path.suffix}`"
-        ) from None
+        raise _not_utf8(shown, path, raw[: e.start].count(b"\n") + 1, raw[e.start], e.start) from None
     if not text.strip():
-        raise DataError(f"{shown}: the file is empty. Fix: point to a file with training records ({LAYOUTS})")
+        raise _empty(shown)
     return text
+
+
+def _jsonl_lines(path: Path, shown: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line, read one line at a time: the file's text is never
+    held whole (a .json file is: one JSON value is parsed at once)."""
+    offset, seen = 0, False
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):  # binary lines split on b"\n" only, not on U+2028
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                start = e.start + (3 if n == 1 and raw.startswith(b"\xef\xbb\xbf") else 0)
+                raise _not_utf8(shown, path, n, raw[start], offset + start) from None
+            offset += len(raw)
+            if line.strip():
+                seen = True
+                yield n, line
+    if not seen:
+        raise _empty(shown)
 
 
 def _unreadable_json(e: Exception) -> str:
@@ -267,10 +293,7 @@ def _unreadable_json(e: Exception) -> str:
 
 
 def _jsonl_records(path: Path, shown: str, problems: Problems) -> Iterator[tuple[str, Any]]:
-    # split on "\n" only: str.splitlines() would also split on U+2028 etc., legal inside JSON strings
-    for n, line in enumerate(_read_text(path, shown).split("\n"), start=1):
-        if not line.strip():
-            continue
+    for n, line in _jsonl_lines(path, shown):
         loc = f"{shown}:{n}"
         try:
             yield loc, json.loads(line)

@@ -105,7 +105,12 @@ _FLOAT_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def integer(
-    *, ge: int | None = None, le: int | None = None, allow_none: bool = False, also: tuple[int, ...] = (), why: str = ""
+    *,
+    ge: int | None = None,
+    le: int | None = None,
+    allow_none: bool = False,
+    also: tuple[int, ...] = (),
+    why: str = "",
 ) -> Check:
     what = "an integer" + _range_text(ge, None, le, None) + why
     if also:

@@ -369,7 +369,10 @@ def read_adapter(path: str | Path) -> AdapterFiles:
     if not w_path.is_file():
         other = " (a pickled adapter_model.bin is never loaded; re-save it with PEFT's safetensors)" if (
             path / "adapter_model.bin").exists() else ""  # fmt: skip
-        raise LoraError(f"{path}: missing {WEIGHTS_NAME}{other}")
+        raise LoraError(
+            f"{path}: missing {WEIGHTS_NAME}{other}. Fix: copy the whole adapter folder again, or pass the folder "
+            f"that holds {WEIGHTS_NAME} and {CONFIG_NAME}."
+        )
     try:
         config = json.loads(cfg_path.read_text())
     except FileNotFoundError:

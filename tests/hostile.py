@@ -1,0 +1,613 @@
+"""The hostile-input driver behind tests/test_guarantees.py: every lorafit command against hostile inputs,
+all in one process.
+
+    python tests/hostile.py WORKDIR          (run by the test under resource.setrlimit(RLIMIT_AS) and a timeout)
+
+It writes the inputs under WORKDIR/in (a tiny Phi-3, an adapter, data, configs, then a damaged copy per
+case), runs each case through `lorafit.cli.main(argv)` in this process (torch is imported once: a
+process per case would cost ~3 s each), and writes WORKDIR/results.json: for each case its exit status,
+stderr, seconds, the files among its inputs that changed (sha256 before and after) and the temporary
+files left anywhere under WORKDIR. The test asserts; this file only runs and records, so that the
+cases are also a reproducible list for a person to try by hand.
+
+A case is CASES[name] = Case(argv, inputs, place, fix): `place` and `fix` are texts the one `error:`
+message must hold (where the problem is: a file, a key, a flag; and what to do). Cases with `rc=0` are
+inputs lorafit accepts with a bounded cost (an enormous record is clipped; chat goes on after a line
+that is not text).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import stat
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+CASE_SECONDS = 60  # one case running longer is a hang (SIGALRM ends it)
+LEFTOVER_MARKS = (".tmp-", ".old-", ".write-test-")  # what an interrupted atomic write would leave
+PLANTED: list[Path] = []  # files planted by the cases that look like leftovers (a lock link)
+
+
+@dataclass
+class Case:
+    argv: list[str]
+    inputs: list[Path]  # files or folders that must be byte for byte the same afterwards
+    place: str = ""  # the message names this (a path, a key, a flag)
+    fix: str = "Fix:"  # and this (how to get past it)
+    rc: int = 2
+    stdin: str = ""  # lines typed into `chat`
+    says: str = ""  # with rc=0: what stdout or stderr must hold
+
+
+GOOD = {
+    "messages": [{"role": "user", "content": "2: even or odd?"}, {"role": "assistant", "content": "even"}]
+}
+GOOD_LINE = json.dumps(GOOD)
+
+# one bad line after a good one, for the data-reading commands: (line, place in the message, fix)
+DATA_LINES = {
+    "malformed-jsonl": ('{"messages": [{"role": "user"', "d.jsonl:2: malformed JSON", "Fix:"),
+    "wrong-role": (
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+        "d.jsonl:2",
+        "Fix:",
+    ),
+    "no-assistant": (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "d.jsonl:2", "Fix:"),
+    "deep-json": (
+        "[" * 100_000 + "]" * 100_000,
+        "d.jsonl:2: JSON nested too deeply to read",
+        "flatten the record",
+    ),
+    "huge-int": (
+        '{"prompt": "a", "completion": "b", "n": ' + "9" * 5000 + "}",
+        "d.jsonl:2: unreadable JSON value",
+        "give numbers of sensible size",
+    ),
+    "surrogate": (
+        '{"prompt": "a \\ud800 b", "completion": "b"}',
+        "d.jsonl:2: prompt has a lone surrogate code point (U+D800)",
+        "Fix:",
+    ),
+}
+HUGE_LINE = 50_000_000  # characters of one assistant reply: the 50 MB line that once exhausted memory
+
+
+def sha_tree(path: Path) -> dict[str, str]:
+    """sha256 of every regular file under `path` (a file: itself); a link, FIFO or device by its kind and
+    target, never read."""
+    out: dict[str, str] = {}
+    paths = [path] if not path.is_dir() or path.is_symlink() else [path, *sorted(path.rglob("*"))]
+    for p in paths:
+        st = os.lstat(p) if os.path.lexists(p) else None
+        if st is None:
+            out[str(p)] = "missing"
+        elif stat.S_ISLNK(st.st_mode):
+            out[str(p)] = "link -> " + os.readlink(p)
+        elif stat.S_ISREG(st.st_mode):
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[str(p)] = h.hexdigest()
+        elif not stat.S_ISDIR(st.st_mode):
+            out[str(p)] = f"special {stat.S_IFMT(st.st_mode):o}"
+    return out
+
+
+def leftovers(root: Path) -> list[str]:
+    keep = {str(p) for p in PLANTED}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            if p not in keep and (any(m in name for m in LEFTOVER_MARKS) or name == ".lorafit.lock"):
+                found.append(p)
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------- the inputs
+
+
+def build_inputs(root: Path) -> dict[str, Path]:
+    """The shared inputs: a tiny Phi-3, an adapter of it, an adapter of another size, good data."""
+    from conftest import lorafit_model
+    from safetensors.torch import save_file
+
+    from lorafit import lora
+    from lorafit.tiny import build_model, build_tokenizer, write_tiny_model
+
+    root.mkdir(parents=True)
+    base = write_tiny_model(root / "base")
+    tok = build_tokenizer()
+    adapter = lora.save_adapter(
+        lorafit_model(build_model(tok, "demo"), ["qkv_proj", "o_proj"]), root / "adapter",
+        base_model_name_or_path=str(base),
+    )  # fmt: skip
+    other = lora.save_adapter(  # an adapter of a model with other shapes, claiming to be for `base`
+        lorafit_model(build_model(tok, "tiny"), ["qkv_proj", "o_proj"]), root / "other-adapter",
+        base_model_name_or_path=str(base),
+    )  # fmt: skip
+    data = root / "good.jsonl"
+    data.write_text((GOOD_LINE + "\n") * 8)
+    config = root / "run.yaml"
+    config.write_text("training_config:\n  max_steps: 1\n  max_seq_length: 64\n  eval_strategy: 'no'\n")
+
+    def damaged(name: str, edit) -> Path:
+        """A copy of the adapter with `edit(folder)` applied."""
+        folder = root / name
+        shutil.copytree(adapter, folder)
+        edit(folder)
+        return folder
+
+    def cfg_edit(change):
+        def edit(folder: Path) -> None:
+            p = folder / "adapter_config.json"
+            p.write_text(change(json.loads(p.read_text())))
+
+        return edit
+
+    def weights_edit(value):
+        def edit(folder: Path) -> None:
+            from safetensors.torch import load_file
+
+            sd = load_file(folder / "adapter_model.safetensors")
+            sd[sorted(sd)[0]][0, 0] = value
+            save_file(sd, folder / "adapter_model.safetensors")
+
+        return edit
+
+    def truncate(folder: Path) -> None:
+        p = folder / "adapter_model.safetensors"
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+    def garbage(folder: Path) -> None:
+        (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+
+    adapters = {
+        "adapter-config-list": damaged("a-list", cfg_edit(lambda c: json.dumps([c]))),
+        "adapter-alpha-string": damaged(
+            "a-alpha-str", cfg_edit(lambda c: json.dumps({**c, "lora_alpha": "16"}))
+        ),
+        "adapter-alpha-nan": damaged(
+            "a-alpha-nan", cfg_edit(lambda c: json.dumps({**c, "lora_alpha": math.nan}))
+        ),
+        "adapter-rank-pattern": damaged(
+            "a-rank", cfg_edit(lambda c: json.dumps({**c, "rank_pattern": {"o_proj": 2.5}}))
+        ),
+        "adapter-config-not-json": damaged("a-notjson", cfg_edit(lambda c: "{r: 4,")),
+        "adapter-weights-nan": damaged("a-nan", weights_edit(math.nan)),
+        "adapter-weights-inf": damaged("a-inf", weights_edit(math.inf)),
+        "adapter-truncated-safetensors": damaged("a-trunc", truncate),
+        "adapter-garbage-safetensors": damaged("a-garbage", garbage),
+        "adapter-no-weights": damaged("a-noweights", lambda f: (f / "adapter_model.safetensors").unlink()),
+        "adapter-mismatched-shapes": other,
+    }
+    return {"base": base, "adapter": adapter, "data": data, "config": config, **adapters}
+
+
+# ----------------------------------------------------------------------------- the cases
+
+
+def build_cases(root: Path) -> dict[str, Case]:
+    """Every case, with its inputs written under root/in and its outputs under root/out."""
+    inp = build_inputs(root / "in")
+    base, adapter, good, config = inp["base"], inp["adapter"], inp["data"], inp["config"]
+    out = root / "out"
+    out.mkdir()
+    cases: dict[str, Case] = {}
+    sets = ["--set", "training_config.max_steps=1", "--set", "training_config.max_seq_length=64",
+            "--set", "training_config.eval_strategy=no"]  # fmt: skip
+
+    def train(data, o, *extra):
+        return ["train", "--model", str(base), "--data", str(data), "--output-dir", str(o), "--no-progress",
+                *sets, *extra]  # fmt: skip
+
+    def d(name: str, text: str) -> Path:
+        folder = root / "in" / name
+        folder.mkdir()
+        p = folder / "d.jsonl"
+        p.write_text(text, encoding="utf-8", errors="surrogatepass")
+        return p
+
+    # --- data: every command that reads a data file (train, check-data, eval)
+    for kind, (line, place, fix) in DATA_LINES.items():
+        p = d(kind, GOOD_LINE + "\n" + line + "\n")
+        cases[f"train/{kind}"] = Case(train(p, out / f"train-{kind}"), [p, base], place, fix)
+        cases[f"check-data/{kind}"] = Case(
+            ["check-data", "--model", str(base), "--data", str(p)], [p], place, fix
+        )
+        cases[f"eval/{kind}"] = Case(
+            ["eval", "--model", str(base), "--adapter", str(adapter), "--data", str(p)],
+            [p, adapter],
+            place,
+            fix,
+        )
+    latin = root / "in" / "latin1"
+    latin.mkdir()
+    (latin / "d.jsonl").write_bytes(
+        (GOOD_LINE + "\n").encode() + b'{"prompt": "caf\xe9", "completion": "x"}\n'
+    )
+    for cmd in ("train", "check-data", "eval"):
+        p = latin / "d.jsonl"
+        argv = (
+            train(p, out / "train-latin1")
+            if cmd == "train"
+            else [cmd, "--model", str(base), "--data", str(p)]
+        )
+        cases[f"{cmd}/not-utf8"] = Case(argv, [p], "d.jsonl:2: not valid UTF-8 (byte 0xe9", "iconv")
+    specials = root / "in" / "special"
+    specials.mkdir()
+    os.mkfifo(specials / "fifo.jsonl")
+    (specials / "zero.jsonl").symlink_to("/dev/zero")
+    (specials / "empty.jsonl").write_text("")
+    (specials / "dir.jsonl").mkdir()
+    special = {
+        "fifo": (specials / "fifo.jsonl", "is a FIFO (named pipe), not a regular file"),
+        "link-to-dev-zero": (specials / "zero.jsonl", "is a device (it links to /dev/zero)"),
+        "empty-file": (specials / "empty.jsonl", "the file is empty"),
+        "directory": (specials / "dir.jsonl", "is a directory"),
+    }
+    for kind, (p, place) in special.items():
+        cases[f"train/{kind}"] = Case(train(p, out / f"train-{kind}"), [specials], place)
+        cases[f"check-data/{kind}"] = Case(
+            ["check-data", "--model", str(base), "--data", str(p)], [specials], place
+        )
+        cases[f"eval/{kind}"] = Case(["eval", "--model", str(base), "--data", str(p)], [specials], place)
+    cases["train/eval-data-fifo"] = Case(
+        train(good, out / "train-eval-fifo", "--eval-data", str(specials / "fifo.jsonl")), [specials, good],
+        "fifo.jsonl: is a FIFO",
+    )  # fmt: skip
+    huge = d("huge", GOOD_LINE + "\n" + json.dumps({"messages": [
+        {"role": "user", "content": "tell"}, {"role": "assistant", "content": "ab " * (HUGE_LINE // 3)}]}) + "\n")  # fmt: skip
+    cases["check-data/50MB-line-is-clipped"] = Case(
+        ["check-data", "--model", str(base), "--data", str(huge), "--max-seq-length", "64", "--json"], [huge], rc=0,
+        says='"clipped": 1',
+    )  # fmt: skip
+    cases["check-data/50MB-line-no-truncation"] = Case(
+        ["check-data", "--model", str(base), "--data", str(huge), "--max-seq-length", "64", "--no-truncation"],
+        [huge], "d.jsonl:2: more than 512 characters, far more than max_seq_length 64", "Fix:",
+    )  # fmt: skip
+
+    # --- configs (train)
+    def cfg(name: str, text: str) -> Path:
+        p = root / "in" / name
+        p.write_text(text)
+        return p
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    )
+    configs = {
+        "unknown-key": (cfg("unknown.yaml", "training_config:\n  learning_rat: 1e-4\n"), "learning_rat", "learning_rate"),
+        "unknown-section": (cfg("section.yaml", "trainer:\n  max_steps: 1\n"), "trainer", "training_config"),
+        "alias-bomb": (
+            cfg("bomb.yaml", bomb + "peft_config:\n  target_modules: *i\n"), "bomb.yaml", "write the values out"
+        ),
+        "deep-yaml": (cfg("deep.yaml", "a: " + "[" * 5_000 + "]" * 5_000 + "\n"), "deep.yaml", "flatter"),
+        "deep-json-config": (cfg("deep.json", "[" * 100_000 + "]" * 100_000), "deep.json", "Fix:"),
+        "huge-int-yaml": (cfg("hugeint.yaml", "training_config:\n  seed: " + "9" * 5000 + "\n"), "hugeint.yaml", "4300 digits"),
+        "seed-beyond-64-bits": (
+            cfg("seed.yaml", f"training_config:\n  seed: {2**64}\n"), "training_config.seed",
+            "expected an integer in [0, 18446744073709551615]",
+        ),
+        "negative-seed": (
+            cfg("negseed.yaml", "training_config:\n  seed: -1\n"), "training_config.seed",
+            "expected an integer in [0, 18446744073709551615]",
+        ),
+        "config-not-utf8": (cfg("latin.yaml", "x"), "latin.yaml: not a UTF-8 text file", "UTF-8"),
+        "config-a-list": (cfg("list.yaml", "- 1\n- 2\n"), "list.yaml", "section"),
+    }  # fmt: skip
+    (root / "in" / "latin.yaml").write_bytes(b"training_config:\n  output_dir: caf\xe9\n")
+    for kind, (p, place, fix) in configs.items():
+        cases[f"train/config-{kind}"] = Case(
+            train(good, out / f"cfg-{kind}", "--config", str(p)), [p, good], place, fix
+        )
+    for kind, (value, fix) in {
+        "seed-beyond-64-bits": (str(2**64), "expected an integer in [0, 18446744073709551615]"),
+        "seed-5000-digits": ("9" * 5000, "4300 digits"),
+        "alias-bomb": ("&a [*a]", "valid YAML"),
+    }.items():
+        cases[f"train/set-{kind}"] = Case(
+            train(good, out / f"set-{kind}", "--set", f"training_config.seed={value}"),
+            [good],
+            "training_config.seed",
+            fix,
+        )
+
+    # --- adapters: every command that reads one (eval, generate, chat, fuse, export, train --adapter)
+    messages = {
+        "adapter-config-list": "the top level is a list, not a JSON object",
+        "adapter-alpha-string": "lora_alpha is '16'; expected a finite number",
+        "adapter-alpha-nan": "lora_alpha is nan; expected a finite number",
+        "adapter-rank-pattern": "rank_pattern['o_proj'] is 2.5; expected a positive integer",
+        "adapter-config-not-json": "adapter_config.json",
+        "adapter-weights-nan": "holds NaN or infinite values",
+        "adapter-weights-inf": "holds NaN or infinite values",
+        "adapter-truncated-safetensors": "adapter_model.safetensors",
+        "adapter-garbage-safetensors": "adapter_model.safetensors",
+        "adapter-no-weights": "a-noweights",
+        "adapter-mismatched-shapes": "other-adapter",
+    }
+    for kind, place in messages.items():
+        a = inp[kind]
+        with_base = ["--model", str(base), "--adapter", str(a)]
+        argvs = {
+            "eval": ["eval", *with_base, "--data", str(good)],
+            "generate": ["generate", *with_base, "--prompt", "hi", "--max-new-tokens", "2"],
+            "chat": ["chat", *with_base, "--max-new-tokens", "2"],
+            "fuse": ["fuse", *with_base, "--output-dir", str(out / f"fuse-{kind}")],
+            "export": [
+                "export",
+                "--adapter",
+                str(a),
+                "--output-dir",
+                str(out / f"export-{kind}"),
+                "--layout",
+                "split",
+                "--base-model",
+                str(base),
+            ],  # fmt: skip
+            "train": train(good, out / f"train-{kind}", "--adapter", str(a)),
+        }
+        for cmd, argv in argvs.items():
+            cases[f"{cmd}/{kind}"] = Case(argv, [a, base, good], place, stdin="hi\n/exit\n")
+
+    # --- generate and chat: flags and text
+    gen = ["generate", "--model", str(base), "--device", "cpu"]
+    for value in ("0", "-1", "many"):
+        cases[f"generate/max-new-tokens-{value}"] = Case(
+            [*gen, "--prompt", "hi", "--max-new-tokens", value], [base], "--max-new-tokens", "at least 1"
+            if value != "many" else "not an integer"
+        )  # fmt: skip
+        cases[f"chat/max-new-tokens-{value}"] = Case(
+            ["chat", "--model", str(base), "--max-new-tokens", value], [base], "--max-new-tokens",
+            "at least 1" if value != "many" else "not an integer",
+        )  # fmt: skip
+    cases["generate/prompt-beyond-the-context"] = Case(
+        [*gen, "--prompt", "x y " * 4200], [base], "max_position_embeddings", "Fix: shorten the prompt"
+    )
+    cases["generate/prompt-not-utf8"] = Case(
+        [*gen, "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], [base], "at position 3 (U+DCE9",
+        "as UTF-8 text",
+    )  # fmt: skip
+    cases["generate/system-not-utf8"] = Case(
+        [*gen, "--prompt", "hi", "--system", b"\xff".decode("utf-8", "surrogateescape")],
+        [base],
+        "U+DCFF",
+        "UTF-8",
+    )
+    cases["chat/a-line-not-utf8-goes-on"] = Case(
+        ["chat", "--model", str(base), "--max-new-tokens", "2"], [base], rc=0,
+        stdin=b"\xff\xfe\n".decode("utf-8", "surrogateescape") + "/exit\n",
+        says="error: the user text (message 0) has a character that is not text",
+    )  # fmt: skip
+    cases["generate/missing-model"] = Case(
+        [*gen, "--prompt", "hi", "--model", str(root / "in" / "nope")], [], "nope"
+    )
+    cases["generate/model-folder-of-garbage"] = Case(
+        [*gen, "--prompt", "hi", "--model", str(inp["adapter-garbage-safetensors"])], [inp["adapter-garbage-safetensors"]],
+        "a-garbage",
+    )  # fmt: skip
+
+    # --- output folders: never an input, never through a planted link
+    def run_dir(name: str, *files: str) -> Path:
+        o = out / name
+        o.mkdir()
+        for f in files:
+            (o / f).write_text("{}\n")
+        return o
+
+    victim = root / "in" / "victim.txt"
+    victim.write_text("precious\n")
+    lock = run_dir("planted-lock") / ".lorafit.lock"
+    lock.symlink_to(victim)
+    PLANTED.append(lock)
+    cases["train/planted-lock-link"] = Case(train(good, lock.parent), [victim, good], ".lorafit.lock")
+    metrics = run_dir("planted-metrics") / "metrics.jsonl"
+    metrics.symlink_to(victim)
+    cases["train/planted-metrics-link"] = Case(train(good, metrics.parent), [victim, good], "metrics.jsonl")
+
+    link_out = out / "link-out"
+    link_out.symlink_to(base, target_is_directory=True)
+    for cmd, argv in {
+        "fuse": [
+            "fuse",
+            "--model",
+            str(base),
+            "--adapter",
+            str(adapter),
+            "--output-dir",
+            str(link_out),
+            "--overwrite",
+        ],
+        "export": ["export", "--adapter", str(adapter), "--output-dir", str(link_out), "--overwrite"],
+        "tiny-model": ["tiny-model", str(link_out)],
+    }.items():
+        cases[f"{cmd}/output-dir-a-link"] = Case(argv, [base, adapter], "symbolic link", "Fix:")
+    for flag in ("", "--overwrite", "--resume"):
+        extra = [flag] if flag else []
+        cases[f"train/output-dir-is-the-base{flag}"] = Case(
+            train(good, base, *extra), [base, good], "holds the input"
+        )
+        cases[f"train/data-in-output-dir{flag}"] = Case(
+            train(base / "config.json", base, *extra), [base], "holds the input"
+        )
+    in_out = run_dir("data-in-out")
+    shutil.copy(good, in_out / "metrics.jsonl")
+    cases["train/data-is-OUT-metrics.jsonl--overwrite"] = Case(
+        train(in_out / "metrics.jsonl", in_out, "--overwrite"), [in_out], "holds the input"
+    )
+    run = run_dir("user-run", "results.json")
+    shutil.copytree(adapter, run, dirs_exist_ok=True)
+    cases["train/adapter-is-the-output-dir--overwrite"] = Case(
+        train(good, run, "--adapter", str(run), "--overwrite"), [run, good], "holds the input"
+    )
+    own_cfg = run_dir("own-config")
+    (own_cfg / "config.yaml").write_text(config.read_text())
+    for flag in ("", "--overwrite"):
+        cases[f"train/config-is-OUT-config.yaml{flag}"] = Case(
+            ["train", "--model", str(base), "--data", str(good), "--output-dir", str(own_cfg), "--no-progress",
+             "--config", str(own_cfg / "config.yaml"), *([flag] if flag else [])],
+            [own_cfg, good], "config.yaml", "copy it elsewhere",
+        )  # fmt: skip
+    cases["train/config-is-OUT-results.json--overwrite"] = Case(
+        train(good, run, "--config", str(run / "results.json"), "--overwrite"), [run, good], "holds the input"
+    )
+    for flag in ("", "--overwrite"):
+        extra = [flag] if flag else []
+        cases[f"export/onto-the-base{flag}"] = Case(
+            ["export", "--adapter", str(adapter), "--output-dir", str(base), *extra],
+            [base, adapter],
+            str(base),
+        )
+        cases[f"export/onto-its-adapter{flag}"] = Case(
+            ["export", "--adapter", str(adapter), "--output-dir", str(adapter), *extra],
+            [adapter],
+            str(adapter),
+        )
+        cases[f"fuse/onto-the-base{flag}"] = Case(
+            ["fuse", "--model", str(base), "--adapter", str(adapter), "--output-dir", str(base), *extra],
+            [base, adapter], str(base),
+        )  # fmt: skip
+        cases[f"fuse/onto-its-adapter{flag}"] = Case(
+            ["fuse", "--model", str(base), "--adapter", str(adapter), "--output-dir", str(adapter), *extra],
+            [base, adapter], str(adapter),
+        )  # fmt: skip
+        cases[f"fuse/onto-a-training-run{flag}"] = Case(
+            ["fuse", "--model", str(base), "--adapter", str(adapter), "--output-dir", str(run), *extra],
+            [base, adapter, run], str(run),
+        )  # fmt: skip
+    cases["tiny-model/onto-an-adapter"] = Case(["tiny-model", str(adapter)], [adapter], str(adapter))
+    cases["tiny-model/onto-a-training-run"] = Case(["tiny-model", str(run)], [run], str(run))
+    cases["tiny-model/onto-a-file"] = Case(["tiny-model", str(good)], [good], str(good))
+    cases["demo/onto-a-training-run"] = Case(
+        ["demo", "--output-dir", str(run), "--no-progress"], [run], str(run)
+    )
+    demo = run_dir("demo-with-a-user-run")
+    shutil.copytree(run, demo / "adapter")
+    cases["demo/onto-a-user-run-in-OUT-adapter"] = Case(
+        ["demo", "--output-dir", str(demo), "--no-progress"], [demo], str(demo / "adapter")
+    )
+    return cases
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class _Alarm(BaseException):
+    """Raised in the case by SIGALRM: the case ran past CASE_SECONDS (a BaseException: no `except
+    Exception` in lorafit swallows it)."""
+
+
+class _CurrentStderr(io.TextIOBase):
+    """A stream that writes to whatever sys.stderr is now: logging's handler keeps its stream, and
+    each case captures stderr anew."""
+
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+
+def run_case(case: Case, root: Path) -> dict:
+    from lorafit.cli import main
+
+    before = {str(p): sha_tree(p) for p in case.inputs}
+    err, out = io.StringIO(), io.StringIO()
+    stdin = sys.stdin
+    sys.stdin = io.StringIO(case.stdin)
+    signal.alarm(CASE_SECONDS)
+    t0 = time.perf_counter()
+    escaped = ""
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                rc = main(case.argv)
+            except SystemExit as e:  # argparse
+                rc = e.code if isinstance(e.code, int) else 2
+    except _Alarm:
+        rc, escaped = None, f"still running after {CASE_SECONDS} s"
+    except BaseException as e:  # noqa: BLE001 - anything that escapes main is what the suite looks for
+        rc, escaped = None, "".join(traceback.format_exception(e))[-4000:]
+    finally:
+        signal.alarm(0)
+        sys.stdin = stdin
+    seconds = time.perf_counter() - t0
+    changed = [p for p, h in before.items() if sha_tree(Path(p)) != h]
+    return {
+        "rc": rc,
+        "stderr": err.getvalue()[-6000:],
+        "stdout": out.getvalue()[-2000:],
+        "escaped": escaped,
+        "seconds": round(seconds, 2),
+        "changed": changed,
+        "leftovers": leftovers(root),
+    }
+
+
+def _vm_peak_mb() -> int | None:
+    """The largest address space this process had (VmPeak, Linux), which RLIMIT_AS bounds."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmPeak:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def main(root: Path) -> None:
+    import warnings
+
+    def alarm(*_):
+        raise _Alarm
+
+    signal.signal(signal.SIGALRM, alarm)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=_CurrentStderr())
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    t0 = time.perf_counter()
+    import lorafit.cli  # noqa: F401 - the imports (torch, transformers) are not the cases' time
+    import lorafit.export  # noqa: F401
+    import lorafit.generation  # noqa: F401
+    import lorafit.job  # noqa: F401
+
+    imports = time.perf_counter() - t0
+    cases = build_cases(root)
+    setup = time.perf_counter() - t0
+    everything = sha_tree(root / "in")
+    results: dict = {}
+    progress = root / "running.txt"
+    only = os.environ.get("HOSTILE_ONLY")
+    for name, case in cases.items():
+        if only and only not in name:
+            continue
+        progress.write_text(name)  # a case that kills the process (an abort) is named here
+        with warnings.catch_warnings():
+            results[name] = {**run_case(case, root), "place": case.place, "fix": case.fix, "want": case.rc,
+                             "says": case.says}  # fmt: skip
+    progress.unlink()
+    import resource
+
+    report = {
+        "cases": results,
+        "import_seconds": round(imports, 1),
+        "setup_seconds": round(setup - imports, 1),
+        "inputs_changed": sorted(k for k, v in sha_tree(root / "in").items() if everything.get(k) != v),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "peak_vm_mb": _vm_peak_mb(),
+    }
+    (root / "results.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main(Path(sys.argv[1]))
