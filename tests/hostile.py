@@ -80,6 +80,27 @@ DATA_LINES = {
         "Fix:",
     ),
 }
+# adapter_config.json edits: (change of the parsed config -> new file text, what the message says)
+ADAPTER_CONFIGS = {
+    "config-list": (lambda c: json.dumps([c]), "the top level is a list, not a JSON object"),
+    "alpha-string": (
+        lambda c: json.dumps({**c, "lora_alpha": "16"}),
+        "lora_alpha is '16'; expected a finite number",
+    ),
+    "alpha-nan": (
+        lambda c: json.dumps({**c, "lora_alpha": math.nan}),
+        "lora_alpha is nan; expected a finite number",
+    ),
+    "rank-pattern": (
+        lambda c: json.dumps({**c, "rank_pattern": {"o_proj": 2.5}}),
+        "rank_pattern['o_proj'] is 2.5; expected a positive integer",
+    ),
+    "alpha-pattern-list": (
+        lambda c: json.dumps({**c, "alpha_pattern": [1]}),
+        "alpha_pattern is a list; expected an object {module name: value}",
+    ),
+    "r-zero": (lambda c: json.dumps({**c, "r": 0}), "r is 0; expected a positive integer"),
+}
 HUGE_LINE = 50_000_000  # characters of one assistant reply: the 50 MB line that once exhausted memory
 
 
@@ -175,16 +196,9 @@ def build_inputs(root: Path) -> dict[str, Path]:
         (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
 
     adapters = {
-        "adapter-config-list": damaged("a-list", cfg_edit(lambda c: json.dumps([c]))),
-        "adapter-alpha-string": damaged(
-            "a-alpha-str", cfg_edit(lambda c: json.dumps({**c, "lora_alpha": "16"}))
-        ),
-        "adapter-alpha-nan": damaged(
-            "a-alpha-nan", cfg_edit(lambda c: json.dumps({**c, "lora_alpha": math.nan}))
-        ),
-        "adapter-rank-pattern": damaged(
-            "a-rank", cfg_edit(lambda c: json.dumps({**c, "rank_pattern": {"o_proj": 2.5}}))
-        ),
+        f"adapter-{k}": damaged(f"a-{k}", cfg_edit(change)) for k, (change, _) in ADAPTER_CONFIGS.items()
+    }
+    adapters |= {
         "adapter-config-not-json": damaged("a-notjson", cfg_edit(lambda c: "{r: 4,")),
         "adapter-weights-nan": damaged("a-nan", weights_edit(math.nan)),
         "adapter-weights-inf": damaged("a-inf", weights_edit(math.inf)),
@@ -326,20 +340,18 @@ def build_cases(root: Path) -> dict[str, Case]:
         )
 
     # --- adapters: every command that reads one (eval, generate, chat, fuse, export, train --adapter)
-    messages = {
-        "adapter-config-list": "the top level is a list, not a JSON object",
-        "adapter-alpha-string": "lora_alpha is '16'; expected a finite number",
-        "adapter-alpha-nan": "lora_alpha is nan; expected a finite number",
-        "adapter-rank-pattern": "rank_pattern['o_proj'] is 2.5; expected a positive integer",
-        "adapter-config-not-json": "adapter_config.json",
-        "adapter-weights-nan": "holds NaN or infinite values",
-        "adapter-weights-inf": "holds NaN or infinite values",
-        "adapter-truncated-safetensors": "adapter_model.safetensors",
-        "adapter-garbage-safetensors": "adapter_model.safetensors",
-        "adapter-no-weights": "a-noweights",
-        "adapter-mismatched-shapes": "other-adapter",
+    messages = {f"adapter-{k}": (f"a-{k}/adapter_config.json: {m}", "Fix: correct adapter_config.json")
+                for k, (_, m) in ADAPTER_CONFIGS.items()}  # fmt: skip
+    messages |= {
+        "adapter-config-not-json": ("a-notjson/adapter_config.json: not valid JSON", "Fix:"),
+        "adapter-weights-nan": ("a-nan/adapter_model.safetensors: tensor", "Fix: use an earlier checkpoint"),
+        "adapter-weights-inf": ("a-inf/adapter_model.safetensors: tensor", "Fix: use an earlier checkpoint"),
+        "adapter-truncated-safetensors": ("a-trunc/adapter_model.safetensors: corrupt or truncated", "Fix:"),
+        "adapter-garbage-safetensors": ("a-garbage/adapter_model.safetensors: corrupt or truncated", "Fix:"),
+        "adapter-no-weights": ("a-noweights: missing adapter_model.safetensors", "Fix:"),
+        "adapter-mismatched-shapes": ("other-adapter", "Fix:"),
     }
-    for kind, place in messages.items():
+    for kind, (place, fix) in messages.items():
         a = inp[kind]
         with_base = ["--model", str(base), "--adapter", str(a)]
         argvs = {
@@ -361,7 +373,7 @@ def build_cases(root: Path) -> dict[str, Case]:
             "train": train(good, out / f"train-{kind}", "--adapter", str(a)),
         }
         for cmd, argv in argvs.items():
-            cases[f"{cmd}/{kind}"] = Case(argv, [a, base, good], place, stdin="hi\n/exit\n")
+            cases[f"{cmd}/{kind}"] = Case(argv, [a, base, good], place, fix, stdin="hi\n/exit\n")
 
     # --- generate and chat: flags and text
     gen = ["generate", "--model", str(base), "--device", "cpu"]
@@ -444,50 +456,48 @@ def build_cases(root: Path) -> dict[str, Case]:
             train(base / "config.json", base, *extra), [base], "holds the input"
         )
     in_out = run_dir("data-in-out")
-    shutil.copy(good, in_out / "metrics.jsonl")
-    cases["train/data-is-OUT-metrics.jsonl--overwrite"] = Case(
-        train(in_out / "metrics.jsonl", in_out, "--overwrite"), [in_out], "holds the input"
-    )
-    run = run_dir("user-run", "results.json")
+    shutil.copy(good, in_out / "metrics.jsonl")  # the data sits where a run writes its log
+    run = run_dir("user-run", "results.json")  # what `lorafit train` leaves: an adapter with results
     shutil.copytree(adapter, run, dirs_exist_ok=True)
+    other = run_dir("other-adapter")  # not this command's input, but an adapter: never a fuse output
+    shutil.copytree(adapter, other, dirs_exist_ok=True)
+    own_cfg = run_dir("own-config")
+    (own_cfg / "config.yaml").write_text(config.read_text())
+    fuse = ["fuse", "--model", str(base), "--adapter", str(adapter), "--output-dir"]
+    export = ["export", "--adapter", str(adapter), "--output-dir"]
+    for flag in ("", "--overwrite", "--resume"):
+        extra = [flag] if flag else []
+        cases[f"train/data-is-OUT-metrics.jsonl{flag}"] = Case(
+            train(in_out / "metrics.jsonl", in_out, *extra), [in_out], "holds the input"
+        )
+        if flag == "--resume":
+            continue
+        cases[f"train/config-is-OUT-config.yaml{flag}"] = Case(
+            ["train", "--model", str(base), "--data", str(good), "--output-dir", str(own_cfg), "--no-progress",
+             "--config", str(own_cfg / "config.yaml"), *extra], [own_cfg, good], "config.yaml", "copy it elsewhere",
+        )  # fmt: skip
+        onto = {  # command/target: (argv, inputs, what the message names)
+            "export/onto-the-base": ([*export, str(base)], [base, adapter], str(base)),
+            "export/onto-the-base-given-as-base": (
+                [*export, str(base), "--base-model", str(base)],
+                [base],
+                str(base),
+            ),
+            "export/onto-its-adapter": ([*export, str(adapter)], [adapter], str(adapter)),
+            "export/onto-a-training-run": ([*export, str(run)], [adapter, run], str(run)),
+            "fuse/onto-the-base": ([*fuse, str(base)], [base, adapter], str(base)),
+            "fuse/onto-its-adapter": ([*fuse, str(adapter)], [base, adapter], str(adapter)),
+            "fuse/onto-a-training-run": ([*fuse, str(run)], [base, adapter, run], str(run)),
+            "fuse/onto-another-adapter": ([*fuse, str(other)], [base, adapter, other], str(other)),
+        }
+        for name, (argv, inputs, place) in onto.items():
+            cases[name + flag] = Case(argv + extra, inputs, place)
     cases["train/adapter-is-the-output-dir--overwrite"] = Case(
         train(good, run, "--adapter", str(run), "--overwrite"), [run, good], "holds the input"
     )
-    own_cfg = run_dir("own-config")
-    (own_cfg / "config.yaml").write_text(config.read_text())
-    for flag in ("", "--overwrite"):
-        cases[f"train/config-is-OUT-config.yaml{flag}"] = Case(
-            ["train", "--model", str(base), "--data", str(good), "--output-dir", str(own_cfg), "--no-progress",
-             "--config", str(own_cfg / "config.yaml"), *([flag] if flag else [])],
-            [own_cfg, good], "config.yaml", "copy it elsewhere",
-        )  # fmt: skip
     cases["train/config-is-OUT-results.json--overwrite"] = Case(
         train(good, run, "--config", str(run / "results.json"), "--overwrite"), [run, good], "holds the input"
     )
-    for flag in ("", "--overwrite"):
-        extra = [flag] if flag else []
-        cases[f"export/onto-the-base{flag}"] = Case(
-            ["export", "--adapter", str(adapter), "--output-dir", str(base), *extra],
-            [base, adapter],
-            str(base),
-        )
-        cases[f"export/onto-its-adapter{flag}"] = Case(
-            ["export", "--adapter", str(adapter), "--output-dir", str(adapter), *extra],
-            [adapter],
-            str(adapter),
-        )
-        cases[f"fuse/onto-the-base{flag}"] = Case(
-            ["fuse", "--model", str(base), "--adapter", str(adapter), "--output-dir", str(base), *extra],
-            [base, adapter], str(base),
-        )  # fmt: skip
-        cases[f"fuse/onto-its-adapter{flag}"] = Case(
-            ["fuse", "--model", str(base), "--adapter", str(adapter), "--output-dir", str(adapter), *extra],
-            [base, adapter], str(adapter),
-        )  # fmt: skip
-        cases[f"fuse/onto-a-training-run{flag}"] = Case(
-            ["fuse", "--model", str(base), "--adapter", str(adapter), "--output-dir", str(run), *extra],
-            [base, adapter, run], str(run),
-        )  # fmt: skip
     cases["tiny-model/onto-an-adapter"] = Case(["tiny-model", str(adapter)], [adapter], str(adapter))
     cases["tiny-model/onto-a-training-run"] = Case(["tiny-model", str(run)], [run], str(run))
     cases["tiny-model/onto-a-file"] = Case(["tiny-model", str(good)], [good], str(good))
