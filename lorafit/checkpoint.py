@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -55,7 +56,7 @@ import torch
 from lorafit import lora
 from lorafit.distributed import shard_optimizer_state
 from lorafit.errors import LorafitError
-from lorafit.lora.files import fsync_dir, replace_atomic
+from lorafit.lora.files import fsync_dir, write_bytes_atomic
 
 if TYPE_CHECKING:
     from lorafit.tokens import TokenizedData
@@ -226,8 +227,14 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
 
 
 def save_training_state(path: Path, state: dict) -> None:
-    """torch.save, atomically (tensors, numbers, strings, containers only)."""
-    replace_atomic(path, lambda tmp: torch.save(state, tmp))
+    """torch.save, atomically (tensors, numbers, strings, containers only).
+
+    Serialized in memory first (LoRA's optimizer state is small), then written with a plain write:
+    torch's zip writer reports a full disk as "RuntimeError: ... unexpected pos", a plain write as
+    OSError ENOSPC, which lorafit turns into a message (`is_disk_full`)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getbuffer())
 
 
 def load_training_state(path: Path, fix: str | None = None) -> dict:

@@ -376,6 +376,12 @@ def load_conversations(source: str | Path, *, split: str | None = None) -> list[
     is the assistant's, or that ends on a user turn, is accepted (those turns are simply not trained
     on). The whole file is checked in one pass and all problems are raised as ONE DataError, listing
     the first 20 with their ``path:line`` (or ``path:record N``) and the fix.
+
+    Cost: a path that is not a regular file (FIFO, device) is refused before it is opened; a .jsonl
+    file is read one line at a time; one record is bounded later (`lorafit.tokens` clips its text to
+    what max_seq_length can hold). The whole file is not capped -- a large dataset must keep working
+    -- so memory follows the data: every record is held (about 3.4x the file's size for short chats,
+    `python -m bench.data_memory`). A .json file is one JSON value and is parsed whole.
     """
     problems = Problems()
     if isinstance(source, Path) or Path(source).expanduser().exists() or _looks_like_path(str(source)):
