@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from lorafit.errors import ConfigError, DataError
+from lorafit.lora.files import not_regular
 
 ROLES = ("system", "user", "assistant")
 TRAIN_ON = ("assistant", "all")
@@ -266,12 +266,23 @@ def _read_text(path: Path, shown: str) -> str:
     return text
 
 
+MAX_LINE_BYTES = 256 << 20  # one JSONL line; a record that trains is far shorter (tokens.CHARS_PER_TOKEN)
+
+
 def _jsonl_lines(path: Path, shown: str) -> Iterator[tuple[int, str]]:
     """(line number, text) of each non-blank line, read one line at a time: the file's text is never
-    held whole (a .json file is: one JSON value is parsed at once)."""
+    held whole (a .json file is: one JSON value is parsed at once). A line longer than MAX_LINE_BYTES
+    is refused as soon as it is seen (a file without newlines would otherwise be one line, read whole)."""
     offset, seen = 0, False
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):  # binary lines split on b"\n" only, not on U+2028
+        # binary lines split on b"\n" only, not on U+2028
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(
+                    f"{shown}:{n}: a line longer than {MAX_LINE_BYTES >> 20} MiB (at byte offset {offset}); a record "
+                    "that trains is far shorter, since text beyond what max_seq_length holds is clipped. Fix: check "
+                    "that the file is JSON Lines (one record per line, each ending in a newline), or shorten the record"
+                )
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
@@ -431,18 +442,15 @@ def _check_regular(path: Path, shown: str) -> None:
     """Refuse a data path that is not (or does not link to) a regular file: a device such as /dev/zero,
     a FIFO or a socket would be read without end."""
     try:
-        mode = os.stat(path).st_mode  # follows links: what would be read
+        os.stat(path)
     except OSError as e:
         raise DataError(
             f"{shown}: cannot read ({e.strerror}). Fix: check the path and its permissions"
         ) from None
-    if not stat.S_ISREG(mode):
-        what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(
-            mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"  # fmt: skip
-        linked = f" (it links to {os.path.realpath(path)})" if path.is_symlink() else ""
+    problem = not_regular(path)
+    if problem:
         raise DataError(
-            f"{shown}: is {what}{linked}, not a regular file, and would be read without end. "
-            f"Fix: write the records to a .jsonl, .json or .parquet file and give its path"
+            f"{shown}: {problem}. Fix: write the records to a .jsonl, .json or .parquet file and give its path"
         )
 
 

@@ -104,6 +104,11 @@ ADAPTER_CONFIGS = {
 HUGE_LINE = 50_000_000  # characters of one assistant reply: the 50 MB line that once exhausted memory
 
 
+def link_to_zero(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
 def sha_tree(path: Path) -> dict[str, str]:
     """sha256 of every regular file under `path` (a file: itself); a link, FIFO or device by its kind and
     target, never read."""
@@ -205,6 +210,12 @@ def build_inputs(root: Path) -> dict[str, Path]:
         "adapter-truncated-safetensors": damaged("a-trunc", truncate),
         "adapter-garbage-safetensors": damaged("a-garbage", garbage),
         "adapter-no-weights": damaged("a-noweights", lambda f: (f / "adapter_model.safetensors").unlink()),
+        "adapter-config-link-to-dev-zero": damaged(
+            "a-cfgzero", lambda f: link_to_zero(f / "adapter_config.json")
+        ),
+        "adapter-weights-link-to-dev-zero": damaged(
+            "a-wzero", lambda f: link_to_zero(f / "adapter_model.safetensors")
+        ),
         "adapter-mismatched-shapes": other,
     }
     return {"base": base, "adapter": adapter, "data": data, "config": config, **adapters}
@@ -272,6 +283,14 @@ def build_cases(root: Path) -> dict[str, Case]:
         "empty-file": (specials / "empty.jsonl", "the file is empty"),
         "directory": (specials / "dir.jsonl", "is a directory"),
     }
+    sparse = root / "in" / "sparse"  # 300 MB of zero bytes and no newline: one line, unless it is refused
+    sparse.mkdir()
+    with open(sparse / "d.jsonl", "wb") as f:
+        f.truncate(300 << 20)
+    for cmd in ("train", "check-data"):
+        argv = train(sparse / "d.jsonl", out / "t-sparse") if cmd == "train" else [cmd, "--model", str(base), "--data",
+                                                                                str(sparse / "d.jsonl")]  # fmt: skip
+        cases[f"{cmd}/a-300MB-line"] = Case(argv, [sparse], "d.jsonl:1: a line longer than 256 MiB", "Fix:")
     for kind, (p, place) in special.items():
         cases[f"train/{kind}"] = Case(train(p, out / f"train-{kind}"), [specials], place)
         cases[f"check-data/{kind}"] = Case(
@@ -308,7 +327,7 @@ def build_cases(root: Path) -> dict[str, Case]:
         "alias-bomb": (
             cfg("bomb.yaml", bomb + "peft_config:\n  target_modules: *i\n"), "bomb.yaml", "write the values out"
         ),
-        "deep-yaml": (cfg("deep.yaml", "a: " + "[" * 5_000 + "]" * 5_000 + "\n"), "deep.yaml", "flatter"),
+        "deep-yaml": (cfg("deep.yaml", "a: " + "[" * 1_500 + "]" * 1_500 + "\n"), "deep.yaml", "flatter"),
         "deep-json-config": (cfg("deep.json", "[" * 100_000 + "]" * 100_000), "deep.json", "Fix:"),
         "huge-int-yaml": (cfg("hugeint.yaml", "training_config:\n  seed: " + "9" * 5000 + "\n"), "hugeint.yaml", "4300 digits"),
         "seed-beyond-64-bits": (
@@ -323,6 +342,10 @@ def build_cases(root: Path) -> dict[str, Case]:
         "config-a-list": (cfg("list.yaml", "- 1\n- 2\n"), "list.yaml", "section"),
     }  # fmt: skip
     (root / "in" / "latin.yaml").write_bytes(b"training_config:\n  output_dir: caf\xe9\n")
+    os.mkfifo(root / "in" / "fifo.yaml")
+    (root / "in" / "zero.yaml").symlink_to("/dev/zero")
+    configs["fifo"] = (root / "in" / "fifo.yaml", "fifo.yaml: is a FIFO", "Fix:")
+    configs["link-to-dev-zero"] = (root / "in" / "zero.yaml", "zero.yaml: is a device", "Fix:")
     for kind, (p, place, fix) in configs.items():
         cases[f"train/config-{kind}"] = Case(
             train(good, out / f"cfg-{kind}", "--config", str(p)), [p, good], place, fix
@@ -349,6 +372,8 @@ def build_cases(root: Path) -> dict[str, Case]:
         "adapter-truncated-safetensors": ("a-trunc/adapter_model.safetensors: corrupt or truncated", "Fix:"),
         "adapter-garbage-safetensors": ("a-garbage/adapter_model.safetensors: corrupt or truncated", "Fix:"),
         "adapter-no-weights": ("a-noweights: missing adapter_model.safetensors", "Fix:"),
+        "adapter-config-link-to-dev-zero": ("a-cfgzero/adapter_config.json: is a device", "Fix:"),
+        "adapter-weights-link-to-dev-zero": ("a-wzero/adapter_model.safetensors: is a device", "Fix:"),
         "adapter-mismatched-shapes": ("other-adapter", "Fix:"),
     }
     for kind, (place, fix) in messages.items():

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,16 +244,20 @@ def test_a_run_resumes_with_the_config_it_saved_and_never_changes_it(tiny_model,
     assert (out / "config.yaml").read_bytes() == saved and (out / "results.json").exists()
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 64 KiB tmpfs: a real full disk (needs root and mount; skipped elsewhere)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+def small_disk(folder: Path, size: str) -> Path:
+    """Mount a tmpfs of `size` at `folder`: a real disk that fills (needs root and mount, else skip)."""
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                                            capture_output=True).returncode != 0:  # fmt: skip
         pytest.skip("mounting a small tmpfs needs root")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    return folder
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs."""
+    yield small_disk(tmp_path / "small", "64k")
+    subprocess.run(["umount", str(tmp_path / "small")], check=True)
 
 
 def test_a_real_full_disk_is_oserror_enospc_and_a_message(full_disk, tiny_model, capsys):
@@ -268,3 +273,30 @@ def test_a_real_full_disk_is_oserror_enospc_and_a_message(full_disk, tiny_model,
         "error: no space left on device" in err and "Fix: free disk space" in err and "Traceback" not in err
     )
     assert not any(full_disk.iterdir())
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_torchrun_is_a_message_and_the_run_resumes(tiny_model, tmp_path):
+    """Two gloo processes writing to a 400 KiB tmpfs: checkpoint-2 (~260 KB) fits, checkpoint-4 does not.
+    Exit 2 with the message, nothing half-written; with room again, --resume finishes the run."""
+    disk = small_disk(tmp_path / "disk", "400k")
+    try:
+        lines = (demo_data_dir() / "train.jsonl").read_text().splitlines(keepends=True)
+        (tmp_path / "train.jsonl").write_text("".join(lines[:64]))
+        sets = ["training_config.max_steps=4", "training_config.save_steps=2", "training_config.max_seq_length=64",
+                "training_config.eval_strategy=no", "peft_config.r=2", "training_config.per_device_train_batch_size=2"]  # fmt: skip
+        cmd = [sys.executable, "-m", "lorafit", *train_argv(tiny_model, tmp_path / "train.jsonl", disk / "out",
+                                                            "--nproc", "2", sets=sets)]  # fmt: skip
+        first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert first.returncode == 2 and "Traceback" not in first.stderr, first.stderr[-3000:]
+        assert (
+            "no space left on device while writing checkpoint-4" in first.stderr
+            and "--resume" in first.stderr
+        )
+        assert [s for s, _ in list_checkpoints(disk / "out")] == [2] and leftovers(disk) == []
+        subprocess.run(["mount", "-o", "remount,size=2m", str(disk)], check=True)
+        again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert json.loads((disk / "out" / "results.json").read_text())["steps"] == 4
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

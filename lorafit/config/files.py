@@ -16,7 +16,7 @@ from lorafit.config.base import field_checks
 from lorafit.config.checks import Bad, Problem, show
 from lorafit.config.sections import SECTIONS, DataConfig, RunConfig
 from lorafit.errors import ConfigError
-from lorafit.lora.files import write_text_atomic
+from lorafit.lora.files import not_regular, write_text_atomic
 
 # Example configs shipped with lorafit (phi3-mini-lora.yaml, phi3-mini-qlora.yaml, sample_finetune.yaml).
 SHIPPED_CONFIGS_DIR = Path(__file__).parents[1] / "resources" / "configs"
@@ -113,6 +113,9 @@ def _compose(text: str) -> tuple[Any, Any]:
 
 def _read_config_file(path: Path) -> tuple[Any, dict[str, int], list[Problem]]:
     """(data, {key: line}, duplicate-key problems) of a YAML or JSON config file."""
+    problem = not_regular(path)
+    if problem:
+        raise ConfigError(f"{path}: {problem}. Fix: pass a .yaml or .json config file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
