@@ -283,14 +283,14 @@ def build_cases(root: Path) -> dict[str, Case]:
         "empty-file": (specials / "empty.jsonl", "the file is empty"),
         "directory": (specials / "dir.jsonl", "is a directory"),
     }
-    sparse = root / "in" / "sparse"  # 300 MB of zero bytes and no newline: one line, unless it is refused
+    sparse = root / "in" / "sparse"  # 257 MiB of zero bytes and no newline: one line, unless it is refused
     sparse.mkdir()
     with open(sparse / "d.jsonl", "wb") as f:
-        f.truncate(300 << 20)
+        f.truncate(257 << 20)
     for cmd in ("train", "check-data"):
         argv = train(sparse / "d.jsonl", out / "t-sparse") if cmd == "train" else [cmd, "--model", str(base), "--data",
                                                                                 str(sparse / "d.jsonl")]  # fmt: skip
-        cases[f"{cmd}/a-300MB-line"] = Case(argv, [sparse], "d.jsonl:1: a line longer than 256 MiB", "Fix:")
+        cases[f"{cmd}/a-257MiB-line"] = Case(argv, [sparse], "d.jsonl:1: a line longer than 256 MiB", "Fix:")
     for kind, (p, place) in special.items():
         cases[f"train/{kind}"] = Case(train(p, out / f"train-{kind}"), [specials], place)
         cases[f"check-data/{kind}"] = Case(
