@@ -1,8 +1,8 @@
 """What lorafit promises on bad input (README, "Guarantees"), checked for every command at once.
 
-tests/hostile.py builds hostile inputs of every kind (broken and endless data, bad configs, damaged
-adapters, planted links, output folders that are inputs, bad flags and text) and runs each case
-through `lorafit.cli.main` in ONE subprocess -- under resource.setrlimit(RLIMIT_AS) and a timeout,
+tests/hostile_cases.py builds hostile inputs of every kind (broken and endless data, bad configs,
+damaged adapters, planted links, output folders that are inputs, bad flags and text) and
+tests/hostile.py runs each case through `lorafit.cli.main` in ONE subprocess -- under resource.setrlimit(RLIMIT_AS) and a timeout,
 so that a case that exhausts memory or hangs fails here instead of taking the machine down. Then
 each guarantee is one test over all the cases:
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import lorafit_model, write_jsonl
-from hostile import ADAPTER_CONFIGS, DATA_LINES, GOOD
+from hostile_cases import ADAPTER_CONFIGS, DATA_LINES, GOOD
 from safetensors.torch import load_file, save_file
 
 from lorafit import lora, tokens
