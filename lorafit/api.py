@@ -131,7 +131,9 @@ def finetune(
         raise ConfigError("finetune(model=<loaded model>) also needs tokenizer=<its tokenizer>")
     if loaded is not None and getattr(loaded.config, "_name_or_path", None):
         cfg.model.name_or_path = loaded.config._name_or_path
-    job = prepare(cfg, model=loaded, tokenizer=tokenizer, resume=resume, overwrite=overwrite)
+    job = prepare(
+        cfg, model=loaded, tokenizer=tokenizer, resume=resume, overwrite=overwrite, config_file=config
+    )
     return run(job, progress=progress)
 
 

@@ -475,6 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk in a command without its own message (train has one)
+        from lorafit.checkpoint import is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        print(
+            f"error: no space left on device ({e}); the output was not written (lorafit writes under a temporary "
+            "name, removed on failure). Fix: free disk space, or choose an --output-dir on another disk, and run "
+            "the command again.",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
+from lorafit.errors import LorafitError
 from lorafit.lora.files import write_json_atomic
 
 # The pipeline (api, generation, tiny) is imported inside the functions, as in cli.py: an entry point.
@@ -122,6 +125,38 @@ def _score(rows: list[dict], answers: list[str]) -> dict:
     return {"right": right, "total": len(rows), "accuracy": right / len(rows), "per_task": per}
 
 
+DEMO_NAMES = frozenset({"base-model", "adapter", "demo_results.json"})
+
+
+def check_demo_output(out: Path) -> None:
+    """Refuse an output folder that is not new, empty or a previous demo's, which the demo replaces.
+    How lorafit knows a previous demo: the folder holds only DEMO_NAMES, and its adapter/ folder is
+    empty or a run whose config.yaml trained OUT/base-model (base-model/ itself is checked by
+    write_tiny_model). Anything else -- a user's training run in OUT/adapter -- is never replaced."""
+    fix = "Fix: choose a new --output-dir for the demo"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise LorafitError(f"demo output folder {out} is a symbolic link or a file. {fix}")
+    if not out.exists():
+        return
+    other = sorted(p.name for p in out.iterdir() if p.name not in DEMO_NAMES)
+    if other:
+        raise LorafitError(f"{out} holds files the demo did not write ({', '.join(other[:4])}). {fix}")
+    adapter = out / "adapter"
+    if adapter.is_symlink() or (adapter.exists() and not adapter.is_dir()):
+        raise LorafitError(f"{adapter} is a symbolic link or a file. {fix}")
+    if adapter.is_dir() and any(adapter.iterdir()):
+        try:
+            recorded = (yaml.safe_load((adapter / "config.yaml").read_text(encoding="utf-8")) or {})["model"]
+            ours = Path(recorded["name_or_path"]).resolve() == (out / "base-model").resolve()
+        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+            ours = False
+        if not ours:
+            raise LorafitError(
+                f"{adapter} holds a training run that is not this demo's (its config.yaml does not train "
+                f"{out / 'base-model'}); the demo never replaces it. {fix}"
+            )
+
+
 def run_demo(output_dir: str | Path = "lorafit-demo", *, progress: bool = True, say=print) -> dict:
     """Run the demo; returns a summary (also written to OUT/demo_results.json)."""
     from lorafit.api import finetune
@@ -129,7 +164,8 @@ def run_demo(output_dir: str | Path = "lorafit-demo", *, progress: bool = True, 
     from lorafit.tiny import write_tiny_model
 
     t0 = time.perf_counter()
-    out = Path(output_dir)
+    out = Path(output_dir).expanduser()
+    check_demo_output(out)
     base = write_tiny_model(out / "base-model", size="demo", seed=0)
     data = demo_data_dir()
     rows = [json.loads(line) for line in (data / "eval.jsonl").read_text().splitlines() if line.strip()]

@@ -21,8 +21,8 @@ import torch
 from lorafit import distributed, quant
 from lorafit.adapters import continue_lora
 from lorafit.check import nothing_to_train
-from lorafit.checkpoint import OutputDir, decide_output_dir
-from lorafit.config import RunConfig
+from lorafit.checkpoint import OutputDir, check_config_kept, decide_output_dir
+from lorafit.config import RunConfig, config_text
 from lorafit.dashboards import check_installed
 from lorafit.data import load_conversations, split_eval
 from lorafit.distributed import Dist
@@ -106,13 +106,21 @@ def load_data(
 
 
 def prepare(
-    run: RunConfig, *, model=None, tokenizer=None, resume: bool | str | None = None, overwrite: bool = False
+    run: RunConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    resume: bool | str | None = None,
+    overwrite: bool = False,
+    config_file: str | Path | None = None,
 ) -> Job:
     """Load tokenizer, data and model, and put LoRA on it. Writes nothing.
 
-    The output directory is checked first (writable; not another run's unless resume/overwrite) and
-    the checkpoint to resume from chosen (Job.output), so a refused run fails in a second, before any
-    model is loaded.
+    The output directory is checked first (writable; not another run's unless resume/overwrite; no
+    input -- base model, data, adapter, `config_file` -- where the run writes or deletes) and the
+    checkpoint to resume from chosen (Job.output), so a refused run fails in a second, before any
+    model is loaded. A `config_file` that is OUT/config.yaml is checked last, once the resolved config
+    is known: the run may write it again only with the same text.
     """
     t = run.training_config
     # a local base folder is recorded (adapter, config.yaml, checkpoints) by its absolute path, a hub id as is
@@ -121,7 +129,8 @@ def prepare(
         Path(t.output_dir).expanduser(),
         resume=resume,
         overwrite=overwrite,
-        inputs=[run.model.name_or_path, run.data.train, run.data.eval],
+        inputs=[run.model.name_or_path, run.data.train, run.data.eval, run.model.adapter],
+        config_file=config_file,
     )
     check_installed(t.report_to)  # a missing dashboard library fails now, not after loading the model
     device = resolve_device(run.model.device, "model.device", run.origin("model.device"))
@@ -180,6 +189,7 @@ def prepare(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs.get("use_reentrant", True):  # reentrant checkpoints only backprop into inputs needing grad
             model.enable_input_require_grads()
+    check_config_kept(config_file, output.path, config_text(run, output.path / "config.yaml"))
     return Job(
         run=run, model=model, tokenizer=tokenizer, device=device, precision=precision,
         train_data=train_data, train_stats=train_stats, eval_data=eval_data, eval_stats=eval_stats,

@@ -827,7 +827,8 @@ WRONG_TYPE_MESSAGES = {
     "training_config.save_strategy": "expected one of 'steps', 'epoch', 'no', got [1, 2] (list)",
     "training_config.save_steps": "expected an integer >= 1, got [1, 2] (list)",
     "training_config.save_total_limit": "expected an integer >= 1 or null, got [1, 2] (list)",
-    "training_config.seed": "expected an integer >= 0, got [1, 2] (list)",
+    "training_config.seed": "expected an integer in [0, 18446744073709551615] (2**64 - 1 is the largest seed "
+    "torch.manual_seed takes), got [1, 2] (list)",
     "training_config.bf16": "expected true, false or null (auto), got [1, 2] (list)",
     "training_config.fp16": "expected true or false, got [1, 2] (list)",
     "training_config.gradient_checkpointing": "expected true, false or auto, got [1, 2] (list)",

@@ -106,8 +106,15 @@ _INT_RE = re.compile(r"[-+]?\d+")
 _FLOAT_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
-def integer(*, ge: int | None = None, allow_none: bool = False, also: tuple[int, ...] = ()) -> Check:
-    what = "an integer" + _range_text(ge, None, None, None)
+def integer(
+    *,
+    ge: int | None = None,
+    le: int | None = None,
+    allow_none: bool = False,
+    also: tuple[int, ...] = (),
+    why: str = "",
+) -> Check:
+    what = "an integer" + _range_text(ge, None, le, None) + why
     if also:
         what = " or ".join(str(a) for a in also) + " or " + what
     if allow_none:
@@ -116,8 +123,13 @@ def integer(*, ge: int | None = None, allow_none: bool = False, also: tuple[int,
     def check(value: Any) -> Any:
         if value is None and allow_none:
             return None
-        v = int(value.strip()) if isinstance(value, str) and _INT_RE.fullmatch(value.strip()) else value
-        if isinstance(v, int) and not isinstance(v, bool) and (v in also or ge is None or v >= ge):
+        v = value
+        if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
+            try:
+                v = int(value.strip())
+            except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+                pass
+        if isinstance(v, int) and not isinstance(v, bool) and (v in also or _in_range(v, ge, None, le, None)):
             return v
         raise Bad(f"expected {what}, got {show(value)}")
 

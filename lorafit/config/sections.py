@@ -148,8 +148,9 @@ class TrainingConfig(Section):
     save_steps: int = option(500, ge=1)
     # Keep at most this many checkpoints, deleting the oldest; null = keep all.
     save_total_limit: int | None = option(None, ge=1)
-    # Seeds LoRA initialization, data shuffling and dropout.
-    seed: int = option(42, ge=0)
+    # Seeds LoRA initialization, data shuffling and dropout. At most 2**64 - 1: torch.manual_seed takes 64 bits,
+    # numpy's generators (shuffling, eval_split) no negative seed.
+    seed: int = option(42, ge=0, le=2**64 - 1, why=" (2**64 - 1 is the largest seed torch.manual_seed takes)")
     # bf16 autocast for compute. null = auto: on where the device runs bf16 fast (see lorafit.precision.mixed_precision).
     bf16: bool | None = option(None)
     # fp16 autocast with loss scaling, for GPUs without bf16. Not together with bf16: true.
