@@ -182,6 +182,37 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
 # ----------------------------------------------------------------------------- model
 
 
+def load_model_config(cfg: ModelConfig):
+    """The base model's transformers config (config.json only: no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except (OSError, ValueError) as e:
+        raise LorafitError(
+            f"cannot load a model config from {cfg.name_or_path!r}: {e}\n"
+            "Fix: pass a local model directory or a Hugging Face hub id (model.name_or_path / --model)."
+        ) from e
+
+
+def meta_model(cfg: ModelConfig, hf_config, dtype: torch.dtype):
+    """The model of `hf_config` on the meta device (shapes and dtypes, no memory), as `load_model` builds
+    it for training, attention implementation included: what `lorafit estimate` counts."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            hf_config,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    model.config.use_cache = False
+    return model
+
+
 def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training: bool = True):
     """Load a causal LM with transformers' Auto classes.
 
@@ -190,18 +221,10 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
     (`lorafit.attention`): packed rows attend per conversation, everything else is unchanged.
     trust_remote_code stays off unless asked.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     device = device or resolve_device(cfg.device)
-    try:
-        hf_config = AutoConfig.from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
-        )
-    except (OSError, ValueError) as e:
-        raise LorafitError(
-            f"cannot load a model config from {cfg.name_or_path!r}: {e}\n"
-            "Fix: pass a local model directory or a Hugging Face hub id (model.name_or_path / --model)."
-        ) from e
+    hf_config = load_model_config(cfg)
     dtype = weight_dtype(cfg.dtype, device, getattr(hf_config, "dtype", None))
     attn = cfg.attn_implementation
     if attn == "flash_attention_2" and device.type != "cuda":

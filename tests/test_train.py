@@ -237,7 +237,7 @@ def test_adamw_is_fused_on_cuda_and_torch_default_elsewhere():
 def test_gradient_checkpointing_auto_turns_on_only_when_activations_would_not_fit(monkeypatch):
     from transformers import Phi3Config
 
-    from lorafit import estimate
+    from lorafit import memory as estimate
 
     config = Phi3Config(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32)  # Phi-3-mini
     per_token = 32 * (16 * 3072 + 6 * 8192) * 2
