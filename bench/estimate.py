@@ -235,7 +235,14 @@ def measure(name: str, spec: dict, out: Path, env: dict, reuse: bool) -> dict:
     nproc = spec["nproc"]
     cmd = [sys.executable, "-m", "bench.estimate", "--worker", str(out / "spec.json")]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *cmd[1:],
+        ]
     print(f"[estimate] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with open(out / "log.txt", "w") as log:
@@ -263,7 +270,16 @@ def run_config(name: str, a: argparse.Namespace, work: Path, inputs: dict) -> di
             "checkpointing": checkpointing, "nproc": nproc}  # fmt: skip
     (out / "spec.json").write_text(json.dumps(spec))
     env = _env(max(1, (os.cpu_count() or 1) // nproc))
-    est_cmd = [sys.executable, "-m", "lorafit", "estimate", *train_args(spec), "--json", "--nproc", str(nproc)]
+    est_cmd = [
+        sys.executable,
+        "-m",
+        "lorafit",
+        "estimate",
+        *train_args(spec),
+        "--json",
+        "--nproc",
+        str(nproc),
+    ]
     est = subprocess.run(est_cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if est.returncode not in (0, 3):
         raise RuntimeError(f"{name}: lorafit estimate failed ({est.returncode}):\n{est.stderr[-3000:]}")
@@ -321,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m bench.estimate", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", choices=sorted(CONFIGS), help="default: all")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (>= 3; the last is measured)")
+    p.add_argument(
+        "--steps", type=int, default=3, help="optimizer steps per run (>= 3; the last is measured)"
+    )
     p.add_argument("--workdir", default="/tmp/lorafit-bench-estimate")
     p.add_argument("--report", default=None, help="also write the markdown table to this file")
-    p.add_argument("--reuse", action="store_true", help="reuse earlier measurements of the same spec (estimate again)")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse earlier measurements of the same spec (estimate again)"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -340,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     for size in sorted({CONFIGS[n][0] for n in names}):
         inputs[size] = str(write_model(size, work / "models" / size))
     if not Path(inputs["train"]).exists():
-        Path(inputs["train"]).write_text("".join(json.dumps(c) + "\n" for c in make_conversations(400, seed=0)))
+        Path(inputs["train"]).write_text(
+            "".join(json.dumps(c) + "\n" for c in make_conversations(400, seed=0))
+        )
     results = []
     for name in names:
         results.append(run_config(name, a, work, inputs))

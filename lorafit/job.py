@@ -263,8 +263,8 @@ def plan(
     lengths, supervised = train_data.lengths, np.add.reduceat(train_data.supervised, train_data.offsets[:-1])
     row_tokens = [int(sum(lengths[i] for i in r)) for r in rows]
     row_targets = sorted(int(sum(supervised[i] for i in r)) for r in rows)
-    batch = t.per_device_train_batch_size
-    batches = Batches(rows, batch, seed=t.seed, shuffle=False, world_size=processes)
+    batch = min(t.per_device_train_batch_size, -(-len(rows) // processes))  # no more rows than there are
+    batches = Batches(rows, t.per_device_train_batch_size, seed=t.seed, shuffle=False, world_size=processes)
     per_epoch, total = t.step_counts(batches.batches_per_epoch)
     seq = min(max(row_tokens), t.max_seq_length)
     checkpointing, why = t.gradient_checkpointing, "on" if t.gradient_checkpointing else "off"

@@ -56,7 +56,10 @@ def test_lora_parameters_are_those_of_the_real_injected_model(tiny_model, data, 
     trainable = [p for p in real.parameters() if p.requires_grad]
     assert plan.memory.parts["trainable_parameters"] == sum(p.numel() for p in trainable)
     assert plan.memory.lora_weights == sum(p.numel() * p.element_size() for p in trainable)
-    assert plan.memory.gradients == plan.memory.lora_weights and plan.memory.optimizer == 2 * plan.memory.lora_weights
+    assert (
+        plan.memory.gradients == plan.memory.lora_weights
+        and plan.memory.optimizer == 2 * plan.memory.lora_weights
+    )
     assert plan.memory.parts["parameters"] == sum(p.numel() for p in real.parameters())
 
 
@@ -74,7 +77,9 @@ def test_base_weight_bytes_are_the_checkpoints_tensor_bytes_for_bf16(bf16_model,
 def test_4bit_bytes_are_what_bitsandbytes_holds(method, double_quant):
     functional = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(352, 128, dtype=torch.bfloat16)
-    packed, state = functional.quantize_4bit(w, blocksize=64, quant_type=method, compress_statistics=double_quant)
+    packed, state = functional.quantize_4bit(
+        w, blocksize=64, quant_type=method, compress_statistics=double_quant
+    )
     held = [packed, state.absmax, state.code]
     if state.nested:
         held += [state.offset, state.state2.absmax, state.state2.code]
@@ -112,14 +117,15 @@ def test_a_run_that_does_not_fit_says_what_to_change(tiny_model, data, capsys):
     need = make_plan(cfg, free=0, runtime=0).memory.peak
     plan = make_plan(cfg, free=need - 1, runtime=0)  # one byte short
     assert plan.fits is False
-    assert {a.change.split(" (")[0].split(" with")[0] for a in plan.advice} >= {
-        "per_device_train_batch_size 4", "max_seq_length 256", "gradient checkpointing on"}
+    keys = {k for a in plan.advice for k in a.overrides}
+    assert {"training_config.per_device_train_batch_size", "training_config.max_seq_length",
+            "training_config.gradient_checkpointing"} <= keys  # fmt: skip
     assert all(a.peak < need for a in plan.advice) and any(a.fits for a in plan.advice)
     assert "does NOT fit" in plan.report() and "To fit:" in plan.short()
     argv = ["estimate", "--model", str(tiny_model), "--data", str(data), "--free-memory", "1MiB"]
     assert main(argv + [x for s in sets for x in ("--set", s)]) == 3  # exit 3: does not fit
     out = capsys.readouterr().out
-    assert "does NOT fit" in out and "to fit, change one of" in out and "per_device_train_batch_size 4" in out
+    assert "does NOT fit" in out and "to fit, change one of" in out and "per_device_train_batch_size" in out
 
 
 def test_more_processes_on_one_cpu_need_more_of_its_memory(tiny_model, data):
@@ -129,7 +135,9 @@ def test_more_processes_on_one_cpu_need_more_of_its_memory(tiny_model, data):
     assert two.memory.base_weights == one.memory.base_weights // 2  # FSDP shards the base ...
     assert two.memory.gathered > 0  # ... and gathers groups back whole while they compute
     assert two.steps == math.ceil(one.steps / 2) or two.steps == one.steps // 2
-    assert memory.fits(two.memory.peak, 2 * two.memory.peak - 1, two.setup) is False  # two processes, one host
+    assert (
+        memory.fits(two.memory.peak, 2 * two.memory.peak - 1, two.setup) is False
+    )  # two processes, one host
 
 
 def test_checkpointing_keeps_a_layers_input_per_layer(tiny_model, data):
@@ -139,7 +147,8 @@ def test_checkpointing_keeps_a_layers_input_per_layer(tiny_model, data):
                   free_memory=GIB)  # fmt: skip
     s, m = off.setup, off.memory
     layers = m.parts["decoder_layers"]
-    assert on.memory.activations == layers * s.tokens * 128 * 4 + m.activations // layers  # hidden 128, fp32
+    size = torch.empty((), dtype=s.compute_dtype).element_size()
+    assert on.memory.activations == layers * s.tokens * 128 * size + m.activations // layers  # hidden 128
     assert on.memory.activations < m.activations
 
 
