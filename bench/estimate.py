@@ -319,8 +319,8 @@ def report(results: list[dict], a: argparse.Namespace) -> str:
         f"{'yes' if bf16 else 'no'}), torch {torch.__version__}; {a.steps} steps per run, {BATCH} rows of {SEQ} "
         "tokens per step (2 per rank with 2 processes), LoRA r=16 all-linear, bf16 autocast, CPU.",
         "",
-        "| config | processes | estimated peak RSS MB | measured peak RSS MB (RssAnon) | error | "
-        "estimated tensor peak MB | measured tensor peak MB | error |",
+        "| config | processes | estimated peak RSS MiB | measured peak RSS MiB (RssAnon) | error | "
+        "estimated tensor peak MiB | measured tensor peak MiB | error |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
