@@ -24,8 +24,9 @@ them into bytes. Per device (per rank with N processes):
                     head, final norm) and two decoder layers gathered whole at a time
     runtime         CPU: the resident memory of the process before the model loads (Python, torch,
                     transformers, the tokenizer, the data), measured; GPU: the CUDA context
-    allocator       CPU: the freed blocks glibc's malloc keeps, CPU_ALLOCATOR_KEEPS of a step's
-                    transient tensors
+    overhead        CPU: what a process adds once it trains besides tensors (thread pools, malloc's
+                    arenas, the freed blocks glibc keeps): CPU_TRAINING_OVERHEAD + CPU_ALLOCATOR_KEEPS
+                    of a step's transient tensors, fitted to measured runs
 
 The peak per device is the larger of the training step's peak and loading's (a CPU process maps the
 checkpoint file and, when the held dtype differs from the file's, holds a converted copy too). On a
@@ -46,11 +47,14 @@ from lorafit.loss import CHUNK_BYTES, fast_head_ok
 
 AUTO_LIMIT = 0.5  # checkpointing goes on when activations would need more than this share of free memory
 CUDA_CONTEXT = 500 * 2**20  # a CUDA context with torch's kernels loaded, typically 300-600 MiB
-# On a CPU, glibc's malloc keeps freed blocks for reuse (per thread arena), so a process's resident memory
-# runs above its live tensors by a share of what a step allocates and frees (activations, the head's
-# chunks, backward's working set). Fitted on bench/estimate.py's small-bf16 config (BENCHMARKS.md), where
-# it was 0.30; the other configs there test it.
-CPU_ALLOCATOR_KEEPS = 0.30
+# A CPU process that trains holds more than before its model loaded, besides its tensors: the thread
+# pools and their malloc arenas, oneDNN's kernel caches, and the freed blocks glibc's malloc keeps for
+# reuse (a share of what a step allocates and frees). Fitted to bench/estimate.py's measured runs
+# (BENCHMARKS.md, "How accurate is `lorafit estimate`"): about 300 MiB, nearly independent of the step.
+CPU_TRAINING_OVERHEAD = 300 * 2**20
+CPU_ALLOCATOR_KEEPS = (
+    0.05  # of a step's transient tensors (activations, the head's or backward's working set)
+)
 BLOCK_4BIT = 64  # bitsandbytes' 4-bit block size (quantize_4bit's default)
 GIB = 2**30
 
@@ -156,7 +160,7 @@ class Memory:
     backward: int
     head: int
     gathered: int  # FSDP: groups gathered whole at a time
-    allocator: int  # CPU: freed blocks malloc keeps (CPU_ALLOCATOR_KEEPS of a step's transient tensors)
+    overhead: int  # CPU: what training adds besides tensors (thread pools, malloc's arenas and kept blocks)
     runtime: int
     load_peak: int  # the process while it loads the base model
     tensor_peak: int  # tensors alone at the training step's peak
@@ -260,7 +264,7 @@ def estimate(model: nn.Module, config, s: Setup, *, targets: int | None = None) 
         optimizer, trainable = optimizer // s.processes, trainable // s.processes
     transient = activations + max(head, backward)
     step = base + trainable + gradients + optimizer + gathered + transient
-    allocator = int(CPU_ALLOCATOR_KEEPS * transient) if s.device == "cpu" else 0
+    overhead = CPU_TRAINING_OVERHEAD + int(CPU_ALLOCATOR_KEEPS * transient) if s.device == "cpu" else 0
     runtime = s.runtime
     load_extra = 0
     if s.device == "cpu":  # the checkpoint's pages are mapped while loading; a held dtype other than the
@@ -270,8 +274,8 @@ def estimate(model: nn.Module, config, s: Setup, *, targets: int | None = None) 
     load_peak = runtime + load_extra
     return Memory(
         base_weights=base, lora_weights=trainable, gradients=gradients, optimizer=optimizer,
-        activations=activations, backward=backward, head=head, gathered=gathered, allocator=allocator,
-        runtime=runtime, load_peak=load_peak, tensor_peak=step, peak=max(runtime + step + allocator, load_peak),
+        activations=activations, backward=backward, head=head, gathered=gathered, overhead=overhead,
+        runtime=runtime, load_peak=load_peak, tensor_peak=step, peak=max(runtime + step + overhead, load_peak),
         parts={"parameters": sum(p.numel() for p in model.parameters()),
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "decoder_layers": layers, "tokens_per_micro_batch": tokens},
@@ -462,8 +466,8 @@ class Plan:
         ]  # fmt: skip
         if m.gathered:
             rows.append(("FSDP gathered", m.gathered, "root group and two decoder layers, whole"))
-        if m.allocator:
-            rows.append(("allocator reserve", m.allocator, "freed blocks malloc keeps for reuse"))
+        if m.overhead:
+            rows.append(("training overhead", m.overhead, "threads, malloc arenas and kept blocks"))
         rows.append(
             ("runtime", m.runtime, "process before the model loads" if s.device == "cpu" else "CUDA context")
         )
@@ -479,7 +483,7 @@ class Plan:
             "memory per " + ("process" if s.device == "cpu" and not s.sharded else "device" if not s.sharded else "rank"),
         ]  # fmt: skip
         lines += [f"  {name:<{w}}  {mib(b):>11}  {note}".rstrip() for name, b, note in rows]
-        lines.append(f"  {'peak (training step)':<{w}}  {mib(m.runtime + m.tensor_peak + m.allocator):>11}  "
+        lines.append(f"  {'peak (training step)':<{w}}  {mib(m.runtime + m.tensor_peak + m.overhead):>11}  "
                      f"of which tensors {mib(m.tensor_peak)}")  # fmt: skip
         lines.append(f"  {'peak (loading)':<{w}}  {mib(m.load_peak):>11}")
         lines += ["", self.verdict()]

@@ -103,7 +103,7 @@ def test_estimate_json_from_the_command_line(tiny_model, data, tmp_path, capsys)
     res = json.loads(capsys.readouterr().out)
     m = res["memory"]
     assert res["fits"] is True and res["free_memory_bytes"] == 64 * GIB
-    step = m["runtime"] + res["tensor_peak_bytes"] + m["allocator"]
+    step = m["runtime"] + res["tensor_peak_bytes"] + m["overhead"]
     assert res["peak_memory_bytes"] == max(step, m["load_peak"])
     parts = ("base_weights", "lora_weights", "gradients", "optimizer", "activations", "gathered")
     assert res["tensor_peak_bytes"] == sum(m[k] for k in parts) + max(m["head"], m["backward"])
