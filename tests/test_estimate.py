@@ -166,3 +166,13 @@ def test_train_starts_with_the_estimate(tiny_model, tmp_path, caplog):
     assert len(lines) == 1 and "1 steps" in lines[0]
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["memory"]["estimated_peak_bytes"] > 0 and res["memory"]["peak_rss_bytes"] > 0
+
+
+def test_probe_trains_a_few_steps_and_times_the_run(tiny_model, data, tmp_path):
+    plan = estimate(tiny_model, data, output_dir=tmp_path / "out", free_memory=GIB, probe=2,
+                    overrides=["training_config.max_seq_length=128", "model.device=cpu"])  # fmt: skip
+    p = plan.probe
+    assert p["steps"] == 2 and p["tokens_per_sec"] > 0 and p["peak_rss_bytes"] > 0
+    assert p["seconds"] == pytest.approx(plan.steps * p["step_sec"])
+    assert "probe: 2 steps on the real model" in plan.report()
+    assert not (tmp_path / "out").exists()  # the probe trains in a temporary folder
