@@ -143,9 +143,15 @@ def prepare(
     train_data, train_stats, eval_data, eval_stats = load_data(run, tokenizer)
     forecast = None
     if model is None:  # before the weights load: a run that will not fit says so first
-        forecast = plan(run, tokenizer=tokenizer, data=(train_data, train_stats), processes=dist.world_size,
-                        device=device)  # fmt: skip
-        if dist.main:
+        try:
+            forecast = plan(run, tokenizer=tokenizer, data=(train_data, train_stats), processes=dist.world_size,
+                            device=device)  # fmt: skip
+        except LorafitError:
+            raise
+        except Exception as e:  # a model the estimate does not know (no hidden_size, ...) still trains
+            if dist.main:
+                log.warning(f"warning: no memory estimate for this model ({type(e).__name__}: {e})")
+        if forecast is not None and dist.main:
             log.info(forecast.short())
     torch.manual_seed(t.seed)
     loaded_here = model is None  # a model passed in is not recast behind its owner's back
