@@ -169,7 +169,20 @@ def estimate(
         peft_config=peft_config, output_dir=output_dir, config=config, overrides=overrides, adapter=adapter,
         source=source,
     )  # fmt: skip
-    result = plan(cfg, processes=processes or env_world_size(), free=free_memory)
+    try:
+        result = plan(cfg, processes=processes or env_world_size(), free=free_memory)
+    except (
+        AttributeError,
+        TypeError,
+        NotImplementedError,
+    ) as e:  # a config without the sizes the estimate reads
+        from lorafit.errors import LorafitError
+
+        raise LorafitError(
+            f"cannot estimate the memory of {cfg.model.name_or_path!r}: {type(e).__name__}: {e}. lorafit estimate "
+            "reads a decoder-only model's config (hidden_size, num_hidden_layers, vocab_size); `lorafit train` "
+            "still trains this model, without the estimate"
+        ) from e
     if probe:
         result.probe = _probe(cfg, probe, result.steps)
     return result
