@@ -11,11 +11,13 @@ them into bytes. Per device (per rank with N processes):
                     double quant uint8 + an fp32 absmax per 256 blocks + the two code tables);
                     int8 = numel bytes + an fp32 scale per output row
     LoRA, gradients, optimizer      trainable parameters; as many gradient bytes; AdamW's two moments
-    activations     kept for backward: per token and decoder layer about 16 * hidden + 6 * intermediate
-                    values in the compute dtype (measured 52 KB against 49 KB predicted on a Phi-3 shape,
-                    hidden 768, intermediate 2048, bf16); eager attention adds heads * T^2 probabilities
-                    per row; with gradient checkpointing each layer keeps its input only and one layer's
-                    activations exist again while it is recomputed
+    activations     kept for backward: per token and decoder layer about 12 * hidden + 5 * intermediate
+                    values in the compute dtype (the norms' inputs, q/k/v, the attention output, gate/up
+                    and their product; bf16 autocast, sdpa: 39 KB and 104 KB predicted against 42 KB and
+                    101 KB measured with malloc's counters on Phi-3 shapes of hidden 768 / intermediate
+                    2048 and 2048 / 5504, bench/estimate.py); eager attention adds heads * T^2
+                    probabilities per row; with gradient checkpointing each layer keeps its input only
+                    and one layer's activations exist again while it is recomputed
     backward        one decoder layer's activations as the working set of its backward pass
     head            lorafit's chunked loss (`lorafit.loss`): fp32 logits of at most 64 MiB at a time
                     plus their compute-dtype gradient, and the hidden-state gradient of the targets; a
@@ -72,7 +74,7 @@ def layer_activation_bytes(config, tokens: int, compute_dtype: torch.dtype) -> i
     """One decoder layer's activations kept for backward (sdpa attention), for `tokens` tokens."""
     hidden = int(config.hidden_size)
     intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
-    return tokens * (16 * hidden + 6 * intermediate) * _size(compute_dtype)
+    return tokens * (12 * hidden + 5 * intermediate) * _size(compute_dtype)
 
 
 def free_bytes(device: torch.device) -> int | None:
