@@ -49,14 +49,13 @@ from lorafit.loss import CHUNK_BYTES, fast_head_ok
 
 AUTO_LIMIT = 0.5  # checkpointing goes on when activations would need more than this share of free memory
 CUDA_CONTEXT = 500 * 2**20  # a CUDA context with torch's kernels loaded, typically 300-600 MiB
-# A CPU process that trains holds more than before its model loaded, besides its tensors: the thread
+# A CPU process that trains holds more than before its model loaded, besides its live tensors: the thread
 # pools and their malloc arenas, oneDNN's kernel caches, and the freed blocks glibc's malloc keeps for
-# reuse (a share of what a step allocates and frees). Fitted to bench/estimate.py's measured runs
-# (BENCHMARKS.md, "How accurate is `lorafit estimate`"): about 300 MiB, nearly independent of the step.
-CPU_TRAINING_OVERHEAD = 300 * 2**20
-CPU_ALLOCATOR_KEEPS = (
-    0.05  # of a step's transient tensors (activations, the head's or backward's working set)
-)
+# reuse (a share of what a step allocates and frees). Fitted to two of bench/estimate.py's measured runs
+# (small-bf16-ckpt and medium-bf16, the smallest and the largest step); the other configs there test it
+# (BENCHMARKS.md, "How accurate is `lorafit estimate`").
+CPU_TRAINING_OVERHEAD = 240 * 2**20
+CPU_ALLOCATOR_KEEPS = 0.2  # of a step's transient tensors: activations, the head's or backward's working set
 BLOCK_4BIT = 64  # bitsandbytes' 4-bit block size (quantize_4bit's default)
 GIB = 2**30
 
