@@ -439,7 +439,7 @@ class Plan:
         line = (
             f"estimate: {self.verdict()} (weights {mib(m.base_weights)}, LoRA + gradients + AdamW "
             f"{mib(m.lora_weights + m.gradients + m.optimizer)}, activations {mib(m.activations)}, "
-            f"runtime {mib(m.runtime)}); {self.steps} steps, {self.tokens:,} tokens"
+            f"runtime {mib(m.runtime)}); {_n(self.steps, 'step')}, {self.tokens:,} tokens"
         )
         if self.fits is False and self.advice:
             best = next((a for a in self.advice if a.fits), min(self.advice, key=lambda a: a.peak))
@@ -477,7 +477,7 @@ class Plan:
             f"model {self.model}: {m.parts['parameters']:,} parameters; device {self.device}{procs}, "
             f"compute {s.precision if s.precision != 'no' else 'fp32'}",
             f"data: {self.conversations:,} conversations -> {self.rows:,} rows of <= {s.max_seq_length} tokens; "
-            f"{self.steps} steps ({self.epochs:.3g} epoch{'' if self.epochs == 1 else 's'} of {self.steps_per_epoch}), "
+            f"{_n(self.steps, 'step')} ({self.epochs:.3g} epoch{'' if self.epochs == 1 else 's'} of {self.steps_per_epoch}), "
             f"{self.tokens:,} tokens ({self.targets:,} trained)",
             f"gradient checkpointing: {self.checkpointing}",
             "",
@@ -501,6 +501,10 @@ class Plan:
                 lines.append(f"  {'fits:' if a.fits else 'not enough:':<11} {a.change}: ~{mib(a.peak)}")
             lines.append("  (each as --set KEY=VALUE; see `lorafit estimate --json` for the keys)")
         return "\n".join(lines)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _duration(sec: float) -> str:

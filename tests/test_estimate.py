@@ -163,7 +163,7 @@ def test_train_starts_with_the_estimate(tiny_model, tmp_path, caplog):
                "--no-progress", "--set", "training_config.max_steps=1", "--set", "model.device=cpu"])  # fmt: skip
     assert rc == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("estimate: peak ~")]
-    assert len(lines) == 1 and "1 steps" in lines[0]
+    assert len(lines) == 1 and "; 1 step, " in lines[0]
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["memory"]["estimated_peak_bytes"] > 0 and res["memory"]["peak_rss_bytes"] > 0
 
