@@ -2,6 +2,8 @@
 
     lorafit train --model M --data TRAIN.jsonl [--eval-data EVAL.jsonl] [--output-dir OUT] [--adapter DIR]
                   [--config run.yaml] [--set section.key=value ...] [--resume [PATH]] [--overwrite]
+    lorafit estimate [the arguments of train] [--nproc N] [--json] [--probe [STEPS]] [--free-memory SIZE]
+                     (will it fit? memory per device, steps, tokens; weights are not loaded unless --probe)
     lorafit check-data --model M --data FILE [--max-seq-length N] [--train-on assistant|all] [--json]
                        [--no-color]    (trained tokens in [[...]]; coloured on a terminal)
     lorafit eval [--model M] [--adapter A] --data FILE          prints JSON
@@ -21,8 +23,9 @@
 
 Exit status: 0 success; 2 bad input or a failed run, with a one-paragraph message on stderr (no
 traceback) -- data errors list every bad record with its file:line, and nothing was written;
-130 stopped by Ctrl-C/SIGTERM (`train` saves a checkpoint first: continue with --resume);
-1 from `check-adapter` (and `demo`) when a check failed.
+1 from `check-adapter` (and `demo`) when a check failed;
+3 `estimate`: the run would not fit in the free memory (what to change is printed);
+130 stopped by Ctrl-C/SIGTERM (`train` saves a checkpoint first: continue with --resume).
 """
 
 from __future__ import annotations
@@ -148,6 +151,35 @@ def cmd_train(a) -> int:
         shown["check"] = res["checks"]["verdict_line"]
     print(dumps_json(shown))
     return 0
+
+
+def cmd_estimate(a) -> int:
+    from lorafit.api import estimate
+
+    plan = estimate(
+        model=a.model, train_data=a.data, eval_data=a.eval_data, output_dir=a.output_dir, config=a.config,
+        overrides=a.set or [], adapter=a.adapter, processes=a.nproc, free_memory=a.free_memory, probe=a.probe,
+        source="command line",
+    )  # fmt: skip
+    print(dumps_json(plan.to_dict()) if a.json else plan.report())
+    return 3 if plan.fits is False else 0
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a number of bytes, e.g. 24GiB, 80GB, 512MiB, 1e9."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+             "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # fmt: skip
+    t = text.strip().lower()
+    number = t.rstrip("kmgtib")
+    try:
+        value = float(number) * units[t[len(number) :].strip()]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; write e.g. 24GiB, 80GB or 512MiB"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return int(value)
 
 
 def cmd_check_data(a) -> int:
@@ -277,14 +309,11 @@ def cmd_export(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lorafit", description="LoRA fine-tuning for Phi-3 and other causal LMs."
-    )
-    p.add_argument("--version", action="version", version=f"lorafit {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    t = sub.add_parser("train", help="fine-tune a model with LoRA on chat data")
+def _train_args(
+    t: argparse.ArgumentParser,
+    nproc_help: str = "train on N processes: launches torchrun --standalone --nproc_per_node N",
+) -> None:
+    """The arguments of `train`, which `estimate` takes too."""
     t.add_argument("--model", help="base model: hub id or local folder (model.name_or_path)")
     t.add_argument("--data", help="training data: .jsonl/.json/.parquet or a datasets hub id (data.train)")
     t.add_argument("--eval-data", help="evaluation data (data.eval)")
@@ -301,10 +330,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in the output directory (from the start if there is "
                    "none yet), or from the checkpoint folder PATH")  # fmt: skip
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
-    t.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="train on N processes: launches torchrun --standalone --nproc_per_node N")  # fmt: skip
+    t.add_argument("--nproc", type=int, default=None, metavar="N", help=nproc_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorafit", description="LoRA fine-tuning for Phi-3 and other causal LMs."
+    )
+    p.add_argument("--version", action="version", version=f"lorafit {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a model with LoRA on chat data")
+    _train_args(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t.set_defaults(func=cmd_train)
+
+    es = sub.add_parser(
+        "estimate", help="will it fit? memory per device, steps and tokens of a `train` run, without loading weights",
+        description="The same arguments as `train`: the memory per device of that run (base weights, LoRA, "
+        "gradients, AdamW, activations, loss head, runtime), from the model's config alone and the data's token "
+        "counts, checked against the free memory, with what to change when it does not fit. Exit status 0 when "
+        "it fits (or the free memory is unknown), 3 when it does not, 2 on bad input.",
+    )  # fmt: skip
+    _train_args(es, nproc_help="plan for N processes (torchrun); with training_config.fsdp, per-rank figures")
+    es.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    es.add_argument("--probe", type=positive_int, nargs="?", const=3, default=0, metavar="STEPS",
+                    help="also train STEPS steps (default 3) on the real model and estimate the run's time")  # fmt: skip
+    es.add_argument("--free-memory", type=byte_size, metavar="SIZE",
+                    help="check against SIZE free (e.g. 24GiB, 80GB) instead of this device's free memory")  # fmt: skip
+    es.set_defaults(func=cmd_estimate)
 
     cd = sub.add_parser(
         "check-data",

@@ -182,6 +182,37 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
 # ----------------------------------------------------------------------------- model
 
 
+def load_model_config(cfg: ModelConfig):
+    """The base model's transformers config (config.json only: no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except (OSError, ValueError) as e:
+        raise LorafitError(
+            f"cannot load a model config from {cfg.name_or_path!r}: {e}\n"
+            "Fix: pass a local model directory or a Hugging Face hub id (model.name_or_path / --model)."
+        ) from e
+
+
+def meta_model(cfg: ModelConfig, hf_config, dtype: torch.dtype):
+    """The model of `hf_config` on the meta device (shapes and dtypes, no memory), as `load_model` builds
+    it for training, attention implementation included: what `lorafit estimate` counts."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            hf_config,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    model.config.use_cache = False
+    return model
+
+
 def check_attention(attn: str, device: torch.device, training: bool) -> None:
     """Refuse an attention implementation the device cannot run (model.attn_implementation), before loading.
 
@@ -219,20 +250,12 @@ def load_model(
     flex_attention ``lorafit_flex`` (`lorafit.attention`): packed rows attend per conversation,
     everything else is unchanged. trust_remote_code stays off unless asked.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     device = device or resolve_device(cfg.device)
     runs_on = runs_on or device
     check_attention(cfg.attn_implementation, runs_on, training)
-    try:
-        hf_config = AutoConfig.from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
-        )
-    except (OSError, ValueError) as e:
-        raise LorafitError(
-            f"cannot load a model config from {cfg.name_or_path!r}: {e}\n"
-            "Fix: pass a local model directory or a Hugging Face hub id (model.name_or_path / --model)."
-        ) from e
+    hf_config = load_model_config(cfg)
     # the dtypes are those of the device that computes: a bf16 base loaded on a CPU for FSDP on GPUs
     # stays bf16 (fp32 would double the host RAM of every rank, then the GPUs' share)
     dtype = weight_dtype(cfg.dtype, runs_on, getattr(hf_config, "dtype", None))

@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import resource
 import signal
 import time
 import warnings
@@ -80,7 +81,7 @@ from lorafit.checkpoint import (
 from lorafit.config import TrainingConfig, save_config
 from lorafit.dashboards import Dashboards
 from lorafit.distributed import Dist, all_sum
-from lorafit.errors import ConfigError, LorafitError
+from lorafit.errors import LorafitError
 from lorafit.evaluation import eval_loss, rows_for
 from lorafit.job import Job, adapter_kwargs
 from lorafit.lora.files import write_json_atomic
@@ -210,13 +211,7 @@ def setup_loop(job: Job) -> Loop:
     batches = Batches(
         rows, t.per_device_train_batch_size, seed=t.seed, shuffle=True, rank=d.rank, world_size=d.world_size
     )
-    steps_per_epoch = math.ceil(batches.batches_per_epoch / t.gradient_accumulation_steps)
-    if t.max_steps <= 0 and not math.isfinite(t.num_train_epochs * steps_per_epoch):
-        raise ConfigError(
-            f"training_config.num_train_epochs: {t.num_train_epochs:g} epochs of {steps_per_epoch} steps is more "
-            "steps than can be counted. Fix: fewer epochs, or a number of steps with max_steps"
-        )
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = t.step_counts(batches.batches_per_epoch)
     cdtype = compute_dtype(job.precision, job.model)
     loss_module, loss_scale = distributed.wrap(d, job.model, cdtype, device=job.device, fsdp=job.sharded)
     optimizer = make_optimizer(
@@ -650,4 +645,14 @@ def summarize(
     }
     if job.output.resume_from is not None:
         results["resumed_from"] = str(job.output.resume_from)
+    results["memory"] = {"estimated_peak_bytes": job.plan.memory.peak if job.plan else None,
+                         "peak_rss_bytes": peak_memory(job.device)}  # fmt: skip
     return results
+
+
+def peak_memory(device: torch.device) -> int:
+    """What `lorafit estimate` predicts, measured: on a GPU the allocator's peak reserved bytes, else the
+    process's peak resident memory (Linux: ru_maxrss in KiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -157,7 +157,7 @@ class TrainingConfig(Section):
     fp16: bool = option(False)
     # Recompute activations in the backward pass: much less memory for long sequences, ~30% slower.
     # auto: on when one micro-batch's activations would need more than half the free memory of the device
-    # (estimated from the model's config: lorafit.estimate), off otherwise; the choice is printed.
+    # (estimated from the model's config: lorafit.memory), off otherwise; the choice is printed.
     gradient_checkpointing: bool | Literal["auto"] = option("auto", check=checks.true_false_or_auto)
     # Passed to torch.utils.checkpoint, e.g. {use_reentrant: false}; null = lorafit's choice.
     gradient_checkpointing_kwargs: dict[str, Any] | None = option(None, check=checks.mapping)
@@ -197,6 +197,18 @@ class TrainingConfig(Section):
         if self.warmup_steps > 0:
             return self.warmup_steps
         return max(0, math.ceil(total_steps * self.warmup_ratio - 1e-9))
+
+    def step_counts(self, batches_per_epoch: int) -> tuple[int, int]:
+        """(optimizer steps per epoch, steps of the run) for `batches_per_epoch` micro-batches per epoch
+        and rank: max_steps when set, else num_train_epochs epochs (a fraction rounded up)."""
+        per_epoch = math.ceil(batches_per_epoch / self.gradient_accumulation_steps)
+        if self.max_steps <= 0 and not math.isfinite(self.num_train_epochs * per_epoch):
+            raise ConfigError(
+                f"training_config.num_train_epochs: {self.num_train_epochs:g} epochs of {per_epoch} steps is more "
+                "steps than can be counted. Fix: fewer epochs, or a number of steps with max_steps"
+            )
+        total = self.max_steps if self.max_steps > 0 else math.ceil(self.num_train_epochs * per_epoch)
+        return per_epoch, total
 
     def eval_every(self) -> int | None:
         """Optimizer steps between evaluations when eval_strategy is steps (eval_steps, or logging_steps
