@@ -13,7 +13,9 @@ one after the other (memory, not speed: nothing is interleaved). Inside that pro
              heaps; it cannot be given back under pressure
     RssFile  pages mapped from files: a memory-mapped checkpoint's weights (and the shared libraries)
 
-and the run is cut into phases at its own boundaries: ``start`` (imports), ``tokenize`` (the data),
+and glibc's own count of the bytes it holds free (``mallinfo2().fordblks``: memory the program
+freed that the allocator keeps for reuse instead of returning it; it is part of RssAnon once
+touched). The run is cut into phases at its own boundaries: ``start`` (imports), ``tokenize`` (the data),
 ``load`` (the model from its checkpoint), ``setup`` (LoRA, optimizer, until the first step begins),
 ``first step``, ``steady`` (the other steps), ``save`` (the adapter, the results) -- marked by
 wrapping the tools' own load and tokenize functions in this process (measurement only) and by
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import ctypes
 import functools
 import json
 import os
@@ -43,7 +46,26 @@ import threading
 import time
 from pathlib import Path
 
-STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile")
+STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "HeapFree")
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+def heap_free() -> int:
+    """Bytes glibc's malloc holds free in its arenas (0 where mallinfo2 is missing: not glibc >= 2.33)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+        return int(libc.mallinfo2().fordblks)
+    except (OSError, AttributeError):
+        return 0
+
+
 PHASES = ["start", "tokenize", "load", "setup", "first step", "steady", "save"]
 
 
@@ -57,14 +79,16 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.period = period
         self.t0 = time.perf_counter()
-        self.samples: list[tuple[float, int, int, int]] = []  # (s, VmRSS, RssAnon, RssFile) in bytes
+        self.samples: list[
+            tuple[float, int, int, int, int]
+        ] = []  # (s, VmRSS, RssAnon, RssFile, HeapFree) bytes
         self.marks: list[tuple[float, str]] = [(0.0, "start")]
         self.stopped = threading.Event()
         self.profiling = False
 
     @staticmethod
-    def read() -> tuple[int, int, int]:
-        vals = {}
+    def read() -> tuple[int, int, int, int]:
+        vals = {"HeapFree": heap_free()}
         with open("/proc/self/status") as f:
             for line in f:
                 key, _, rest = line.partition(":")
@@ -304,7 +328,7 @@ def phase_summary(res: dict) -> dict[str, dict[str, float]]:
             continue
         t_end = marks[k + 1][0] if k + 1 < len(marks) else float("inf")
         inside = [s for s in res["samples"] if t <= s[0] <= t_end]
-        ph = out.setdefault(name, {"sec": 0.0, "VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0})
+        ph = out.setdefault(name, {"sec": 0.0, **dict.fromkeys(STATUS_KEYS, 0.0)})
         ph["sec"] += max(0.0, min(t_end, res["samples"][-1][0]) - t)
         for i, key in enumerate(STATUS_KEYS, start=1):
             ph[key] = max([ph[key]] + [s[i] / 2**20 for s in inside])
@@ -318,8 +342,8 @@ def render(results: list[dict]) -> str:
         what = (f"{res['tool']}: {Path(spec['model']).name}, {spec.get('workload', 'mixed')} workload, batch "
                 f"{spec['batch']} x {spec['seq']}, packing {spec.get('packing', True)}, quantization "
                 f"{spec.get('quantization', 'none')}, {spec['steps']} steps")  # fmt: skip
-        lines += [f"### {what}", "", "| phase | seconds | VmRSS MiB | RssAnon MiB | RssFile MiB | live tensors MiB |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"### {what}", "", "| phase | seconds | VmRSS MiB | RssAnon MiB | RssFile MiB | malloc free MiB | live tensors MiB |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         tens = res.get("tensors", {})
         summ = phase_summary(res)
         for name in [p for p in PHASES if p in summ] + [p for p in summ if p not in PHASES]:
@@ -327,12 +351,11 @@ def render(results: list[dict]) -> str:
             tb = tens.get("peak_by_phase", {}).get(name)
             lines.append(
                 f"| {name} | {ph['sec']:.1f} | {ph['VmRSS']:,.0f} | {ph['RssAnon']:,.0f} | {ph['RssFile']:,.0f} | "
-                f"{tb / 2**20:,.0f} |" if tb is not None else
-                f"| {name} | {ph['sec']:.1f} | {ph['VmRSS']:,.0f} | {ph['RssAnon']:,.0f} | {ph['RssFile']:,.0f} | - |"
+                f"{ph['HeapFree']:,.0f} | " + (f"{tb / 2**20:,.0f} |" if tb is not None else "- |")
             )  # fmt: skip
         peak = {k: max(s[i] for s in res["samples"]) / 2**20 for i, k in enumerate(STATUS_KEYS, start=1)}
         lines += ["", f"Peak: VmRSS {peak['VmRSS']:,.0f} MiB, RssAnon {peak['RssAnon']:,.0f} MiB, RssFile "
-                      f"{peak['RssFile']:,.0f} MiB"  # fmt: skip
+                      f"{peak['RssFile']:,.0f} MiB, malloc free {peak['HeapFree']:,.0f} MiB"  # fmt: skip
                   + (f"; live tensors {tens['peak_bytes'] / 2**20:,.0f} MiB (in {tens['peak_phase']})" if tens else "")
                   + f". Losses: {', '.join(f'{x:.4f}' for x in res.get('losses') or [])}.", ""]  # fmt: skip
         if tens.get("top_at_peak"):
