@@ -83,6 +83,7 @@ class Sampler(threading.Thread):
             tuple[float, int, int, int, int]
         ] = []  # (s, VmRSS, RssAnon, RssFile, HeapFree) bytes
         self.marks: list[tuple[float, str]] = [(0.0, "start")]
+        self.cpu: list[float] = [time.process_time()]
         self.stopped = threading.Event()
         self.profiling = False
 
@@ -104,6 +105,9 @@ class Sampler(threading.Thread):
     def mark(self, phase: str) -> None:
         self.samples.append((time.perf_counter() - self.t0, *self.read()))
         self.marks.append((time.perf_counter() - self.t0, phase))
+        self.cpu.append(
+            time.process_time()
+        )  # CPU seconds of the process: a cost that background load barely changes
         if self.profiling:
             import torch
 
@@ -205,6 +209,8 @@ def child(spec: dict) -> dict:
         "spec": {k: v for k, v in spec.items() if k not in ("result",)},
         "samples": sampler.samples,
         "marks": sampler.marks,
+        "cpu": sampler.cpu,
+        "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
         "losses": res.get("losses"),
         "step_tokens": res.get("step_tokens"),
         "torch_threads": torch.get_num_threads(),
@@ -328,8 +334,10 @@ def phase_summary(res: dict) -> dict[str, dict[str, float]]:
             continue
         t_end = marks[k + 1][0] if k + 1 < len(marks) else float("inf")
         inside = [s for s in res["samples"] if t <= s[0] <= t_end]
-        ph = out.setdefault(name, {"sec": 0.0, **dict.fromkeys(STATUS_KEYS, 0.0)})
+        ph = out.setdefault(name, {"sec": 0.0, "cpu": 0.0, **dict.fromkeys(STATUS_KEYS, 0.0)})
         ph["sec"] += max(0.0, min(t_end, res["samples"][-1][0]) - t)
+        if "cpu" in res and k + 1 < len(res["cpu"]):
+            ph["cpu"] += res["cpu"][k + 1] - res["cpu"][k]
         for i, key in enumerate(STATUS_KEYS, start=1):
             ph[key] = max([ph[key]] + [s[i] / 2**20 for s in inside])
     return out
@@ -341,16 +349,17 @@ def render(results: list[dict]) -> str:
         spec = res["spec"]
         what = (f"{res['tool']}: {Path(spec['model']).name}, {spec.get('workload', 'mixed')} workload, batch "
                 f"{spec['batch']} x {spec['seq']}, packing {spec.get('packing', True)}, quantization "
-                f"{spec.get('quantization', 'none')}, {spec['steps']} steps")  # fmt: skip
-        lines += [f"### {what}", "", "| phase | seconds | VmRSS MiB | RssAnon MiB | RssFile MiB | malloc free MiB | live tensors MiB |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                f"{spec.get('quantization', 'none')}, {spec['steps']} steps"
+                + (f", {' '.join(f'{k}={v}' for k, v in res['env'].items())}" if res.get("env") else ""))  # fmt: skip
+        lines += [f"### {what}", "", "| phase | seconds | CPU s | VmRSS MiB | RssAnon MiB | RssFile MiB | malloc free MiB | live tensors MiB |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         tens = res.get("tensors", {})
         summ = phase_summary(res)
         for name in [p for p in PHASES if p in summ] + [p for p in summ if p not in PHASES]:
             ph = summ[name]
             tb = tens.get("peak_by_phase", {}).get(name)
             lines.append(
-                f"| {name} | {ph['sec']:.1f} | {ph['VmRSS']:,.0f} | {ph['RssAnon']:,.0f} | {ph['RssFile']:,.0f} | "
+                f"| {name} | {ph['sec']:.1f} | {ph['cpu']:.1f} | {ph['VmRSS']:,.0f} | {ph['RssAnon']:,.0f} | {ph['RssFile']:,.0f} | "
                 f"{ph['HeapFree']:,.0f} | " + (f"{tb / 2**20:,.0f} |" if tb is not None else "- |")
             )  # fmt: skip
         peak = {k: max(s[i] for s in res["samples"]) / 2**20 for i, k in enumerate(STATUS_KEYS, start=1)}
@@ -387,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="the peers' precision")
     ap.add_argument("--tensors", action="store_true", help="live tensor bytes via torch.profiler (slower)")
     ap.add_argument("--env", action="append", default=[], help="VAR=VALUE for the training process")
+    ap.add_argument("--tag", default="", help="added to the result file names (runs with other --env)")
     ap.add_argument("--workdir", default="/tmp/lorafit-bench-memory")
     ap.add_argument("--report", help="write the markdown here too")
     a = ap.parse_args(argv)
@@ -415,7 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     env = _env() | dict(kv.split("=", 1) for kv in a.env)
     for tool in a.tool or ["lorafit"]:
-        name = f"memory-{tool}-{a.size}-{a.workload}-{a.quantization}" + ("-tensors" if a.tensors else "")
+        name = (
+            f"memory-{tool}-{a.size}-{a.workload}-{a.quantization}"
+            + ("-tensors" if a.tensors else "")
+            + (f"-{a.tag}" if a.tag else "")
+        )
         spec = {"tool": tool, "model": str(model), "train": str(data / "train.jsonl"), "batch": batch, "seq": 512,
                 "lr": 1e-3, "r": 16, "alpha": 32, "seed": 42, "vocab": VOCAB, "steps": a.steps,
                 "precision": a.precision, "packing": packing, "quantization": a.quantization,

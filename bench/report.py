@@ -191,8 +191,11 @@ def render(results: dict) -> str:
     add(f"- **Data**: {d['n_train']:,} synthetic multi-turn chat conversations (`bench/data.py`: pseudo-words, "
         f"replies reuse the user's words), {d['min_len']}-{d['max_len']} tokens each (mean {d['mean_len']:.0f}), "
         f"{d['train_tokens']:,} tokens; {100 * d['target_fraction']:.1f}% of tokens are assistant targets. "
-        f"Held-out eval set: {d['n_eval']} other conversations. Rows of {plan['seq']} tokens, packed "
-        f"(best-fit decreasing), batch {plan['batch']} rows, one micro-batch per optimizer step.")  # fmt: skip
+        f"Held-out eval set: {d['n_eval']} other conversations. Rows of {plan['seq']} tokens, "
+        + ("packed (best-fit decreasing; a longer conversation is cut to a row)" if plan.get("packing", True)
+           else "one conversation per row, padded to the batch's longest (no packing)")
+        + f", batch {plan['batch']} rows, one micro-batch per optimizer step"
+        + (f" (workload `--workload {plan['workload']}`)." if plan.get("workload", "mixed") != "mixed" else "."))  # fmt: skip
     add(f"- **Runs, interleaved step by step**: each tool trains in its own process, the same number of "
         f"optimizer steps ({plan['warmup']} warm-up + timed steps, below). The three processes start together; "
         "after every optimizer step each one stops itself (SIGSTOP, from torch's global optimizer-step hook) and "
