@@ -23,8 +23,7 @@ import ctypes
 import ctypes.util
 import sys
 
-M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
-M_MMAP_THRESHOLD = -3
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h); setting it also stops the raising
 THRESHOLD = 1 << 20  # blocks of 1 MiB and more: activations, gradients, logits chunks, dequantized weights
 
 
@@ -40,10 +39,9 @@ def _libc():
 
 
 def return_freed_memory(threshold: int = THRESHOLD) -> bool:
-    """Serve blocks of `threshold` bytes and more by mmap, returned to the system when freed; keep
-    at most 2 x `threshold` of free space at the heap's top. True if glibc took the settings."""
+    """Serve blocks of `threshold` bytes and more by mmap, returned to the system when freed (what
+    ``MALLOC_MMAP_THRESHOLD_=threshold`` in the environment does). True if glibc took the setting."""
     libc = _libc()
     if libc is None:
         return False
-    ok = libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1
-    return ok and libc.mallopt(M_TRIM_THRESHOLD, 2 * int(threshold)) == 1
+    return libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1
