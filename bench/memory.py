@@ -402,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="", help="added to the result file names (runs with other --env)")
     ap.add_argument("--workdir", default="/tmp/lorafit-bench-memory")
     ap.add_argument("--report", help="write the markdown here too")
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):  # bench.run's way: python -m bench.memory SPEC.json
+        argv = ["--child", argv[0]]
     a = ap.parse_args(argv)
     if a.child:
         spec = json.loads(Path(a.child).read_text())

@@ -458,6 +458,19 @@ def run_scaling(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
     return out
 
 
+def run_memory(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
+    """Each tool alone on small under bench.memory --tensors: live tensor bytes and the RSS timeline."""
+    out = {}
+    for tool in TOOLS:
+        say(f"memory: {LABELS[tool]} on small under torch.profiler (profile_memory)")
+        spec = dict(base_spec(plan, inputs["models"]["small"], inputs["data"]["train"]), tool=tool, tensors=True,
+                    steps=plan.warmup + 2, precision=precision, out=str(work / "memory" / tool))  # fmt: skip
+        res = run_module("bench.memory", spec, work / "memory", f"memory_{tool}")
+        res["tensors"].pop("timeline", None)
+        out[tool] = res
+    return out
+
+
 def run_profile(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
     say("profiling lorafit's step on small (torch.profiler)")
     spec = dict(base_spec(plan, inputs["models"]["small"], inputs["data"]["train"]), tool="lorafit",
@@ -542,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         results["scaling"] = run_scaling(plan, inputs, work, precision)
     if plan.profile:
         results["profile"] = run_profile(plan, inputs, work, precision)
+        results["memory"] = run_memory(plan, inputs, work, precision)
     if not args.quick:
         results["matmul"].append(_machine(work, "end")["matmul"])
     results["duration_min"] = (time.perf_counter() - t0) / 60
