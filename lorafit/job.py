@@ -22,6 +22,7 @@ import torch
 
 from lorafit import distributed, memory, quant
 from lorafit.adapters import continue_lora
+from lorafit.allocator import return_freed_memory
 from lorafit.check import nothing_to_train
 from lorafit.checkpoint import OutputDir, check_config_kept, decide_output_dir
 from lorafit.config import RunConfig, config_text
@@ -152,6 +153,8 @@ def prepare(
             "warning: training_config.fsdp shards the model across processes, and this is one process: "
             "training unsharded. To shard, launch with torchrun --nproc_per_node N (or lorafit train --nproc N)"
         )
+    if t.return_freed_memory:  # before the data and the model: their transients go back too
+        return_freed_memory()
     m = run.model
     tokenizer = tokenizer or load_tokenizer(
         m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision

@@ -417,6 +417,7 @@ def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
     # a head tied to the input embedding stays: the embedding lookup is not autocast
     elsewhere = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(False)}
     saved = 0
+    blocks: set[int] = set()  # the memory blocks the cast weights were views of
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -429,8 +430,33 @@ def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
                 and id(p) not in elsewhere
             ):
                 saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
+                blocks.add(p.untyped_storage().data_ptr())
                 p.data = p.data.to(dtype)
+    _own_memory(model, blocks)
     return saved
+
+
+@torch.no_grad()
+def _own_memory(model: nn.Module, blocks: set[int]) -> None:
+    """Copy every parameter and buffer that is still a view of one of `blocks` into memory of its own.
+
+    transformers loads a checkpoint's tensors as views of one block per file (read into memory, or
+    mapped). Once the linear weights are held in another dtype, the embeddings, norms and head would
+    keep that whole block alive -- the fp32 linear weights included: 226 MB of dead weights on the
+    benchmark's small model (measured with bench/memory.py). With their own copies, the block is freed.
+    """
+    if not blocks:
+        return
+    for m in model.modules():
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is None or t.untyped_storage().data_ptr() not in blocks:
+                continue
+            if t.untyped_storage().nbytes() <= t.numel() * t.element_size():
+                continue  # the block is this tensor alone
+            if name in m._parameters:
+                t.data = t.data.clone()
+            else:
+                m._buffers[name] = t.clone()
 
 
 def module_name(model: nn.Module, name: str) -> str:

@@ -836,6 +836,7 @@ WRONG_TYPE_MESSAGES = {
     "training_config.output_dir": "expected a non-empty string, got [1, 2] (list)",
     "training_config.max_seq_length": "expected an integer >= 1, got [1, 2] (list)",
     "training_config.packing": "expected true or false, got [1, 2] (list)",
+    "training_config.return_freed_memory": "expected true or false, got [1, 2] (list)",
     "training_config.skip_nonfinite_batches": "expected an integer >= 0, got [1, 2] (list)",
     "training_config.fsdp": "expected true, false, 'full_shard' or 'full_shard auto_wrap', got [1, 2] (list)",
     "training_config.post_check": "expected true or false, got [1, 2] (list)",

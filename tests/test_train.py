@@ -213,6 +213,27 @@ def test_frozen_linears_held_in_bf16_compute_what_autocast_did(tok):
     assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "norm" in n)
 
 
+def test_casting_the_linears_frees_the_checkpoint_block_they_shared(tok):
+    """Weights loaded as views of one block (as transformers loads a checkpoint): after the linears are
+    cast, nothing views the block any more, so it is freed; every value is unchanged."""
+    from lorafit.model import hold_frozen_linears_in
+
+    model = build_model(tok)
+    params = list(model.parameters())
+    block = torch.cat([p.detach().reshape(-1) for p in params])
+    at = 0
+    for p in params:
+        p.data = block[at : at + p.numel()].view_as(p)
+        at += p.numel()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    hold_frozen_linears_in(model, torch.bfloat16)
+    ptr = block.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() != ptr for p in model.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.float(), before[n].to(p.dtype).float()), n
+
+
 def test_a_head_tied_to_the_embedding_stays_fp32(tok):
     from lorafit.model import hold_frozen_linears_in
 
