@@ -65,8 +65,10 @@ def n_targets(messages: list[dict]) -> int:
     return sum(len(m["content"]) + 1 for m in messages if m["role"] == "assistant")
 
 
-def conversation(rng: np.random.Generator, words: _Words, max_tokens: int = MAX_TOKENS) -> dict:
-    target = int(rng.integers(MIN_TOKENS, max_tokens + 1))
+def conversation(
+    rng: np.random.Generator, words: _Words, max_tokens: int = MAX_TOKENS, min_tokens: int = MIN_TOKENS
+) -> dict:
+    target = int(rng.integers(min_tokens, max_tokens + 1))
     turns = int(rng.integers(1, 1 + max(1, min(4, target // 90))))
     msgs: list[dict] = []
     if rng.random() < 0.3:
@@ -88,10 +90,12 @@ def conversation(rng: np.random.Generator, words: _Words, max_tokens: int = MAX_
     return {"messages": msgs}
 
 
-def make_conversations(n: int, seed: int, max_tokens: int = MAX_TOKENS) -> list[dict]:
+def make_conversations(
+    n: int, seed: int, max_tokens: int = MAX_TOKENS, min_tokens: int = MIN_TOKENS
+) -> list[dict]:
     rng = np.random.default_rng(seed)
     words = _Words(np.random.default_rng(1234))  # one lexicon for every split and size
-    return [conversation(rng, words, max_tokens) for _ in range(n)]
+    return [conversation(rng, words, max_tokens, min_tokens) for _ in range(n)]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -102,10 +106,18 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def write_dataset(out: Path, n_train: int, n_eval: int, seed: int = 0, max_tokens: int = MAX_TOKENS) -> dict:
-    """train.jsonl (n_train conversations) and eval.jsonl (n_eval, a different seed) in `out`."""
-    train = make_conversations(n_train, seed, max_tokens)
-    evals = make_conversations(n_eval, seed + 10_000, max_tokens)
+def write_dataset(
+    out: Path,
+    n_train: int,
+    n_eval: int,
+    seed: int = 0,
+    max_tokens: int = MAX_TOKENS,
+    min_tokens: int = MIN_TOKENS,
+) -> dict:
+    """train.jsonl (n_train conversations) and eval.jsonl (n_eval, a different seed) in `out`, each
+    conversation of `min_tokens` to `max_tokens` tokens (roughly uniform), in 1-4 turns."""
+    train = make_conversations(n_train, seed, max_tokens, min_tokens)
+    evals = make_conversations(n_eval, seed + 10_000, max_tokens, min_tokens)
     lengths = np.array([n_tokens(c["messages"]) for c in train], dtype=np.int64)
     targets = sum(n_targets(c["messages"]) for c in train)
     return {

@@ -95,10 +95,13 @@ def worker(spec: dict) -> dict:
     """One lorafit run on spec["base"] ("bf16" or a quantization method); returns its measurements."""
     import torch
 
+    from bench.memory import STATUS_KEYS, Sampler
     from lorafit.api import build_config
     from lorafit.job import prepare
     from lorafit.train import run
 
+    sampler = Sampler()  # /proc/self/status every 50 ms: VmRSS, private (RssAnon), file-mapped, malloc's free
+    sampler.start()
     rss_start = current_rss_mb()
     q = "none" if spec["base"] == "bf16" else spec["base"]
     cfg = build_config(
@@ -113,6 +116,7 @@ def worker(spec: dict) -> dict:
         overrides=[f"model.quantization={q}", "model.dtype=bf16", "model.device=cpu"],
     )  # fmt: skip
     job = prepare(cfg, overwrite=True)
+    sampler.mark("train")
     loaded = {"rss_after_load_mb": current_rss_mb(), "peak_rss_after_load_mb": peak_rss_mb()}
     weights = weight_bytes(job.model)
     n_quantized = sum(
@@ -124,6 +128,14 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     res = run(job, progress=False)
     wall = time.perf_counter() - t0
+    sampler.stopped.set()
+    sampler.join()
+    t_train = sampler.marks[1][0]
+    memory = {  # MiB, the largest sample of each figure while loading and while training
+        phase: {k: max(x[i] for x in sampler.samples if (x[0] < t_train) == (phase == "load")) / 2**20
+                for i, k in enumerate(STATUS_KEYS, start=1)}
+        for phase in ("load", "train")
+    }  # fmt: skip
     recs = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "loss" in r]
     # per-step rates after the first step: their median resists bursts of load from other processes
@@ -146,6 +158,7 @@ def worker(spec: dict) -> dict:
         "rss_start_mb": rss_start,
         **loaded,
         "peak_rss_mb": peak_rss_mb(),
+        "memory": memory,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -223,6 +236,17 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def _private(rs: list[dict], bf: list[dict]) -> str:
+    """Peak private memory (RssAnon) while loading / training, malloc's free bytes, and the training
+    figure against the bf16 run's."""
+    if not all("memory" in r for r in rs + bf):
+        return "-"
+    load, train = (_mean([r["memory"][p]["RssAnon"] for r in rs]) for p in ("load", "train"))
+    free = _mean([r["memory"]["train"]["HeapFree"] for r in rs])
+    ref = _mean([r["memory"]["train"]["RssAnon"] for r in bf])
+    return f"{load:,.0f} / {train:,.0f} ({train / ref:.2f}x) ({free:,.0f})"
+
+
 def render(results: dict) -> str:
     """BENCHMARKS-qlora.md: the command, one table per config, the Phi-3-mini estimate, notes."""
     m, st = results["machine"], results["settings"]
@@ -252,8 +276,8 @@ def render(results: dict) -> str:
             f"{min(EVAL_CONVERSATIONS[size], results['data']['n_eval'])} conversations)",
             "",
             "| base | base weights MiB | vs bf16 | quantized layers MiB (vs bf16) | RSS after load MB | peak RSS MB | "
-            "tokens/s (median step) | eval loss before -> after | after vs bf16 |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "peak private MiB: load / train (malloc free) | tokens/s (median step) | eval loss before -> after | after vs bf16 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         bf = by["bf16"]
         bf_w = _mean([r["weight_bytes"]["total"] for r in bf])
@@ -269,7 +293,8 @@ def render(results: dict) -> str:
             loss = _mean([r["eval_loss"] for r in rs])
             lines.append(
                 f"| {base} | {_mib(w)} | {w / bf_w:.3f}x | {ql} | {_mean([r['rss_after_load_mb'] for r in rs]):,.0f} | "
-                f"{_mean([r['peak_rss_mb'] for r in rs]):,.0f} | {_mean([r['tokens_per_sec'] for r in rs]):,.0f} "
+                f"{_mean([r['peak_rss_mb'] for r in rs]):,.0f} ({_mean([r['peak_rss_mb'] for r in rs]) / _mean([r['peak_rss_mb'] for r in bf]):.2f}x) | "
+                f"{_private(rs, bf)} | {_mean([r['tokens_per_sec'] for r in rs]):,.0f} "
                 f"({_mean([r['tokens_per_sec_median_step'] for r in rs]):,.0f}) | "
                 f"{_mean([r['eval_loss_before'] for r in rs]):.4f} -> {loss:.4f} | {100 * (loss / bf_loss - 1):+.2f}% |"
             )
@@ -299,6 +324,13 @@ def render(results: dict) -> str:
         "for its import). Peak RSS is set in training by activations (batch 4 x 512 tokens, no gradient "
         "checkpointing), the loss head and the optimizer, which are the same for both bases: here they are "
         "several GB, so the saving in weights is a small part of the peak on these models.",
+        "- Private memory (RssAnon, sampled every 50 ms by bench.memory's sampler) is what the run cannot give "
+        "back under pressure; a bf16 base's weights stay file-mapped and are not in it, a 4-bit base's packed "
+        "weights are. malloc free: the bytes glibc held free at the training peak (lorafit returns what a step "
+        "frees by default, `training_config.return_freed_memory`; before that, ~1 GB of a 4-bit run's private "
+        "memory was such free space: the dequantized weights of every forward and backward, freed at once). "
+        "Phase by phase and per tensor: `python -m bench.memory --quantization nf4 --model-dtype bf16 "
+        "--checkpoint-dtype bf16 --size medium [--tensors]`.",
         "- Speed on this CPU: bf16 matmuls are fast (AVX512-BF16), and bitsandbytes' CPU backend dequantizes "
         "each 4-bit weight to bf16 before every matmul (forward, and again in backward), so a 4-bit step "
         "costs more than a bf16 one. On CUDA the dequantization is a fused kernel. The machine is shared "

@@ -191,8 +191,11 @@ def render(results: dict) -> str:
     add(f"- **Data**: {d['n_train']:,} synthetic multi-turn chat conversations (`bench/data.py`: pseudo-words, "
         f"replies reuse the user's words), {d['min_len']}-{d['max_len']} tokens each (mean {d['mean_len']:.0f}), "
         f"{d['train_tokens']:,} tokens; {100 * d['target_fraction']:.1f}% of tokens are assistant targets. "
-        f"Held-out eval set: {d['n_eval']} other conversations. Rows of {plan['seq']} tokens, packed "
-        f"(best-fit decreasing), batch {plan['batch']} rows, one micro-batch per optimizer step.")  # fmt: skip
+        f"Held-out eval set: {d['n_eval']} other conversations. Rows of {plan['seq']} tokens, "
+        + ("packed (best-fit decreasing; a longer conversation is cut to a row)" if plan.get("packing", True)
+           else "one conversation per row, padded to the batch's longest (no packing)")
+        + f", batch {plan['batch']} rows, one micro-batch per optimizer step"
+        + (f" (workload `--workload {plan['workload']}`)." if plan.get("workload", "mixed") != "mixed" else "."))  # fmt: skip
     add(f"- **Runs, interleaved step by step**: each tool trains in its own process, the same number of "
         f"optimizer steps ({plan['warmup']} warm-up + timed steps, below). The three processes start together; "
         "after every optimizer step each one stops itself (SIGSTOP, from torch's global optimizer-step hook) and "
@@ -287,8 +290,46 @@ def render(results: dict) -> str:
         add(render_scaling(results))
     if "profile" in results:
         add(render_profile(results))
+    if "memory" in results:
+        add(render_memory(results))
     add(render_findings(results))
     return "\n".join(L) + "\n"
+
+
+def render_memory(results: dict) -> str:
+    """Live tensor bytes beside the RSS figures, per tool (bench/memory.py runs, small config)."""
+    mem = results["memory"]
+    L = ["## Where the memory goes (small config, `bench/memory.py`)", ""]
+    L.append("Each tool once more, alone, under torch.profiler with `profile_memory=True` (every allocation and "
+             "free of torch's CPU allocator), and /proc/self/status sampled every 50 ms. Peak live tensor bytes is "
+             "what a GPU would have to hold; RSS is what the process held (the profiler's buffers add to it here: "
+             "the RSS columns of the tables above come from the runs without it). Weights mapped from the "
+             "checkpoint file are no allocations and are not in the live bytes.")  # fmt: skip
+    L.append("")
+    head = ["tool", "peak live tensors MiB", "vs TRL", "in phase", "peak VmRSS MiB", "peak private MiB",
+            "malloc free MiB"]  # fmt: skip
+    ref = mem.get("trl", {}).get("tensors", {}).get("peak_bytes")
+    body = []
+    for tool in TOOLS:
+        r = mem.get(tool)
+        if not r:
+            continue
+        t = r.get("tensors", {})
+        peak = {
+            k: max(x[i] for x in r["samples"]) / 2**20
+            for i, k in enumerate(["VmRSS", "RssAnon", "RssFile", "HeapFree"], 1)
+        }
+        body.append([LABELS[tool], f"{t.get('peak_bytes', 0) / 2**20:,.0f}",
+                     f"{t['peak_bytes'] / ref:.2f}x" if ref and t.get("peak_bytes") else "-", t.get("peak_phase") or "-",
+                     f"{peak['VmRSS']:,.0f}", f"{peak['RssAnon']:,.0f}", f"{peak['HeapFree']:,.0f}"])  # fmt: skip
+    L += [md_table(head, body), ""]
+    for tool in TOOLS:
+        top = mem.get(tool, {}).get("tensors", {}).get("top_at_peak") or []
+        if top:
+            L.append(f"{LABELS[tool]}, alive at its peak (MiB, tensors, phase: allocating op [input shapes]): "
+                     + "; ".join(f"{b / 2**20:,.0f} ({n}) `{k}`" for k, b, n in top[:6]))  # fmt: skip
+            L.append("")
+    return "\n".join(L)
 
 
 def render_scaling(results: dict) -> str:

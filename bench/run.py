@@ -29,6 +29,22 @@ from bench.report import LABELS, TOOLS, print_tables, render
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 32064
+# --workload: the conversations (min, max tokens), rows per batch and packing; rows are 512 tokens
+WORKLOADS = {
+    "mixed": {"min_tokens": 30, "max_tokens": 500, "batch": 4, "packing": True},  # the default
+    "long": {
+        "min_tokens": 1000,
+        "max_tokens": 1400,
+        "batch": 4,
+        "packing": True,
+    },  # longer than a row: every row full
+    "short": {
+        "min_tokens": 30,
+        "max_tokens": 70,
+        "batch": 8,
+        "packing": False,
+    },  # short chats, padded, no packing
+}
 
 
 @dataclass
@@ -52,6 +68,9 @@ class Plan:
     seq_lengths: tuple = (256, 512, 1024, 2048)
     scaling_steps: int = 3
     data_multiplier: int = 10
+    workload: str = "mixed"
+    min_tokens: int = 30
+    packing: bool = True
 
 
 # ----------------------------------------------------------------------------- processes
@@ -324,7 +343,10 @@ def prepare_inputs(plan: Plan, work: Path) -> dict:
 
     inputs: dict = {"models": {}}
     say(f"writing the synthetic dataset ({plan.n_train} train / {plan.n_eval} eval conversations)")
-    inputs["data"] = write_dataset(work / "data", plan.n_train, plan.n_eval, max_tokens=plan.max_tokens)
+    name = "data" if plan.workload == "mixed" else f"data_{plan.workload}"
+    inputs["data"] = write_dataset(
+        work / name, plan.n_train, plan.n_eval, max_tokens=plan.max_tokens, min_tokens=plan.min_tokens
+    )
     for size in sorted(set(plan.configs) | ({"small"} if plan.scaling or plan.profile else set())):
         inputs["models"][size] = str(write_tiny_model(work / "models" / size, size=size, vocab_size=VOCAB))
     if plan.scaling:
@@ -338,13 +360,13 @@ def prepare_inputs(plan: Plan, work: Path) -> dict:
 
 def base_spec(plan: Plan, model: str, train: str) -> dict:
     return {"model": model, "train": train, "batch": plan.batch, "seq": plan.seq, "lr": plan.lr, "r": plan.r,
-            "alpha": plan.alpha, "seed": plan.seed, "vocab": VOCAB}  # fmt: skip
+            "alpha": plan.alpha, "seed": plan.seed, "vocab": VOCAB, "packing": plan.packing}  # fmt: skip
 
 
 def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str) -> dict:
     from bench.flops import flops_per_token
 
-    cwork = work / size
+    cwork = work / (size if plan.workload == "mixed" else f"{size}_{plan.workload}")
     total = plan.warmup + plan.steps[size]
     spec0 = base_spec(plan, inputs["models"][size], inputs["data"]["train"])
     runs: dict[str, list[dict]] = {t: [] for t in TOOLS}
@@ -436,6 +458,19 @@ def run_scaling(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
     return out
 
 
+def run_memory(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
+    """Each tool alone on small under bench.memory --tensors: live tensor bytes and the RSS timeline."""
+    out = {}
+    for tool in TOOLS:
+        say(f"memory: {LABELS[tool]} on small under torch.profiler (profile_memory)")
+        spec = dict(base_spec(plan, inputs["models"]["small"], inputs["data"]["train"]), tool=tool, tensors=True,
+                    steps=plan.warmup + 2, precision=precision, out=str(work / "memory" / tool))  # fmt: skip
+        res = run_module("bench.memory", spec, work / "memory", f"memory_{tool}")
+        res["tensors"].pop("timeline", None)
+        out[tool] = res
+    return out
+
+
 def run_profile(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
     say("profiling lorafit's step on small (torch.profiler)")
     spec = dict(base_spec(plan, inputs["models"]["small"], inputs["data"]["train"]), tool="lorafit",
@@ -461,6 +496,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     ap.add_argument("--workdir", default="/tmp/lorafit-bench", help="models, data, logs and raw results")
     ap.add_argument("--report", help="markdown report path (default: BENCHMARKS.md for --all, else WORKDIR/)")
     ap.add_argument("--no-probe", action="store_true", help="skip the TRL bf16/fp32 probe")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed",
+                    help="mixed: 30-500-token chats, 4 packed rows (default); long: 1,000-1,400-token chats, "
+                         "4 full packed rows; short: 30-70-token chats, batch 8, no packing")  # fmt: skip
     args = ap.parse_args(argv)
     if args.quick:
         plan = Plan(configs=["tiny"], seq=128, batch=2, warmup=1, steps={"tiny": 2}, rounds=1, n_train=300,
@@ -479,6 +517,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         plan.lr = args.lr
     if args.no_probe:
         plan.bf16_probe = False
+    if args.workload != "mixed":
+        w = WORKLOADS[args.workload]
+        plan.workload, plan.batch, plan.packing = args.workload, w["batch"], w["packing"]
+        plan.min_tokens, plan.max_tokens = w["min_tokens"], w["max_tokens"]
     return args, plan
 
 
@@ -513,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         results["scaling"] = run_scaling(plan, inputs, work, precision)
     if plan.profile:
         results["profile"] = run_profile(plan, inputs, work, precision)
+        results["memory"] = run_memory(plan, inputs, work, precision)
     if not args.quick:
         results["matmul"].append(_machine(work, "end")["matmul"])
     results["duration_min"] = (time.perf_counter() - t0) / 60

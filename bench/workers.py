@@ -1,7 +1,12 @@
 """One training run of one tool, in its own process: `python -m bench.workers SPEC.json`.
 
 SPEC is a JSON object written by bench.run (tool, model, data, hyperparameters, out, result). The
-worker trains, saves the adapter (PEFT format) to `out`, and writes `result`:
+worker trains, saves the adapter (PEFT format) to `out`, and writes `result`. Optional keys:
+"packing" (default true; false = one conversation per row, padded to the batch's longest),
+"quantization" ("none" or "nf4": the base's linear layers in 4 bits, lorafit's model.quantization
+or, for the PEFT loop, transformers' BitsAndBytesConfig + PEFT's prepare_model_for_kbit_training),
+"model_dtype" (lorafit's model.dtype, default auto), "return_freed_memory" (lorafit's training_config
+key, default true). Result:
 
     step_end     perf_counter time at the end of every optimizer step
     step_resume  perf_counter time the step after it started (see pacing)
@@ -89,6 +94,10 @@ def run_lorafit(spec: dict, pacer: Pacer) -> dict:
     import lorafit
 
     out = Path(spec["out"])
+    quantization = spec.get("quantization", "none")
+    overrides = [f"model.quantization={quantization}"]
+    if spec.get("model_dtype"):
+        overrides.append(f"model.dtype={spec['model_dtype']}")
     pacer.start()  # finetune also loads and tokenizes; the first step (warm-up) absorbs that
     res = lorafit.finetune(
         model=spec["model"],
@@ -97,7 +106,7 @@ def run_lorafit(spec: dict, pacer: Pacer) -> dict:
             "max_steps": spec["steps"],
             "per_device_train_batch_size": spec["batch"],
             "max_seq_length": spec["seq"],
-            "packing": True,
+            "packing": spec.get("packing", True),
             "learning_rate": spec["lr"],
             "lr_scheduler_type": "linear",
             "warmup_steps": 0,
@@ -109,6 +118,7 @@ def run_lorafit(spec: dict, pacer: Pacer) -> dict:
             "seed": spec["seed"],
             "bf16": None,  # auto: lorafit picks bf16 only where the device runs it fast
             "output_dir": str(out),
+            "return_freed_memory": spec.get("return_freed_memory", True),
         },
         peft_config={
             "r": spec["r"],
@@ -116,6 +126,7 @@ def run_lorafit(spec: dict, pacer: Pacer) -> dict:
             "lora_dropout": 0.0,
             "target_modules": "all-linear",
         },
+        overrides=overrides,
         overwrite=True,
         progress=False,
     )
@@ -143,16 +154,26 @@ def run_peft_loop(spec: dict, pacer: Pacer) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorafit.data import load_conversations
-    from lorafit.packing import Batches, collate, pack
+    from lorafit.packing import Batches, collate, pack, single_rows
     from lorafit.tokens import tokenize
 
     torch.manual_seed(spec["seed"])
     tok = AutoTokenizer.from_pretrained(spec["model"])
     convs = load_conversations(spec["train"])
     data, _ = tokenize(tok, convs, max_seq_length=spec["seq"], end_of_turn="<|end|>")
-    rows = pack(data, spec["seq"])
+    rows = pack(data, spec["seq"]) if spec.get("packing", True) else single_rows(data)
     batches = Batches(rows, spec["batch"], seed=spec["seed"]).epoch_batches(0)
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    if spec.get("quantization", "none") != "none":  # the usual PEFT QLoRA recipe
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec["quantization"],
+                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16, quantization_config=bnb,
+                                                     device_map={"": "cpu"})  # fmt: skip
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     model.config.use_cache = False
     cfg = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules="all-linear",
                      task_type="CAUSAL_LM")  # fmt: skip
@@ -224,7 +245,7 @@ def run_trl(spec: dict, pacer: Pacer) -> dict:
         weight_decay=0.0,
         max_grad_norm=1.0,
         max_length=spec["seq"],
-        packing=True,
+        packing=spec.get("packing", True),
         packing_strategy="bfd",
         assistant_only_loss=True,
         activation_checkpointing=spec.get("activation_checkpointing", False),  # transformers 5 name

@@ -15,6 +15,7 @@ library's advice said as lorafit commands.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 from collections import Counter
@@ -222,7 +223,11 @@ def write_loralib(
     """OUT/adapter_lora.pt (`lora_state_dict` keys) + OUT/adapter_lora.json (rank, alpha, slices)."""
     sd = {f"{n}.lora_{w}": t.contiguous() for n, m in loras.items() for w, t in (("A", m.A), ("B", m.B))}
     sd.update({k: t.contiguous() for k, t in full.items()})
-    torch.save(sd, out_dir / LORALIB_NAME)
+    buf = (
+        io.BytesIO()
+    )  # written by a plain write: a full disk is OSError ENOSPC, not torch's "unexpected pos"
+    torch.save(sd, buf)
+    (out_dir / LORALIB_NAME).write_bytes(buf.getbuffer())
     modules = {
         n: {"kind": m.kind, "r": m.r, "lora_alpha": m.alpha, **(m.slices or {})} for n, m in loras.items()
     }

@@ -131,8 +131,98 @@ def finetune(
         raise ConfigError("finetune(model=<loaded model>) also needs tokenizer=<its tokenizer>")
     if loaded is not None and getattr(loaded.config, "_name_or_path", None):
         cfg.model.name_or_path = loaded.config._name_or_path
-    job = prepare(cfg, model=loaded, tokenizer=tokenizer, resume=resume, overwrite=overwrite)
+    job = prepare(
+        cfg, model=loaded, tokenizer=tokenizer, resume=resume, overwrite=overwrite, config_file=config
+    )
     return run(job, progress=progress)
+
+
+def estimate(
+    model: Any = None,
+    train_data: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    training_config: dict | None = None,
+    peft_config: dict | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    config: str | Path | None = None,
+    overrides: list[str] | tuple = (),
+    adapter: str | Path | None = None,
+    processes: int | None = None,
+    free_memory: int | None = None,
+    probe: int = 0,
+    source: str | None = None,
+):
+    """What `finetune` with the same arguments would need, without loading the weights: a
+    `lorafit.memory.Plan` (`.to_dict()`: the figures, `peak_memory_bytes` the peak per device; `.report()`:
+    the text `lorafit estimate` prints; `.fits`: True, False, or None when the free memory is unknown).
+
+    From the model's config (built on the meta device, LoRA on it) and the data's token counts (tokenizer
+    only). `processes`: plan for N processes (default: 1, or the torchrun world size); with
+    training_config.fsdp the figures are per rank. `free_memory`: check the peak against this many bytes
+    instead of the device's free memory (to plan for another machine). `probe`: also train this many steps
+    on the real model (weights loaded, nothing written but a temporary folder) and estimate the run's time
+    from the measured tokens/s (`.probe`)."""
+    from lorafit.distributed import env_world_size
+    from lorafit.job import plan
+
+    cfg = build_config(
+        model=model, train_data=train_data, eval_data=eval_data, training_config=training_config,
+        peft_config=peft_config, output_dir=output_dir, config=config, overrides=overrides, adapter=adapter,
+        source=source,
+    )  # fmt: skip
+    try:
+        result = plan(cfg, processes=processes or env_world_size(), free=free_memory)
+    except (
+        AttributeError,
+        TypeError,
+        NotImplementedError,
+    ) as e:  # a config without the sizes the estimate reads
+        from lorafit.errors import LorafitError
+
+        raise LorafitError(
+            f"cannot estimate the memory of {cfg.model.name_or_path!r}: {type(e).__name__}: {e}. lorafit estimate "
+            "reads a decoder-only model's config (hidden_size, num_hidden_layers, vocab_size); `lorafit train` "
+            "still trains this model, without the estimate"
+        ) from e
+    if probe:
+        result.probe = _probe(cfg, probe, result.steps)
+    return result
+
+
+def _probe(cfg, steps: int, run_steps: int) -> dict:
+    """Train `steps` steps (the first a warm-up, not timed) on the real model in a temporary output folder:
+    tokens/s of the timed steps, the run's time at that rate and this process's peak resident memory."""
+    import resource
+    import tempfile
+    import time
+
+    from lorafit.job import prepare
+    from lorafit.train import setup_loop, train_step
+
+    steps = max(2, steps)
+    with tempfile.TemporaryDirectory(prefix="lorafit-probe-") as tmp:
+        cfg.training_config.output_dir = tmp
+        cfg.training_config.max_steps = steps
+        job = prepare(cfg, overwrite=True)
+        loop = setup_loop(job)
+        job.model.train()
+        tokens, start = 0, 0.0
+        for step in range(steps):
+            res = train_step(job, loop, step)
+            loop.optimizer.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+            if step == 0:
+                start = time.perf_counter()
+            else:
+                tokens += res.tokens
+        seconds = time.perf_counter() - start
+    rate = tokens / seconds if seconds > 0 else 0.0
+    return {
+        "steps": steps, "timed_steps": steps - 1, "tokens_per_sec": rate, "step_sec": seconds / (steps - 1),
+        "seconds": run_steps * seconds / (steps - 1),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }  # fmt: skip
 
 
 def load(model: str | None = None, adapter: str | Path | None = None, **kwargs):
@@ -278,3 +368,33 @@ def export_adapter(adapter: str | Path, output_dir: str | Path, layout: str = "s
     from lorafit.export import export_adapter as _export
 
     return _export(adapter, output_dir, layout, base_model, **kwargs)
+
+
+def check_adapter(
+    model: str | None,
+    adapter: str | Path,
+    data: str | Path,
+    *,
+    sample: int = 8,
+    max_new_tokens: int | None = None,
+    max_runaway: float = 0.125,
+    max_empty: float = 0.125,
+    max_repetitive: float = 0.125,
+    repeat_ratio: float = 0.5,
+    merge_tolerance: float | None = None,
+    loss_tolerance: float = 0.01,
+    **kwargs,
+) -> dict:
+    """Check a trained adapter before shipping it (CLI `lorafit check-adapter`): greedy replies to held-out
+    prompts from `data` (runaways that never emit end-of-turn, empty and repetitive replies), merged ==
+    unmerged logits, and the adapter reloaded from disk gives training's eval loss. Returns the report:
+    `report["verdict"]` is "PASS" or "FAIL", `lorafit.adapter_check.format_report(report)` prints it.
+    The thresholds are documented in lorafit/adapter_check.py; `kwargs` (dtype, device, quantization,
+    lora_alpha, target_modules, system_message, max_seq_length, batch_size) are as for `evaluate`."""
+    from lorafit.adapter_check import Thresholds
+    from lorafit.adapter_check import check_adapter as _check
+
+    th = Thresholds(sample=sample, max_new_tokens=max_new_tokens, max_runaway=max_runaway, max_empty=max_empty,
+                    max_repetitive=max_repetitive, repeat_ratio=repeat_ratio, merge_tolerance=merge_tolerance,
+                    loss_tolerance=loss_tolerance)  # fmt: skip
+    return _check(model, adapter, data, thresholds=th, **kwargs)

@@ -28,16 +28,33 @@ test_attention_kernels.py also checks the kernel that runs). Without ``lorafit_s
 (generation, a batch with an attention mask) it IS transformers' sdpa: the same mask function and
 the same kernel, so a model set to ``lorafit_sdpa`` behaves exactly like ``sdpa`` everywhere else.
 
+``lorafit_flex`` (``attn_implementation: flex_attention``) is the one-call route, as in torchtune:
+ONE `flex_attention` call per layer for the whole packed batch, with a document-causal BlockMask
+built once per micro-batch from the same segments (`PackedMasks`), so the kernel skips the blocks
+of the row's T x T grid that cross conversations (or lie beyond the sliding window) instead of
+computing and masking them::
+
+    doc ids   0 0 0 1 1 2 2          mask_mod(q, kv) = doc[q] == doc[kv] and kv <= q
+                                                       (and q - kv < window)
+
+GQA goes through ``enable_gqa``; flex has no dropout. PyTorch runs flex_attention's backward only
+on GPUs (torch 2.13 on a CPU: "FlexAttention does not support backward on CPU", eager and compiled),
+so training with it is refused off CUDA (`lorafit.model.check_attention`); its forward runs
+everywhere and is tested on CPU against the masked reference.
+
 flash_attention_2 attends per conversation by itself, from the position_ids, but only when the
 batch is ONE row (transformers' ``_is_packed_sequence``); `flat_batch` makes it one row.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 PACKED_SDPA = "lorafit_sdpa"
+PACKED_FLEX = "lorafit_flex"
 
 
 def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
@@ -86,13 +103,108 @@ def packed_sdpa(
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
+# ----------------------------------------------------------------------------- flex_attention
+
+
+def document_mask_mod(doc: torch.Tensor, window: int | None = None):
+    """flex_attention mask_mod of packed rows: query q may see key kv when both are in the same
+    conversation of the row (``doc`` (B, T): the conversation number of each token; padding is one more)
+    and kv <= q, and, with a sliding `window`, q - kv < window (transformers' sliding-window rule)."""
+
+    def mask_mod(b, h, q, kv):
+        same = (doc[b, q] == doc[b, kv]) & (q >= kv)
+        return same if window is None else same & (q - kv < window)
+
+    return mask_mod
+
+
+class PackedMasks:
+    """The block masks of one packed micro-batch, one per sliding window, built on first use.
+
+    Built once per micro-batch (in `segment_kwargs`) and shared by every layer: each layer asks for
+    its own window (Phi-3: ``config.sliding_window`` on all layers; models with mixed layers ask for
+    two). A window no shorter than the rows is no window, so it reuses the plain document mask.
+    """
+
+    def __init__(self, segments: list[list[int]], device: torch.device, block_size: int | None = None):
+        rows = [torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in segments]
+        self.doc = torch.stack(rows).to(device, non_blocking=True)
+        self.block_size = block_size
+        self._masks: dict = {}
+
+    def block_mask(self, window: int | None = None):
+        if window is not None and window >= self.doc.shape[1]:
+            window = None
+        if window not in self._masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            b, t = self.doc.shape
+            size = {"BLOCK_SIZE": self.block_size} if self.block_size else {}
+            # compiled on CUDA, so the (B, T, T) grid is never materialized there; on the CPU
+            # (forward only: no flex backward there) a compile per row length would cost more
+            self._masks[window] = create_block_mask(
+                document_mask_mod(self.doc, window), b, None, t, t, device=self.doc.device,
+                _compile=self.doc.device.type == "cuda", **size,
+            )  # fmt: skip
+        return self._masks[window]
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def flex_kernel(query, key, value, **kwargs):
+    """torch's flex_attention, compiled (once per process; new row lengths may recompile): eager
+    flex_attention is an unfused reference that materializes the scores."""
+    return _compiled_flex()(query, key, value, **kwargs)
+
+
+def packed_flex(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    lorafit_masks: PackedMasks | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface for ``lorafit_flex``: q (B, H, T, D), k/v (B, Hkv, T, D) ->
+    (B, T, H, D), ONE flex_attention call for the whole packed batch, with the document-causal block
+    mask of `lorafit_masks` (and the layer's sliding window). Blocks of the (T x T) grid that no
+    query may see (across conversations, beyond the window) are skipped, not computed and masked.
+    Without `lorafit_masks` it is transformers' flex_attention."""
+    if lorafit_masks is None:
+        from transformers.integrations.flex_attention import flex_attention_forward
+
+        return flex_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    if dropout:
+        raise ValueError(
+            "lorafit_flex: flex_attention has no attention dropout; set the model's attention_dropout to 0"
+        )
+    out = flex_kernel(
+        query, key, value, block_mask=lorafit_masks.block_mask(sliding_window), scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
 def register() -> None:
-    """Make ``lorafit_sdpa`` known to transformers (idempotent)."""
+    """Make ``lorafit_sdpa`` and ``lorafit_flex`` known to transformers (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask, sdpa_mask
 
     AttentionInterface.register(PACKED_SDPA, packed_sdpa)
     AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+    AttentionInterface.register(PACKED_FLEX, packed_flex)
+    AttentionMaskInterface.register(PACKED_FLEX, flex_attention_mask)
 
 
 def use_packed_sdpa(model) -> bool:
@@ -104,12 +216,37 @@ def use_packed_sdpa(model) -> bool:
     return True
 
 
+def use_packed_attention(model) -> str | None:
+    """sdpa -> ``lorafit_sdpa``, flex_attention -> ``lorafit_flex``; returns the new name, or None when
+    the model's attention stays as it is (eager, flash-attention)."""
+    packed = {"sdpa": PACKED_SDPA, "flex_attention": PACKED_FLEX}.get(
+        getattr(model.config, "_attn_implementation", None)
+    )
+    if packed is None:
+        return None
+    register()
+    model.set_attn_implementation(packed)
+    return packed
+
+
 def segment_kwargs(model, batch: dict) -> dict:
-    """The extra forward kwargs that let ``lorafit_sdpa`` attend per conversation."""
+    """The extra forward kwargs that let ``lorafit_sdpa`` / ``lorafit_flex`` attend per conversation.
+
+    ``lorafit_flex`` also gets its block mask as the model's ``attention_mask``: transformers takes a
+    ready 4-D mask as it is, so it neither builds a second one from the position_ids nor syncs to find
+    the packed sequences in them.
+    """
     segments = batch.get("segments")
-    if segments is None or getattr(model.config, "_attn_implementation", None) != PACKED_SDPA:
+    impl = getattr(model.config, "_attn_implementation", None)
+    if segments is None or impl not in (PACKED_SDPA, PACKED_FLEX):
         return {}
-    return {"lorafit_segments": segments}
+    if impl == PACKED_SDPA:
+        return {"lorafit_segments": segments}
+    masks = PackedMasks(segments, batch["input_ids"].device)
+    return {
+        "lorafit_masks": masks,
+        "attention_mask": masks.block_mask(getattr(model.config, "sliding_window", None)),
+    }
 
 
 def needs_one_row(model) -> bool:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -55,7 +56,7 @@ import torch
 from lorafit import lora
 from lorafit.distributed import shard_optimizer_state
 from lorafit.errors import LorafitError
-from lorafit.lora.files import fsync_dir, replace_atomic
+from lorafit.lora.files import fsync_dir, write_bytes_atomic
 
 if TYPE_CHECKING:
     from lorafit.tokens import TokenizedData
@@ -226,8 +227,14 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
 
 
 def save_training_state(path: Path, state: dict) -> None:
-    """torch.save, atomically (tensors, numbers, strings, containers only)."""
-    replace_atomic(path, lambda tmp: torch.save(state, tmp))
+    """torch.save, atomically (tensors, numbers, strings, containers only).
+
+    Serialized in memory first (LoRA's optimizer state is small), then written with a plain write:
+    torch's zip writer reports a full disk as "RuntimeError: ... unexpected pos", a plain write as
+    OSError ENOSPC, which lorafit turns into a message (`is_disk_full`)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getbuffer())
 
 
 def load_training_state(path: Path, fix: str | None = None) -> dict:
@@ -539,32 +546,65 @@ class OutputDir:
 
 
 def decide_output_dir(
-    out: Path, *, resume: bool | str | None, overwrite: bool, inputs: list[str | Path | None] = ()
+    out: Path,
+    *,
+    resume: bool | str | None,
+    overwrite: bool,
+    inputs: list[str | Path | None] = (),
+    config_file: str | Path | None = None,
 ) -> OutputDir:
     """Check `out` (writable; not another run's unless resume/overwrite; replaces none of `inputs`)
     and pick the checkpoint to resume."""
     preflight_output_dir(out)
-    check_inputs_kept(out, inputs)
+    check_inputs_kept(out, [*inputs, config_file], rewritten=config_file)
     ckpt = check_output_dir(out, resume=resume, overwrite=overwrite)
     return OutputDir(out, resume_from=ckpt, resume=bool(resume), overwrite=overwrite)
 
 
-def check_inputs_kept(out: Path, inputs: list[str | Path | None]) -> None:
-    """Refuse an output directory where the run would replace an input (the base model, the data),
-    under any flag: an input that is `out` itself, or a file a run writes or --overwrite deletes there
-    (RUN_FILES, config.yaml, the lock, anything in a checkpoint-<step>/ folder). Hub ids are no paths."""
+def check_inputs_kept(
+    out: Path, inputs: list[str | Path | None], rewritten: str | Path | None = None
+) -> None:
+    """Refuse an output directory where the run would replace an input (the base model, the data, the
+    config, the adapter), under any flag: an input that is `out` itself, or a file a run writes or
+    deletes there (RUN_FILES, config.yaml, the lock, a leftover temporary, anything in a
+    checkpoint-<step>/ folder). Hub ids are no paths.
+
+    `rewritten` (the --config file) may be OUT/config.yaml: resuming with the config a run saved is
+    common, and the run writes it again only when the text is the same (`check_config_kept`)."""
     o = out.expanduser().resolve()
     own = {o / f for f in (*RUN_FILES, "config.yaml", LOCK_FILE)}
+    same_config = rewritten and Path(rewritten).expanduser().resolve() == o / "config.yaml"
     for given in inputs:
         if not given or not Path(given).expanduser().exists():
             continue
         p = Path(given).expanduser().resolve()
+        if same_config and p == o / "config.yaml":
+            continue
         inside = p.relative_to(o).parts if o in p.parents else ()
-        if p == o or p in own or (inside and CHECKPOINT_RE.match(inside[0])):
+        stale = (
+            len(inside) == 1 and inside[0].startswith(".") and (".tmp-" in inside[0] or ".old-" in inside[0])
+        )
+        if p == o or p in own or stale or (inside and CHECKPOINT_RE.match(inside[0])):
             raise LorafitError(
                 f"--output-dir {out} holds the input {given}, which the run would replace; lorafit never "
                 "replaces an input, even with --overwrite. Fix: choose another --output-dir (or move the input)."
             )
+
+
+def check_config_kept(config_file: str | Path | None, out: Path, text: str) -> None:
+    """Refuse a run whose --config is OUT/config.yaml when the resolved config it would write there
+    (`text`) differs from the file: the run would replace an input."""
+    if not config_file:
+        return
+    given = Path(config_file).expanduser()
+    if given.resolve() != out.expanduser().resolve() / "config.yaml":
+        return
+    if given.read_bytes() != text.encode("utf-8"):
+        raise LorafitError(
+            f"--config {config_file} is where this run writes its resolved config, and the resolved config "
+            "differs from it (other flags, --set or paths); lorafit never replaces an input, even with "
+            f"--overwrite. Fix: copy it elsewhere (cp {config_file} run.yaml) and pass --config run.yaml."
+        )
 
 
 def preflight_output_dir(out: Path) -> None:

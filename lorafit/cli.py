@@ -2,6 +2,8 @@
 
     lorafit train --model M --data TRAIN.jsonl [--eval-data EVAL.jsonl] [--output-dir OUT] [--adapter DIR]
                   [--config run.yaml] [--set section.key=value ...] [--resume [PATH]] [--overwrite]
+    lorafit estimate [the arguments of train] [--nproc N] [--json] [--probe [STEPS]] [--free-memory SIZE]
+                     (will it fit? memory per device, steps, tokens; weights are not loaded unless --probe)
     lorafit check-data --model M --data FILE [--max-seq-length N] [--train-on assistant|all] [--json]
                        [--no-color]    (trained tokens in [[...]]; coloured on a terminal)
     lorafit eval [--model M] [--adapter A] --data FILE          prints JSON
@@ -19,9 +21,12 @@
                  (writes the merged model; `lorafit merge` is the same command)
     lorafit export --adapter A --output-dir OUT [--layout stacked|split|loralib|gguf] [--base-model M]
                    [--gguf-type f32|f16|bf16]
+    lorafit check-adapter [--model M] --adapter A --data EVAL [--sample N] [--max-runaway F] ... [--json]
 
 Exit status: 0 success; 2 bad input or a failed run, with a one-paragraph message on stderr (no
 traceback) -- data errors list every bad record with its file:line, and nothing was written;
+1 from `check-adapter` (and `demo`) when a check failed;
+3 `estimate`: the run would not fit in the free memory (what to change is printed);
 130 stopped by Ctrl-C/SIGTERM (`train` saves a checkpoint first: continue with --resume).
 """
 
@@ -144,8 +149,39 @@ def cmd_train(a) -> int:
         return 0
     shown = {k: v for k, v in res.items() if k in ("train_loss", "eval_loss_before", "eval_loss", "eval_perplexity",
                                                  "steps", "tokens", "runtime_sec", "tokens_per_sec", "output_dir")}  # fmt: skip
+    if res.get("checks"):
+        shown["check"] = res["checks"]["verdict_line"]
     print(dumps_json(shown))
     return 0
+
+
+def cmd_estimate(a) -> int:
+    from lorafit.api import estimate
+
+    plan = estimate(
+        model=a.model, train_data=a.data, eval_data=a.eval_data, output_dir=a.output_dir, config=a.config,
+        overrides=a.set or [], adapter=a.adapter, processes=a.nproc, free_memory=a.free_memory, probe=a.probe,
+        source="command line",
+    )  # fmt: skip
+    print(dumps_json(plan.to_dict()) if a.json else plan.report())
+    return 3 if plan.fits is False else 0
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a number of bytes, e.g. 24GiB, 80GB, 512MiB, 1e9."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+             "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # fmt: skip
+    t = text.strip().lower()
+    number = t.rstrip("kmgtib")
+    try:
+        value = float(number) * units[t[len(number) :].strip()]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; write e.g. 24GiB, 80GB or 512MiB"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return int(value)
 
 
 def cmd_check_data(a) -> int:
@@ -213,6 +249,24 @@ def cmd_chat(a) -> int:
     return 0
 
 
+def cmd_check_adapter(a) -> int:
+    from lorafit.adapter_check import THRESHOLD_NAMES, format_report
+    from lorafit.api import check_adapter
+    from lorafit.errors import AdapterError
+
+    if not a.adapter:
+        raise AdapterError(
+            "check-adapter needs --adapter A (an adapter folder or a training run's output folder)"
+        )
+    report = check_adapter(
+        a.model, a.adapter, a.data, dtype=a.dtype, device=a.device, quantization=a.quantization,
+        lora_alpha=a.lora_alpha, target_modules=a.target_modules, system_message=a.system_message,
+        max_seq_length=a.max_seq_length, batch_size=a.batch_size, **{k: getattr(a, k) for k in THRESHOLD_NAMES},
+    )  # fmt: skip
+    print(dumps_json(report) if a.json else format_report(report))
+    return 0 if report["verdict"] == "PASS" else 1
+
+
 def cmd_tiny_model(a) -> int:
     from lorafit.tiny import write_tiny_model
 
@@ -225,7 +279,7 @@ def cmd_demo(a) -> int:
     from lorafit.demo import run_demo
 
     res = run_demo(a.output_dir, progress=not a.no_progress)
-    return 0 if res["accuracy_after"] >= 0.8 else 1
+    return 0 if res["accuracy_after"] >= 0.8 and res["check"] != "FAIL" else 1
 
 
 def cmd_fuse(a) -> int:
@@ -259,14 +313,11 @@ def cmd_export(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lorafit", description="LoRA fine-tuning for Phi-3 and other causal LMs."
-    )
-    p.add_argument("--version", action="version", version=f"lorafit {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    t = sub.add_parser("train", help="fine-tune a model with LoRA on chat data")
+def _train_args(
+    t: argparse.ArgumentParser,
+    nproc_help: str = "train on N processes: launches torchrun --standalone --nproc_per_node N",
+) -> None:
+    """The arguments of `train`, which `estimate` takes too."""
     t.add_argument("--model", help="base model: hub id, local folder or .gguf file (model.name_or_path)")
     t.add_argument("--data", help="training data: .jsonl/.json/.parquet or a datasets hub id (data.train)")
     t.add_argument("--eval-data", help="evaluation data (data.eval)")
@@ -283,10 +334,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in the output directory (from the start if there is "
                    "none yet), or from the checkpoint folder PATH")  # fmt: skip
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
-    t.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="train on N processes: launches torchrun --standalone --nproc_per_node N")  # fmt: skip
+    t.add_argument("--nproc", type=int, default=None, metavar="N", help=nproc_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorafit", description="LoRA fine-tuning for Phi-3 and other causal LMs."
+    )
+    p.add_argument("--version", action="version", version=f"lorafit {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a model with LoRA on chat data")
+    _train_args(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t.set_defaults(func=cmd_train)
+
+    es = sub.add_parser(
+        "estimate", help="will it fit? memory per device, steps and tokens of a `train` run, without loading weights",
+        description="The same arguments as `train`: the memory per device of that run (base weights, LoRA, "
+        "gradients, AdamW, activations, loss head, runtime), from the model's config alone and the data's token "
+        "counts, checked against the free memory, with what to change when it does not fit. Exit status 0 when "
+        "it fits (or the free memory is unknown), 3 when it does not, 2 on bad input.",
+    )  # fmt: skip
+    _train_args(es, nproc_help="plan for N processes (torchrun); with training_config.fsdp, per-rank figures")
+    es.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    es.add_argument("--probe", type=positive_int, nargs="?", const=3, default=0, metavar="STEPS",
+                    help="also train STEPS steps (default 3) on the real model and estimate the run's time")  # fmt: skip
+    es.add_argument("--free-memory", type=byte_size, metavar="SIZE",
+                    help="check against SIZE free (e.g. 24GiB, 80GB) instead of this device's free memory")  # fmt: skip
+    es.set_defaults(func=cmd_estimate)
 
     cd = sub.add_parser(
         "check-data",
@@ -335,6 +411,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=positive_int, default=512)
     c.add_argument("--temperature", type=float, default=0.0)
     c.set_defaults(func=cmd_chat)
+
+    ca = sub.add_parser(
+        "check-adapter", help="check a trained adapter: replies that stop, merged == unmerged, reload gives the eval loss",
+        description="Greedy replies of base + adapter to held-out prompts (the eval conversations up to their last "
+        "assistant turn): how many run to the token limit without the end-of-turn token, are empty or repeat "
+        "themselves; the merged model's logits against base + adapter; the adapter reloaded from disk against "
+        "training's eval loss (results.json of a training run's folder). `lorafit train` runs the same checks at "
+        "its end (training_config.post_check). Exit status: 0 all checks pass, 1 a check failed, 2 bad input.",
+    )  # fmt: skip
+    _model_args(ca, required=False)
+    ca.add_argument("--data", required=True, help="held-out chat data (the run's eval data)")
+    ca.add_argument("--max-seq-length", type=positive_int, default=None,
+                    help="for the eval loss (default: the run's config.yaml, else 2048)")  # fmt: skip
+    ca.add_argument(
+        "--batch-size", type=positive_int, default=None, help="eval batch size (default: the run's)"
+    )
+    ca.add_argument("--sample", type=positive_int, default=8, help="held-out prompts to reply to (default 8)")
+    ca.add_argument("--max-new-tokens", type=positive_int, default=None,
+                    help="the reply limit (default: 2 x the longest reference reply, within 32..1024)")  # fmt: skip
+    ca.add_argument("--max-runaway", type=float, default=0.125, metavar="SHARE",
+                    help="largest share of replies that may run to the limit (default 0.125: 1 in 8)")  # fmt: skip
+    ca.add_argument("--max-empty", type=float, default=0.125, metavar="SHARE",
+                    help="largest share of empty replies (default 0.125)")  # fmt: skip
+    ca.add_argument("--max-repetitive", type=float, default=0.125, metavar="SHARE",
+                    help="largest share of repetitive replies (default 0.125)")  # fmt: skip
+    ca.add_argument("--repeat-ratio", type=float, default=0.5, metavar="SHARE",
+                    help="a reply is repetitive above this share of repeated token 4-grams (default 0.5)")  # fmt: skip
+    ca.add_argument("--merge-tolerance", type=float, default=None, metavar="REL",
+                    help="max |merged - unmerged logit| / max |logit| (default 1e-3 fp32 weights, 5e-2 bf16/fp16)")  # fmt: skip
+    ca.add_argument("--loss-tolerance", type=float, default=0.01, metavar="REL",
+                    help="relative difference of the reloaded eval loss from training's (default 0.01)")  # fmt: skip
+    ca.add_argument("--json", action="store_true", help="print the report as JSON")
+    ca.set_defaults(func=cmd_check_adapter)
 
     tm = sub.add_parser(
         "tiny-model", help="write a small random Phi-3 model + tokenizer for tests and smoke runs"
@@ -433,6 +542,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk in a command without its own message (train has one)
+        from lorafit.checkpoint import is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        print(
+            f"error: no space left on device ({e}); the output was not written (lorafit writes under a temporary "
+            "name, removed on failure). Fix: free disk space, or choose an --output-dir on another disk, and run "
+            "the command again.",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from lorafit.errors import ConfigError, DataError
+from lorafit.lora.files import not_regular
 
 ROLES = ("system", "user", "assistant")
 TRAIN_ON = ("assistant", "all")
@@ -244,19 +244,56 @@ def record_to_messages(record: Any) -> tuple[list[dict] | None, list[str]]:
 # Sources.
 
 
+def _not_utf8(shown: str, path: Path, line: int, byte: int, offset: int) -> DataError:
+    return DataError(
+        f"{shown}:{line}: not valid UTF-8 (byte 0x{byte:02x} at byte offset {offset}). "
+        f"Fix: re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {shown} > fixed{path.suffix}`"
+    )
+
+
+def _empty(shown: str) -> DataError:
+    return DataError(f"{shown}: the file is empty. Fix: point to a file with training records ({LAYOUTS})")
+
+
 def _read_text(path: Path, shown: str) -> str:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{shown}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start}). "
-            f"Fix: re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {shown} > fixed{path.suffix}`"
-        ) from None
+        raise _not_utf8(shown, path, raw[: e.start].count(b"\n") + 1, raw[e.start], e.start) from None
     if not text.strip():
-        raise DataError(f"{shown}: the file is empty. Fix: point to a file with training records ({LAYOUTS})")
+        raise _empty(shown)
     return text
+
+
+MAX_LINE_BYTES = 256 << 20  # one JSONL line; a record that trains is far shorter (tokens.CHARS_PER_TOKEN)
+
+
+def _jsonl_lines(path: Path, shown: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line, read one line at a time: the file's text is never
+    held whole (a .json file is: one JSON value is parsed at once). A line longer than MAX_LINE_BYTES
+    is refused as soon as it is seen (a file without newlines would otherwise be one line, read whole)."""
+    offset, seen = 0, False
+    with open(path, "rb") as f:
+        # binary lines split on b"\n" only, not on U+2028
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(
+                    f"{shown}:{n}: a line longer than {MAX_LINE_BYTES >> 20} MiB (at byte offset {offset}); a record "
+                    "that trains is far shorter, since text beyond what max_seq_length holds is clipped. Fix: check "
+                    "that the file is JSON Lines (one record per line, each ending in a newline), or shorten the record"
+                )
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                start = e.start + (3 if n == 1 and raw.startswith(b"\xef\xbb\xbf") else 0)
+                raise _not_utf8(shown, path, n, raw[start], offset + start) from None
+            offset += len(raw)
+            if line.strip():
+                seen = True
+                yield n, line
+    if not seen:
+        raise _empty(shown)
 
 
 def _unreadable_json(e: Exception) -> str:
@@ -267,10 +304,7 @@ def _unreadable_json(e: Exception) -> str:
 
 
 def _jsonl_records(path: Path, shown: str, problems: Problems) -> Iterator[tuple[str, Any]]:
-    # split on "\n" only: str.splitlines() would also split on U+2028 etc., legal inside JSON strings
-    for n, line in enumerate(_read_text(path, shown).split("\n"), start=1):
-        if not line.strip():
-            continue
+    for n, line in _jsonl_lines(path, shown):
         loc = f"{shown}:{n}"
         try:
             yield loc, json.loads(line)
@@ -353,6 +387,12 @@ def load_conversations(source: str | Path, *, split: str | None = None) -> list[
     is the assistant's, or that ends on a user turn, is accepted (those turns are simply not trained
     on). The whole file is checked in one pass and all problems are raised as ONE DataError, listing
     the first 20 with their ``path:line`` (or ``path:record N``) and the fix.
+
+    Cost: a path that is not a regular file (FIFO, device) is refused before it is opened; a .jsonl
+    file is read one line at a time; one record is bounded later (`lorafit.tokens` clips its text to
+    what max_seq_length can hold). The whole file is not capped -- a large dataset must keep working
+    -- so memory follows the data: every record is held (about 3.4x the file's size for short chats,
+    `python -m bench.data_memory`). A .json file is one JSON value and is parsed whole.
     """
     problems = Problems()
     if isinstance(source, Path) or Path(source).expanduser().exists() or _looks_like_path(str(source)):
@@ -402,18 +442,15 @@ def _check_regular(path: Path, shown: str) -> None:
     """Refuse a data path that is not (or does not link to) a regular file: a device such as /dev/zero,
     a FIFO or a socket would be read without end."""
     try:
-        mode = os.stat(path).st_mode  # follows links: what would be read
+        os.stat(path)
     except OSError as e:
         raise DataError(
             f"{shown}: cannot read ({e.strerror}). Fix: check the path and its permissions"
         ) from None
-    if not stat.S_ISREG(mode):
-        what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(
-            mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"  # fmt: skip
-        linked = f" (it links to {os.path.realpath(path)})" if path.is_symlink() else ""
+    problem = not_regular(path)
+    if problem:
         raise DataError(
-            f"{shown}: is {what}{linked}, not a regular file, and would be read without end. "
-            f"Fix: write the records to a .jsonl, .json or .parquet file and give its path"
+            f"{shown}: {problem}. Fix: write the records to a .jsonl, .json or .parquet file and give its path"
         )
 
 

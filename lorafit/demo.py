@@ -11,9 +11,11 @@
    occur in training, so answering them needs the rule, not memory;
 3. answers the held-out prompts greedily with the base model (random: ~0% right);
 4. fine-tunes LoRA (r=16, all linear layers, loss on the assistant turns only);
-5. answers them again through base + saved adapter and counts the right ones.
+5. answers them again through base + saved adapter and counts the right ones;
+6. (during 4, at the end of training) the post-training check: 8 held-out replies stop at <|end|>,
+   merged == unmerged logits, the saved adapter gives the training eval loss (lorafit.adapter_check).
 
-Most answers right (at least 80%) shows that chat template, loss mask, packing, training, adapter
+Most answers right (at least 80%) and a passing check show that chat template, loss mask, packing, training, adapter
 saving/loading and generation (stopping at <|end|>) all work together.
 """
 
@@ -26,6 +28,9 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
+from lorafit.errors import LorafitError
 from lorafit.lora.files import write_json_atomic
 
 # The pipeline (api, generation, tiny) is imported inside the functions, as in cli.py: an entry point.
@@ -120,6 +125,38 @@ def _score(rows: list[dict], answers: list[str]) -> dict:
     return {"right": right, "total": len(rows), "accuracy": right / len(rows), "per_task": per}
 
 
+DEMO_NAMES = frozenset({"base-model", "adapter", "demo_results.json"})
+
+
+def check_demo_output(out: Path) -> None:
+    """Refuse an output folder that is not new, empty or a previous demo's, which the demo replaces.
+    How lorafit knows a previous demo: the folder holds only DEMO_NAMES, and its adapter/ folder is
+    empty or a run whose config.yaml trained OUT/base-model (base-model/ itself is checked by
+    write_tiny_model). Anything else -- a user's training run in OUT/adapter -- is never replaced."""
+    fix = "Fix: choose a new --output-dir for the demo"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise LorafitError(f"demo output folder {out} is a symbolic link or a file. {fix}")
+    if not out.exists():
+        return
+    other = sorted(p.name for p in out.iterdir() if p.name not in DEMO_NAMES)
+    if other:
+        raise LorafitError(f"{out} holds files the demo did not write ({', '.join(other[:4])}). {fix}")
+    adapter = out / "adapter"
+    if adapter.is_symlink() or (adapter.exists() and not adapter.is_dir()):
+        raise LorafitError(f"{adapter} is a symbolic link or a file. {fix}")
+    if adapter.is_dir() and any(adapter.iterdir()):
+        try:
+            recorded = (yaml.safe_load((adapter / "config.yaml").read_text(encoding="utf-8")) or {})["model"]
+            ours = Path(recorded["name_or_path"]).resolve() == (out / "base-model").resolve()
+        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+            ours = False
+        if not ours:
+            raise LorafitError(
+                f"{adapter} holds a training run that is not this demo's (its config.yaml does not train "
+                f"{out / 'base-model'}); the demo never replaces it. {fix}"
+            )
+
+
 def run_demo(output_dir: str | Path = "lorafit-demo", *, progress: bool = True, say=print) -> dict:
     """Run the demo; returns a summary (also written to OUT/demo_results.json)."""
     from lorafit.api import finetune
@@ -127,7 +164,8 @@ def run_demo(output_dir: str | Path = "lorafit-demo", *, progress: bool = True, 
     from lorafit.tiny import write_tiny_model
 
     t0 = time.perf_counter()
-    out = Path(output_dir)
+    out = Path(output_dir).expanduser()
+    check_demo_output(out)
     base = write_tiny_model(out / "base-model", size="demo", seed=0)
     data = demo_data_dir()
     rows = [json.loads(line) for line in (data / "eval.jsonl").read_text().splitlines() if line.strip()]
@@ -162,8 +200,13 @@ def run_demo(output_dir: str | Path = "lorafit-demo", *, progress: bool = True, 
         f"\ntraining: {res['steps']} steps, {res['tokens']:,} tokens in {train_sec:.0f} s "
         f"({res['tokens'] / train_sec:,.0f} tokens/s); whole demo {time.perf_counter() - t0:.0f} s"
     )
-    verdict = "PASS" if score["accuracy"] >= 0.8 else "FAIL"
-    say(f"{verdict}: at least 80% of held-out answers must be right. Adapter: {out / 'adapter'}")
+    checks = res.get("checks") or {}
+    say(f"post-training check: {checks.get('verdict_line', 'not run')}")
+    verdict = "PASS" if score["accuracy"] >= 0.8 and checks.get("verdict") != "FAIL" else "FAIL"
+    say(
+        f"{verdict}: at least 80% of held-out answers must be right and the post-training check must pass. "
+        f"Adapter: {out / 'adapter'}"
+    )
     summary = {
         "accuracy_before": score_before["accuracy"],
         "accuracy_after": score["accuracy"],
@@ -177,6 +220,7 @@ def run_demo(output_dir: str | Path = "lorafit-demo", *, progress: bool = True, 
         "tokens": res["tokens"],
         "tokens_per_sec": round(res["tokens"] / train_sec, 1),
         "adapter": str(out / "adapter"),
+        "check": checks.get("verdict"),
     }
     write_json_atomic(out / "demo_results.json", summary, sort_keys=False)
     return summary

@@ -78,6 +78,11 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
 
 
+def env_world_size() -> int:
+    """The number of processes torchrun launched (WORLD_SIZE), 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+
+
 def init(device_type: str) -> Dist:
     """Join the process group torchrun set up (env:// rendezvous); a no-op for one process."""
     if not launched_by_torchrun():

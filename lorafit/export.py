@@ -219,7 +219,10 @@ def export_adapter(
         fl = _layout_for(loras, recorded, base, layout == "split", trust_remote_code)
         extra = dict(carried)
         if layout == "split":
-            loras = split_loras(loras, fl)
+            try:
+                loras = split_loras(loras, fl)
+            except lora.LoraError as e:
+                raise lora.LoraError(f"{src}: {e}") from None
             extra[STACKED_LAYOUT_KEY] = {
                 k: {"pieces": list(p), "split_sizes": list(s)} for k, (p, s) in fl.items()
             }

@@ -137,7 +137,7 @@ def _fit_context(model, prompt_tokens: int, max_new_tokens: int) -> int:
 
 
 @torch.no_grad()
-def generate_batch(
+def generate_tokens(
     model,
     tokenizer,
     conversations: list[list[dict]],
@@ -148,9 +148,10 @@ def generate_batch(
     streamer=None,
     system_message: str = "auto",
     template: ChatTemplate | None = None,
-) -> list[str]:
-    """Reply to each conversation (lists of messages ending with a user turn). Greedy when temperature=0.
-    System messages follow `system_message` as in training (see `prompt_text`)."""
+) -> tuple[torch.Tensor, int]:
+    """(new token ids, the token limit used): the reply tokens of each conversation, one row each,
+    padded after a stop token with the pad id, and `max_new_tokens` as lowered to fit the context.
+    What `generate_batch` decodes; `lorafit.adapter_check` reads the rows to see where a reply stopped."""
     template = template or ChatTemplate.probe(tokenizer)
     texts = [
         prompt_text(tokenizer, c, system_message=system_message, template=template) for c in conversations
@@ -178,7 +179,14 @@ def generate_batch(
         streamer=streamer,
         **kwargs,
     )
-    new = out[:, enc["input_ids"].shape[1] :]
+    return out[:, enc["input_ids"].shape[1] :], max_new_tokens
+
+
+def generate_batch(model, tokenizer, conversations: list[list[dict]], **kwargs) -> list[str]:
+    """Reply to each conversation (lists of messages ending with a user turn). Greedy when temperature=0.
+    System messages follow `system_message` as in training (see `prompt_text`); the keyword arguments
+    are `generate_tokens`'s."""
+    new, _ = generate_tokens(model, tokenizer, conversations, **kwargs)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 

@@ -9,6 +9,7 @@ One JSON object per line, in the order they happened:
 
 The history is also what every checkpoint carries (trainer_state.json's log_history), so a resumed
 run starts by writing metrics.jsonl back to exactly the checkpoint's lines and appends from there.
+Each record also goes to the run's dashboards (lorafit.dashboards), at the same step.
 loss.png is drawn with matplotlib's object API (a Figure with its own Agg canvas), so plotting
 never switches the process-wide pyplot backend.
 """
@@ -20,6 +21,7 @@ import os
 from pathlib import Path
 
 from lorafit.checkpoint import disk_full_error, is_disk_full, open_nofollow
+from lorafit.dashboards import Dashboards
 from lorafit.lora.files import replace_atomic, write_bytes_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -28,11 +30,13 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsLog:
     """Appends records to `history` (a TrainState's log_history) and, when `write`, to metrics.jsonl.
 
-    Under torchrun every rank keeps the history (checkpoints and results read it); rank 0 writes.
+    Under torchrun every rank keeps the history (checkpoints and results read it); rank 0 writes, and
+    hands each record to its `dashboards` (training_config.report_to) right after the line is written.
     """
 
-    def __init__(self, path: Path, history: list[dict], *, write: bool):
+    def __init__(self, path: Path, history: list[dict], *, write: bool, dashboards: Dashboards | None = None):
         self.path, self.history, self.write = Path(path), history, write
+        self.dashboards = dashboards
 
     def restart(self) -> None:
         """Write metrics.jsonl afresh with the history so far (a resumed run drops lines past its checkpoint)."""
@@ -52,6 +56,8 @@ class MetricsLog:
                 if not is_disk_full(e):
                     raise
                 raise disk_full_error(self.path.parent, f"a line of {self.path.name}") from None
+        if self.dashboards is not None:
+            self.dashboards.log(record)
 
     def last_eval(self) -> dict | None:
         evals = [h for h in self.history if "eval_loss" in h]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lorafit import lora, quant
-from lorafit.attention import use_packed_sdpa
+from lorafit.attention import use_packed_attention
 from lorafit.config import ModelConfig, PeftConfig
 from lorafit.errors import ConfigError, DataError, LorafitError
 from lorafit.gguf_files import describe, fingerprint, gguf_file, hf_source
@@ -184,27 +184,13 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
 # ----------------------------------------------------------------------------- model
 
 
-def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training: bool = True):
-    """Load a causal LM with transformers' Auto classes.
+def load_model_config(cfg: ModelConfig):
+    """The base model's transformers config (config.json only, or a .gguf file's metadata: no weights)."""
+    from transformers import AutoConfig
 
-    use_cache is off while training (a KV cache is useless there and, with packed rows, it would
-    switch off the block-diagonal attention mask). For training, sdpa becomes ``lorafit_sdpa``
-    (`lorafit.attention`): packed rows attend per conversation, everything else is unchanged.
-    trust_remote_code stays off unless asked. A `.gguf` file is read through transformers' GGUF support
-    (lorafit.gguf_files): its weights are dequantized once, the log says from what, and the model
-    remembers the file's fingerprint (`model.lorafit_base_gguf`) for the adapter to record.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    device = device or resolve_device(cfg.device)
     source, gguf_kwargs = hf_source(cfg.name_or_path)
-    if gguf_kwargs and cfg.quantization != "none":
-        raise ConfigError(
-            f"model.quantization: {cfg.quantization} quantizes a checkpoint with bitsandbytes; the GGUF file "
-            f"{cfg.name_or_path} is read dequantized. Fix: set model.quantization to none for a GGUF base"
-        )
     try:
-        hf_config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **gguf_kwargs
         )
     except (OSError, ValueError) as e:
@@ -212,15 +198,82 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
             f"cannot load a model config from {cfg.name_or_path!r}: {e}\n"
             "Fix: pass a local model directory or a Hugging Face hub id (model.name_or_path / --model)."
         ) from e
-    dtype = weight_dtype(cfg.dtype, device, getattr(hf_config, "dtype", None))
-    attn = cfg.attn_implementation
+
+
+def meta_model(cfg: ModelConfig, hf_config, dtype: torch.dtype):
+    """The model of `hf_config` on the meta device (shapes and dtypes, no memory), as `load_model` builds
+    it for training, attention implementation included: what `lorafit estimate` counts."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            hf_config,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    model.config.use_cache = False
+    return model
+
+
+def check_attention(attn: str, device: torch.device, training: bool) -> None:
+    """Refuse an attention implementation the device cannot run (model.attn_implementation), before loading.
+
+    flex_attention: PyTorch (2.13 included) has flex_attention's backward only on GPUs; on a CPU any
+    call with inputs that need gradients raises "FlexAttention does not support backward on CPU",
+    eager or compiled. Training is refused there rather than moved to sdpa behind the user's back (a
+    run asked to measure flex would measure something else); its forward (eval, generation) runs.
+    """
     if attn == "flash_attention_2" and device.type != "cuda":
         raise ConfigError(
             "model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa (the default)"
         )
+    if attn == "flex_attention" and training and device.type != "cuda":
+        raise ConfigError(
+            f"model.attn_implementation: flex_attention trains only on a CUDA GPU: PyTorch has no flex_attention "
+            f'backward on {device.type} ("FlexAttention does not support backward on CPU"). Fix: use sdpa (the '
+            "default; it attends per packed conversation with the fused kernel and gives the same result), "
+            "e.g. --set model.attn_implementation=sdpa"
+        )
+
+
+def load_model(
+    cfg: ModelConfig,
+    *,
+    device: torch.device | None = None,
+    training: bool = True,
+    runs_on: torch.device | None = None,
+):
+    """Load a causal LM with transformers' Auto classes onto `device`.
+
+    `runs_on`: the device it will compute on when that is not `device` (FSDP on GPUs loads on the CPU
+    and moves each rank's shards to its GPU); what the attention needs is checked against it.
+    use_cache is off while training (a KV cache is useless there and, with packed rows, it would
+    switch off the block-diagonal attention mask). For training, sdpa becomes ``lorafit_sdpa`` and
+    flex_attention ``lorafit_flex`` (`lorafit.attention`): packed rows attend per conversation,
+    everything else is unchanged. trust_remote_code stays off unless asked. A `.gguf` file is read through
+    transformers' GGUF support (lorafit.gguf_files): its weights are dequantized once, the log says from
+    what, and the model remembers the file's fingerprint (`model.lorafit_base_gguf`) for the adapter to record.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or resolve_device(cfg.device)
+    runs_on = runs_on or device
+    check_attention(cfg.attn_implementation, runs_on, training)
+    source, gguf_kwargs = hf_source(cfg.name_or_path)
+    if gguf_kwargs and cfg.quantization != "none":
+        raise ConfigError(
+            f"model.quantization: {cfg.quantization} quantizes a checkpoint with bitsandbytes; the GGUF file "
+            f"{cfg.name_or_path} is read dequantized. Fix: set model.quantization to none for a GGUF base"
+        )
+    hf_config = load_model_config(cfg)
+    # the dtypes are those of the device that computes: a bf16 base loaded on a CPU for FSDP on GPUs
+    # stays bf16 (fp32 would double the host RAM of every rank, then the GPUs' share)
+    dtype = weight_dtype(cfg.dtype, runs_on, getattr(hf_config, "dtype", None))
+    attn = cfg.attn_implementation
     quantized = {}
     if cfg.quantization != "none":  # see lorafit/quant.py; lm_head and embeddings keep `dtype`
-        compute = bnb_compute_dtype(cfg.bnb_4bit_compute_dtype, device)
+        compute = bnb_compute_dtype(cfg.bnb_4bit_compute_dtype, runs_on)
         quantized = {
             "quantization_config": quant.bnb_config(
                 cfg.quantization, double_quant=cfg.bnb_4bit_use_double_quant, compute=compute
@@ -251,7 +304,9 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, training
         log.info("base model %s", describe(path, model))
     model.config.use_cache = not training
     if training:
-        use_packed_sdpa(model)  # sdpa -> lorafit_sdpa: attention per packed conversation
+        use_packed_attention(
+            model
+        )  # sdpa/flex_attention -> lorafit_sdpa/lorafit_flex: per packed conversation
     if quantized:
         quant.keep_packed_layout(model)
         quant.release_checkpoint(model)
@@ -378,6 +433,7 @@ def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
     # a head tied to the input embedding stays: the embedding lookup is not autocast
     elsewhere = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(False)}
     saved = 0
+    blocks: set[int] = set()  # the memory blocks the cast weights were views of
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -390,8 +446,33 @@ def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
                 and id(p) not in elsewhere
             ):
                 saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
+                blocks.add(p.untyped_storage().data_ptr())
                 p.data = p.data.to(dtype)
+    _own_memory(model, blocks)
     return saved
+
+
+@torch.no_grad()
+def _own_memory(model: nn.Module, blocks: set[int]) -> None:
+    """Copy every parameter and buffer that is still a view of one of `blocks` into memory of its own.
+
+    transformers loads a checkpoint's tensors as views of one block per file (read into memory, or
+    mapped). Once the linear weights are held in another dtype, the embeddings, norms and head would
+    keep that whole block alive -- the fp32 linear weights included: 226 MB of dead weights on the
+    benchmark's small model (measured with bench/memory.py). With their own copies, the block is freed.
+    """
+    if not blocks:
+        return
+    for m in model.modules():
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is None or t.untyped_storage().data_ptr() not in blocks:
+                continue
+            if t.untyped_storage().nbytes() <= t.numel() * t.element_size():
+                continue  # the block is this tensor alone
+            if name in m._parameters:
+                t.data = t.data.clone()
+            else:
+                m._buffers[name] = t.clone()
 
 
 def module_name(model: nn.Module, name: str) -> str:

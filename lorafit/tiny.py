@@ -12,8 +12,12 @@ Run `lorafit tiny-model OUT` to write one to a folder that `from_pretrained` rea
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
+
+from lorafit.checkpoint import atomic_dir
+from lorafit.errors import LorafitError
 
 # The official Phi-3-mini-4k-instruct template (after its mid-2024 update, with system turns).
 PHI3_CHAT_TEMPLATE = (
@@ -122,11 +126,49 @@ def build_model(tokenizer, size: str = "demo", vocab_size: int | None = None, se
 def write_tiny_model(
     out_dir: str | Path, size: str = "demo", vocab_size: int | None = None, seed: int = 0
 ) -> Path:
-    """Write a tiny Phi-3 model and its tokenizer to `out_dir` (safetensors, config, chat template)."""
-    out = Path(out_dir)
+    """Write a tiny Phi-3 model and its tokenizer to `out_dir` (safetensors, config, chat template).
+
+    `out_dir` must be new, empty, or a tiny model written before (`check_tiny_output`): a real model
+    folder given by mistake is never replaced. The folder is written beside and renamed into place.
+    """
+    out = Path(out_dir).expanduser()
+    check_tiny_output(out)
     tok = build_tokenizer()
     model = build_model(tok, size=size, vocab_size=vocab_size, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
+
+
+TINY_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                        "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"})  # fmt: skip
+
+
+def check_tiny_output(out: Path) -> None:
+    """Refuse an output folder that is not new, empty or a tiny model: how lorafit knows a tiny model
+    is that the folder holds only TINY_FILES and its config.json is a Phi-3 of one of SIZES' shapes
+    (no published model is that small). A link is refused: the folder is replaced by a rename."""
+    fix = "Fix: choose a new folder for the tiny model"
+    if out.is_symlink():
+        raise LorafitError(f"{out} is a symbolic link; lorafit replaces no folder through a link. {fix}")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LorafitError(f"{out} is a file, not a folder. {fix}")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    other = [n for n in names if n not in TINY_FILES or not (out / n).is_file()]
+    try:
+        cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        shape = {k: cfg.get(k) for k in SIZES["demo"]}
+        tiny = cfg.get("model_type") == "phi3" and shape in SIZES.values()
+    except (OSError, ValueError, AttributeError):
+        tiny = False
+    if other or not tiny:
+        held = f"it holds {', '.join(other[:4])}" if other else "its config.json is not a tiny model's"
+        raise LorafitError(
+            f"{out} is not empty and not a tiny model written by lorafit ({held}); tiny-model replaces only "
+            f"a previous tiny model, never a real model or other files. {fix}, or remove this one"
+        )

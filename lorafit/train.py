@@ -9,7 +9,8 @@ its slot within the epoch), which is what makes resume exact.
     job.prepare():  config -> output directory checked -> tokenizer -> data -> model + LoRA
                     (all checks happen here, before anything is written)
     run(job):       [checkpoint loaded] -> setup_loop -> [eval before] -> steps -> finish
-                    (last checkpoint, adapter, results.json, loss.png), or stopped by a signal
+                    (last checkpoint, adapter, results.json, loss.png, post-training check),
+                    or stopped by a signal
     each step:      train_step (micro-batches, all ranks summed, clip, NaN/Inf guard)
                     -> apply_step or skip_step -> log_window / evaluate / save when due
 
@@ -23,8 +24,9 @@ Output directory:
 
     OUT/adapter_config.json, adapter_model.safetensors   the final adapter (PEFT format)
     OUT/config.yaml       the resolved run config        OUT/metrics.jsonl   every log line
-    OUT/results.json      summary                        OUT/loss.png        train/eval loss plot
+    OUT/results.json      summary, "checks"              OUT/loss.png        train/eval loss plot
     OUT/checkpoint-<step>/                               adapter + optimizer/scheduler/RNG/data position
+    OUT/runs/, OUT/wandb/, OUT/mlflow.db                 dashboards (training_config.report_to), when chosen
 
 Reliability (tests/test_resume.py, tests/test_bad_input.py):
 
@@ -52,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import resource
 import signal
 import time
 import warnings
@@ -61,6 +64,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafit import distributed, lora
+from lorafit.adapter_check import check_trained, format_report, skipped
 from lorafit.checkpoint import (
     TrainState,
     clean_output_dir,
@@ -75,8 +79,9 @@ from lorafit.checkpoint import (
     save_checkpoint,
 )
 from lorafit.config import TrainingConfig, save_config
+from lorafit.dashboards import Dashboards
 from lorafit.distributed import Dist, all_sum
-from lorafit.errors import ConfigError, LorafitError
+from lorafit.errors import LorafitError
 from lorafit.evaluation import eval_loss, rows_for
 from lorafit.job import Job, adapter_kwargs
 from lorafit.lora.files import write_json_atomic
@@ -206,13 +211,7 @@ def setup_loop(job: Job) -> Loop:
     batches = Batches(
         rows, t.per_device_train_batch_size, seed=t.seed, shuffle=True, rank=d.rank, world_size=d.world_size
     )
-    steps_per_epoch = math.ceil(batches.batches_per_epoch / t.gradient_accumulation_steps)
-    if t.max_steps <= 0 and not math.isfinite(t.num_train_epochs * steps_per_epoch):
-        raise ConfigError(
-            f"training_config.num_train_epochs: {t.num_train_epochs:g} epochs of {steps_per_epoch} steps is more "
-            "steps than can be counted. Fix: fewer epochs, or a number of steps with max_steps"
-        )
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = t.step_counts(batches.batches_per_epoch)
     cdtype = compute_dtype(job.precision, job.model)
     loss_module, loss_scale = distributed.wrap(d, job.model, cdtype, device=job.device, fsdp=job.sharded)
     optimizer = make_optimizer(
@@ -468,18 +467,29 @@ def run(job: Job, *, progress: bool = True) -> dict:
         state = resumed_state(job, loop, state, console)
     else:
         state = new_state(job, loop)
-    metrics = MetricsLog(out / METRICS_FILE, state.log_history, write=d.main)
+    t = loop.t
+    boards = None  # training_config.report_to: rank 0 only; started once the output directory is ready
+    if d.main and t.report_to:
+        name = t.run_name or out.resolve().name
+        boards = Dashboards(t.report_to, out, job.run.to_dict(), state.step, name=name, project=t.project)
+    metrics = MetricsLog(out / METRICS_FILE, state.log_history, write=d.main, dashboards=boards)
 
     # every rank has checked the output directory and the checkpoint before rank 0 writes the first byte
     # (DDP's constructor is a collective and met here anyway; FSDP's fully_shard is not)
     distributed.barrier(d)
     if d.main:
         make_output_dir(out)
-    with output_lock(out) if d.main else contextlib.nullcontext(), Stop(d) as stop:
+    with (
+        output_lock(out) if d.main else contextlib.nullcontext(),
+        Stop(d) as stop,
+        contextlib.ExitStack() as finally_,
+    ):
         if d.main:
             clean_output_dir(out, job.output.overwrite)
             save_config(job.run, out / "config.yaml")
             metrics.restart()
+        if boards is not None:  # finished on every way out: the end, an error, Ctrl-C, a signal
+            finally_.enter_context(boards)
         distributed.barrier(d)
         if ckpt is not None:
             console.say(f"resuming from {ckpt} (step {state.step} of {loop.total_steps})")
@@ -516,6 +526,8 @@ def run(job: Job, *, progress: bool = True) -> dict:
         runtime, run_tokens = state.run_time()  # the training itself: before the last checkpoint and eval
 
         if state.step < loop.total_steps:  # stopped by a signal (whenever it came, the current step is saved)
+            if boards is not None:
+                boards.status = "killed"
             return stopped(job, loop, state, stop.requested or "a signal to another rank", saved, console)
         return finish(job, loop, state, metrics, runtime, run_tokens)
 
@@ -565,7 +577,38 @@ def finish(
     except OSError as e:
         Console(True, False).warn(f"warning: could not write {out / 'loss.png'} ({e.strerror or e}); "
                                   "the adapter and results.json are complete")  # fmt: skip
+    post_check(job, loop, results, Console(True, False))
     return results
+
+
+def post_check(job: Job, loop: Loop, results: dict, console: Console) -> None:
+    """training_config.post_check: lorafit.adapter_check on the model just trained and the adapter just
+    saved; the report is printed (always, like the eval lines) and added to results.json under "checks"
+    (rewritten atomically). A failed check is reported, not an error: the run and its adapter are complete."""
+    t = loop.t
+    if not t.post_check:
+        return
+    if job.dist.enabled:
+        report = skipped("not run under torchrun; run `lorafit check-adapter` on the output")
+    else:
+        eval_args = dict(batch_size=t.per_device_eval_batch_size, max_seq_length=t.max_seq_length,
+                         pad_id=job.tokenizer.pad_token_id, device=job.device, precision=job.precision,
+                         packing=t.packing)  # fmt: skip
+        try:
+            report = check_trained(
+                job.model, job.tokenizer, job.check_conversations, job.output.path, eval_data=job.eval_data,
+                eval_args=eval_args, training_eval_loss=results["eval_loss"], precision=job.precision,
+                system_message=job.run.data.system_message,
+                prompts_from="eval data" if job.eval_data is not None else "training data (no eval data)",
+            )  # fmt: skip
+        except LorafitError as e:  # e.g. no prompt fits the model's context: say so, keep the run
+            report = skipped(str(e))
+    results["checks"] = report
+    tqdm.write(format_report(report))
+    try:
+        write_json_atomic(job.output.path / "results.json", results)
+    except OSError as e:
+        console.warn(f"warning: could not add the check to {job.output.path / 'results.json'} ({e})")
 
 
 def summarize(
@@ -602,4 +645,14 @@ def summarize(
     }
     if job.output.resume_from is not None:
         results["resumed_from"] = str(job.output.resume_from)
+    results["memory"] = {"estimated_peak_bytes": job.plan.memory.peak if job.plan else None,
+                         "peak_rss_bytes": peak_memory(job.device)}  # fmt: skip
     return results
+
+
+def peak_memory(device: torch.device) -> int:
+    """What `lorafit estimate` predicts, measured: on a GPU the allocator's peak reserved bytes, else the
+    process's peak resident memory (Linux: ru_maxrss in KiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lorafit import lora
-from lorafit.attention import PACKED_SDPA, use_packed_sdpa
+from lorafit.attention import PACKED_FLEX, PACKED_SDPA, register, use_packed_sdpa
 from lorafit.loss import loss_sum
 from lorafit.model import plan_lora
 from lorafit.tiny import build_model, build_tokenizer, write_tiny_model
@@ -107,6 +107,8 @@ def lora_grads(tok, batch, attn: str, **dims):
     if attn == PACKED_SDPA:
         assert use_packed_sdpa(model)
     else:
+        if attn == PACKED_FLEX:
+            register()
         model.set_attn_implementation(attn)
     loss = loss_sum(model, batch)
     loss.backward()

@@ -88,3 +88,60 @@ def test_qlora_phi3_mini_estimate_counts_its_shapes():
 def test_quick_qlora_benchmark_runs(tmp_path):
     _bench("qlora", "--quick", "--workdir", str(tmp_path))
     assert "| nf4 |" in (tmp_path / "BENCHMARKS-qlora.md").read_text()
+
+
+def test_long_conversations_are_longer_than_a_row():
+    lengths = [
+        n_tokens(c["messages"]) for c in make_conversations(40, seed=1, max_tokens=1400, min_tokens=1000)
+    ]
+    assert 1000 <= min(lengths) and max(lengths) <= 1400
+
+
+def test_memory_replay_finds_the_live_peak_and_what_was_alive(tmp_path):
+    """bench.memory replays the profiler's allocations and frees: the peak of live bytes, its phase, and
+    the tensors alive there named by their outermost aten op (backward marked)."""
+    import json
+
+    from bench.memory import tensor_timeline
+
+    def mem(ts, addr, nbytes):
+        return {
+            "name": "[memory]",
+            "ph": "i",
+            "ts": ts,
+            "tid": 1,
+            "args": {"Addr": addr, "Bytes": nbytes, "Device Type": 0},
+        }
+
+    events = [
+        {"name": "phase:first step", "ph": "X", "ts": 5, "dur": 0, "tid": 1},
+        {
+            "name": "aten::mm",
+            "ph": "X",
+            "ts": 10,
+            "dur": 10,
+            "tid": 1,
+            "args": {"Input Dims": [[4, 8], [8, 2]]},
+        },
+        {"name": "aten::empty", "ph": "X", "ts": 11, "dur": 1, "tid": 1},
+        mem(11, 100, 1000),
+        {
+            "name": "autograd::engine::evaluate_function: MmBackward0",
+            "ph": "X",
+            "ts": 30,
+            "dur": 20,
+            "tid": 1,
+        },
+        {"name": "aten::mul", "ph": "X", "ts": 31, "dur": 5, "tid": 1, "args": {"Input Dims": [[4, 8]]}},
+        mem(32, 200, 500),
+        mem(40, 100, -1000),
+        mem(41, 200, -500),
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    t = tensor_timeline(path)
+    assert t["peak_bytes"] == 1500 and t["peak_phase"] == "first step"
+    assert [(k, b, n) for k, b, n in t["top_at_peak"]] == [
+        ("first step: aten::mm [[4, 8], [8, 2]]", 1000, 1),
+        ("first step: bw aten::mul [[4, 8]]", 500, 1),
+    ]

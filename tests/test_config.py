@@ -416,14 +416,14 @@ def test_file_errors(tmp_path):
 def test_ignored_keys_warn_with_file_and_line(tmp_path):
     path = write(
         tmp_path / "c.yaml",
-        "training_config:\n  report_to: wandb\n  optim: adamw_torch_fused\n  push_to_hub: false\n"
+        "training_config:\n  logging_dir: logs\n  optim: adamw_torch_fused\n  push_to_hub: false\n"
         "peft_config:\n  inference_mode: false\n  fan_in_fan_out: false\n",
     )
     with pytest.warns(ConfigWarning) as record:
         cfg = load_config(path, overrides=["training_config.optim=paged_adamw_8bit"])
     messages = [str(w.message) for w in record]
     assert messages == [
-        f"{path}:2: training_config.report_to is ignored: {IGNORED_TRAINING_KEYS['report_to']}",
+        f"{path}:2: training_config.logging_dir is ignored: {IGNORED_TRAINING_KEYS['logging_dir']}",
         f"--set training_config.optim=paged_adamw_8bit: training_config.optim='paged_adamw_8bit' is ignored: "
         f"{IGNORED_TRAINING_KEYS['optim']}",
         f"{path}:4: training_config.push_to_hub is ignored: {IGNORED_TRAINING_KEYS['push_to_hub']}",
@@ -431,7 +431,7 @@ def test_ignored_keys_warn_with_file_and_line(tmp_path):
         f"{path}:7: peft_config.fan_in_fan_out is ignored: {IGNORED_PEFT_KEYS['fan_in_fan_out']}",
     ]
     assert record[0].filename == __file__  # attributed to the caller, not to config.py
-    assert "report_to" not in cfg.to_dict()["training_config"]
+    assert "logging_dir" not in cfg.to_dict()["training_config"]
     # optim adamw_torch / adamw_torch_fused is what lorafit does: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -787,7 +787,9 @@ WRONG_TYPE_MESSAGES = {
     "model.name_or_path": "expected a non-empty string, got [1, 2] (list)",
     "model.adapter": "expected a non-empty string or null, got [1, 2] (list)",
     "model.dtype": "expected one of 'auto', 'bf16', 'fp16', 'fp32', got [1, 2] (list)",
-    "model.attn_implementation": "expected one of 'sdpa', 'eager', 'flash_attention_2', got [1, 2] (list)",
+    "model.attn_implementation": (
+        "expected one of 'sdpa', 'eager', 'flash_attention_2', 'flex_attention', got [1, 2] (list)"
+    ),
     "model.device": "expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got [1, 2] (list)",
     "model.trust_remote_code": "expected true or false, got [1, 2] (list)",
     "model.revision": "expected a non-empty string or null, got [1, 2] (list)",
@@ -817,12 +819,16 @@ WRONG_TYPE_MESSAGES = {
     "training_config.adam_epsilon": "expected a float > 0, got [1, 2] (list)",
     "training_config.max_grad_norm": "expected a float >= 0, got [1, 2] (list)",
     "training_config.logging_steps": "expected an integer >= 1, got [1, 2] (list)",
+    "training_config.report_to": "expected 'none', 'all', a dashboard name or a list of them, got [1, 2] (list)",
+    "training_config.run_name": "expected a non-empty string or null, got [1, 2] (list)",
+    "training_config.project": "expected a non-empty string or null, got [1, 2] (list)",
     "training_config.eval_strategy": "expected one of 'no', 'steps', 'epoch', got [1, 2] (list)",
     "training_config.eval_steps": "expected an integer >= 1 or null, got [1, 2] (list)",
     "training_config.save_strategy": "expected one of 'steps', 'epoch', 'no', got [1, 2] (list)",
     "training_config.save_steps": "expected an integer >= 1, got [1, 2] (list)",
     "training_config.save_total_limit": "expected an integer >= 1 or null, got [1, 2] (list)",
-    "training_config.seed": "expected an integer >= 0, got [1, 2] (list)",
+    "training_config.seed": "expected an integer in [0, 18446744073709551615] (2**64 - 1 is the largest seed "
+    "torch.manual_seed takes), got [1, 2] (list)",
     "training_config.bf16": "expected true, false or null (auto), got [1, 2] (list)",
     "training_config.fp16": "expected true or false, got [1, 2] (list)",
     "training_config.gradient_checkpointing": "expected true, false or auto, got [1, 2] (list)",
@@ -830,8 +836,10 @@ WRONG_TYPE_MESSAGES = {
     "training_config.output_dir": "expected a non-empty string, got [1, 2] (list)",
     "training_config.max_seq_length": "expected an integer >= 1, got [1, 2] (list)",
     "training_config.packing": "expected true or false, got [1, 2] (list)",
+    "training_config.return_freed_memory": "expected true or false, got [1, 2] (list)",
     "training_config.skip_nonfinite_batches": "expected an integer >= 0, got [1, 2] (list)",
     "training_config.fsdp": "expected true, false, 'full_shard' or 'full_shard auto_wrap', got [1, 2] (list)",
+    "training_config.post_check": "expected true or false, got [1, 2] (list)",
     "peft_config.r": "expected an integer >= 1, got [1, 2] (list)",
     "peft_config.lora_alpha": "expected a number > 0, got [1, 2] (list)",
     "peft_config.lora_dropout": "expected a float in [0, 1), got [1, 2] (list)",
@@ -847,6 +855,8 @@ WRONG_TYPE_MESSAGES = {
 
 # Fields that accept null (fsdp reads it as false).
 NULLABLE = {
+    "training_config.run_name",
+    "training_config.project",
     "model.adapter",
     "model.revision",
     "data.train",

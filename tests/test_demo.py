@@ -16,6 +16,7 @@ def test_demo_answers_most_held_out_prompts(tmp_path):
     assert res["accuracy_before"] < 0.1
     assert res["accuracy_after"] >= 0.8
     assert res["eval_loss_after"] < res["eval_loss_before"]
+    assert res["check"] == "PASS"
 
 
 def test_chat_loop_keeps_history_and_commands():

@@ -1,62 +1,27 @@
-"""Hostile inputs end in a message, never a traceback, a hang or a silent wrong result: endless data
-paths (a FIFO, /dev/zero), one enormous record, JSON Python cannot read, malformed and non-finite
-adapters, and JSON output with NaN in it. Through the CLI in this process where a command is involved
-(`lorafit.cli.main([...])`, exit status 2, stderr captured with capsys), else through the library.
+"""Hostile inputs, at the library level: what tests/test_guarantees.py (every command against every kind
+of hostile input, through the CLI) does not show -- that an enormous record is clipped before the
+tokenizer sees it, the same unreadable JSON in a .json file, each malformed adapter_config.json, non-finite
+factors refused before injection, standard JSON output, the room a reply gets in the context.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import lorafit_model, tree, write_jsonl
+from conftest import lorafit_model, write_jsonl
+from hostile_cases import ADAPTER_CONFIGS, DATA_LINES, GOOD
 from safetensors.torch import load_file, save_file
 
 from lorafit import lora, tokens
-from lorafit.cli import dumps_json, main
+from lorafit.cli import dumps_json
 from lorafit.data import load_conversations
 from lorafit.errors import DataError
 from lorafit.tokens import CHARS_PER_TOKEN, tokenize
-
-GOOD = {
-    "messages": [{"role": "user", "content": "2: even or odd?"}, {"role": "assistant", "content": "even"}]
-}
-
-
-def fails(capsys, args: list[str]) -> str:
-    """Run the CLI, expect exit status 2 and return stderr (one message, no traceback)."""
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert "error: " in err and "Traceback" not in err
-    return err[err.index("error: ") :]
-
-
-# ----------------------------------------------------------------------------- endless data paths
-
-
-def test_a_fifo_is_refused_before_it_is_opened(tiny_model, tmp_path, capsys):
-    fifo = tmp_path / "train.jsonl"
-    os.mkfifo(fifo)  # opening it for reading would block: nothing writes to it
-    err = fails(capsys, ["check-data", "--model", str(tiny_model), "--data", str(fifo)])
-    assert f"{fifo}: is a FIFO (named pipe), not a regular file" in err
-    assert "Fix: write the records to a .jsonl, .json or .parquet file" in err
-
-
-@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
-def test_a_link_to_an_endless_device_is_refused(tmp_path):
-    link = tmp_path / "train.jsonl"
-    link.symlink_to("/dev/zero")
-    with pytest.raises(
-        DataError, match=r"train\.jsonl: is a device \(it links to /dev/zero\), not a regular"
-    ):
-        load_conversations(link)
-
 
 # ----------------------------------------------------------------------------- one enormous record
 
@@ -105,65 +70,16 @@ def test_clip_keeps_short_conversations_and_cuts_at_the_bound():
     assert cut and [m["content"] for m in clipped] == ["x" * 10, "y" * 6]
 
 
-def test_check_data_reports_an_enormous_record_as_truncated(tiny_model, tmp_path, capsys):
-    data = write_jsonl(
-        tmp_path / "huge.jsonl",
-        GOOD,
-        {"messages": [{"role": "user", "content": "q" * HUGE}, {"role": "assistant", "content": "a"}]},
-    )
-    capsys.readouterr()
-    assert (
-        main(
-            [
-                "check-data",
-                "--model",
-                str(tiny_model),
-                "--data",
-                str(data),
-                "--max-seq-length",
-                "64",
-                "--json",
-            ]
-        )
-        == 0
-    )
-    report = json.loads(capsys.readouterr().out)
-    assert report["clipped"] == 1 and report["truncated"] == 1
-
-
 # ----------------------------------------------------------------------------- JSON Python cannot read
 
-JSON_CASES = {
-    "nested 100000 deep": ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
-    "a 5000-digit integer": (
-        '{"prompt": "a", "completion": "b", "n": ' + "9" * 5000 + "}",
-        "unreadable JSON value",
-    ),
-    "a lone surrogate": (
-        '{"prompt": "a \\ud800 b", "completion": "b"}',
-        "prompt has a lone surrogate code point (U+D800) at character 2",
-    ),
-}
 
-
-@pytest.mark.parametrize("case", list(JSON_CASES))
-def test_json_python_cannot_read_is_a_data_error(tmp_path, case):
-    line, message = JSON_CASES[case]
-    data = write_jsonl(tmp_path / "d.jsonl", GOOD, line)
-    with pytest.raises(DataError) as e:
-        load_conversations(data)
-    assert f"d.jsonl:2: {message}" in str(e.value)
+@pytest.mark.parametrize("case", ["deep-json", "huge-int", "surrogate"])
+def test_json_python_cannot_read_is_a_data_error_in_a_json_file_too(tmp_path, case):
+    """tests/test_guarantees.py runs these lines as JSONL through every command; here as one .json list."""
+    line, _, _ = DATA_LINES[case]
     (tmp_path / "d.json").write_text("[" + json.dumps(GOOD) + ", " + line + "]")
     with pytest.raises(DataError, match=r"d\.json"):
         load_conversations(tmp_path / "d.json")
-
-
-@pytest.mark.parametrize("value", ["0", "-1", "many"])
-def test_generate_needs_at_least_one_new_token(tiny_model, capsys, value):
-    with pytest.raises(SystemExit) as e:
-        main(["generate", "--model", str(tiny_model), "--prompt", "hi", "--max-new-tokens", value])
-    assert e.value.code == 2
-    assert "--max-new-tokens" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -189,63 +105,13 @@ def _edit_config(src: Path, dst: Path, edit) -> Path:
     return path
 
 
-CONFIG_CASES = {
-    "a JSON list": (lambda c: json.dumps([c]), "the top level is a list, not a JSON object"),
-    "a string lora_alpha": (
-        lambda c: json.dumps({**c, "lora_alpha": "16"}),
-        "lora_alpha is '16'; expected a finite number",
-    ),
-    "lora_alpha NaN": (
-        lambda c: json.dumps({**c, "lora_alpha": math.nan}),
-        "lora_alpha is nan; expected a finite number",
-    ),
-    "a rank_pattern of 2.5": (
-        lambda c: json.dumps({**c, "rank_pattern": {"o_proj": 2.5}}),
-        "rank_pattern['o_proj'] is 2.5; expected a positive integer",
-    ),
-    "an alpha_pattern list": (
-        lambda c: json.dumps({**c, "alpha_pattern": [1]}),
-        "alpha_pattern is a list; expected an object {module name: value}",
-    ),
-    "r of 0": (lambda c: json.dumps({**c, "r": 0}), "r is 0; expected a positive integer"),
-}
-
-
-@pytest.mark.parametrize("case", list(CONFIG_CASES))
+@pytest.mark.parametrize("case", list(ADAPTER_CONFIGS))
 def test_malformed_adapter_config_is_named(adapter, tmp_path, case):
-    edit, message = CONFIG_CASES[case]
+    edit, message = ADAPTER_CONFIGS[case]
     cfg = _edit_config(adapter, tmp_path / "bad", edit)
     with pytest.raises(lora.LoraError) as e:
         lora.read_adapter(tmp_path / "bad")
     assert f"{cfg}: {message}" in str(e.value) and "Fix: correct adapter_config.json" in str(e.value)
-
-
-def test_malformed_adapter_config_through_eval(adapter, tiny_model, tmp_path, capsys):
-    cfg = _edit_config(adapter, tmp_path / "bad", lambda c: json.dumps({**c, "lora_alpha": "16"}))
-    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
-    before = tree(tmp_path / "bad")
-    err = fails(
-        capsys, ["eval", "--model", str(tiny_model), "--adapter", str(tmp_path / "bad"), "--data", str(data)]
-    )
-    assert f"{cfg}: lora_alpha is '16'; expected a finite number" in err
-    assert tree(tmp_path / "bad") == before
-
-
-@pytest.mark.parametrize("value", [math.nan, math.inf])
-def test_a_non_finite_adapter_tensor_is_refused(adapter, tiny_model, tmp_path, capsys, value):
-    bad = tmp_path / "bad"
-    shutil.copytree(adapter, bad)
-    weights = bad / "adapter_model.safetensors"
-    sd = load_file(weights)
-    key = sorted(sd)[0]
-    sd[key][0, 0] = value
-    save_file(sd, weights)
-    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
-    err = fails(capsys, ["eval", "--model", str(tiny_model), "--adapter", str(bad), "--data", str(data)])
-    assert (
-        f"{weights}: tensor {key} holds NaN or infinite values" in err
-        and "Fix: use an earlier checkpoint" in err
-    )
 
 
 def test_apply_refuses_non_finite_factors(tiny_model):
@@ -282,27 +148,6 @@ def test_printed_json_is_standard():
 # ----------------------------------------------------------------------------- generate and chat
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    from lorafit.generation import load
-
-    return load(str(tiny_model), device="cpu")
-
-
-def test_generate_refuses_text_that_is_not_utf8(tiny_model, capsys):
-    prompt = b"caf\xe9 ok".decode("utf-8", "surrogateescape")  # what Python makes of a latin-1 argument
-    err = fails(capsys, ["generate", "--model", str(tiny_model), "--prompt", prompt, "--device", "cpu"])
-    assert "the user text (message 0) has a character that is not text at position 3 (U+DCE9" in err
-    assert "Fix: type or pass it again as UTF-8 text" in err
-
-
-def test_generate_refuses_a_prompt_beyond_the_context(tiny_model, capsys):
-    err = fails(
-        capsys, ["generate", "--model", str(tiny_model), "--prompt", "x y " * 4200, "--device", "cpu"]
-    )
-    assert "but the model reads at most 4,096 (max_position_embeddings), leaving no room for a reply" in err
-
-
 def test_a_reply_is_limited_to_the_room_the_context_leaves():
     from types import SimpleNamespace
 
@@ -315,18 +160,6 @@ def test_a_reply_is_limited_to_the_room_the_context_leaves():
         assert _fit_context(model, 90, 50) == 10
     with pytest.raises(ConfigError, match="max_new_tokens must be at least 1, got 0"):
         _fit_context(model, 10, 0)
-
-
-def test_chat_says_what_is_wrong_with_a_line_and_goes_on(loaded):
-    from lorafit.generation import chat
-
-    model, tok = loaded
-    lines = iter([b"\xff\xfe".decode("utf-8", "surrogateescape"), "/exit"])
-    printed = []
-    chat(model, tok, max_new_tokens=2, input_fn=lambda _: next(lines), print_fn=printed.append)
-    assert any(
-        p.startswith("error: the user text (message 0) has a character that is not text") for p in printed
-    )
 
 
 def test_malformed_slices_metadata_is_a_problem_not_a_traceback(tmp_path, tok):

@@ -129,3 +129,25 @@ def test_autocast_and_compute_dtype_follow_the_precision():
         assert torch.nn.functional.linear(x, torch.randn(3, 4)).dtype == torch.bfloat16
     with autocast(CPU, "no"):
         assert torch.nn.functional.linear(x, torch.randn(3, 4)).dtype == torch.float32
+
+
+def test_a_base_loaded_on_the_cpu_for_gpus_keeps_its_bf16(tiny_model, tmp_path, cpu_bf16):
+    """FSDP on GPUs loads the base on the CPU (each rank then moves its shards to its GPU). On a host
+    CPU without fast bf16, `auto` used to pick fp32 for the LOAD device: the whole bf16 base upcast in
+    host RAM on every rank, and fp32 shards on the GPUs. The dtype is now the computing device's."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.config import ModelConfig
+    from lorafit.model import load_model
+
+    bf16_base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    cfg = ModelConfig(name_or_path=str(bf16_base))
+    cpu_bf16(False)
+    sharded_for_gpus = load_model(cfg, device=CPU, training=True, runs_on=CUDA)
+    assert {p.dtype for p in sharded_for_gpus.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cpu" for p in sharded_for_gpus.parameters())
+    on_this_cpu = load_model(
+        cfg, device=CPU, training=True
+    )  # computing here: fp32 is faster than emulated bf16
+    assert {p.dtype for p in on_this_cpu.parameters()} == {torch.float32}

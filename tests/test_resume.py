@@ -42,7 +42,7 @@ from lorafit.demo import demo_data_dir
 from lorafit.errors import LorafitError
 
 TIMING_METRICS = {"tokens_per_sec"}
-RUN_SPECIFIC_RESULTS = {"runtime_sec", "tokens_per_sec", "resumed_from", "output_dir"}
+RUN_SPECIFIC_RESULTS = {"runtime_sec", "tokens_per_sec", "resumed_from", "output_dir", "checks"}
 STEPS = 12
 
 
@@ -80,6 +80,9 @@ def snapshot(out: Path) -> dict:
         "adapter_bytes": (out / "adapter_model.safetensors").read_bytes(),
         "metrics": [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in metrics],
         "results": {k: v for k, v in results.items() if k not in RUN_SPECIFIC_RESULTS},
+        "checks": {
+            k: v for k, v in results.get("checks", {}).items() if k != "seconds"
+        },  # the post-check's timing
     }
 
 
@@ -91,6 +94,7 @@ def assert_same_run(out: Path, ref: dict) -> None:
     assert got["adapter_bytes"] == ref["adapter_bytes"], "same tensors, but the adapter files differ in bytes"
     assert got["metrics"] == ref["metrics"]
     assert got["results"] == ref["results"]
+    assert got["checks"] == ref["checks"]
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ checks from annotations, from_dict, error and warning wording), ``checks.py`` (v
 """
 
 from lorafit.config.base import ConfigWarning
-from lorafit.config.files import SHIPPED_CONFIGS_DIR, load_config, save_config
+from lorafit.config.files import SHIPPED_CONFIGS_DIR, config_text, load_config, save_config
 from lorafit.config.hf_keys import IGNORED_PEFT_KEYS, IGNORED_TRAINING_KEYS, UNSUPPORTED_PEFT_OPTIONS
 from lorafit.config.sections import SECTIONS, DataConfig, ModelConfig, PeftConfig, RunConfig, TrainingConfig
 
@@ -56,4 +56,5 @@ __all__ = [
     "TrainingConfig",
     "load_config",
     "save_config",
+    "config_text",
 ]

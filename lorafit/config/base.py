@@ -82,7 +82,7 @@ _UNION = (typing.Union, types.UnionType)  # `Optional[X]` and `X | None`
 
 # Options each kind of field takes (numbers: bounds; a choice: other spellings; a str: path).
 _TAKES = {
-    "int": {"ge", "also"},
+    "int": {"ge", "le", "also", "why"},
     "float": {"ge", "gt", "le", "lt"},
     "bool": set(),
     "str": {"path"},
@@ -95,7 +95,7 @@ def _base_check(hint: Any, nullable: bool, o: _Options) -> tuple[Check, str] | N
     if hint is bool:
         return boolean(allow_none=nullable), "bool"
     if hint is int:
-        return integer(ge=o.ge, also=o.also, allow_none=nullable), "int"  # type: ignore[arg-type]
+        return integer(ge=o.ge, le=o.le, also=o.also, allow_none=nullable, why=o.why), "int"  # type: ignore[arg-type]
     if hint is str:
         return string(allow_none=nullable, path=o.path), "str"
     if nullable:  # a number or a choice would not say "or null" in its error; teach it when a field needs it

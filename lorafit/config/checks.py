@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from lorafit.dashboards import BACKENDS, missing
+
 Check = Callable[[Any], Any]
 # (dotted key, message, where the value came from or None to look it up)
 Problem = tuple[str, str, "str | None"]
@@ -104,8 +106,15 @@ _INT_RE = re.compile(r"[-+]?\d+")
 _FLOAT_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
-def integer(*, ge: int | None = None, allow_none: bool = False, also: tuple[int, ...] = ()) -> Check:
-    what = "an integer" + _range_text(ge, None, None, None)
+def integer(
+    *,
+    ge: int | None = None,
+    le: int | None = None,
+    allow_none: bool = False,
+    also: tuple[int, ...] = (),
+    why: str = "",
+) -> Check:
+    what = "an integer" + _range_text(ge, None, le, None) + why
     if also:
         what = " or ".join(str(a) for a in also) + " or " + what
     if allow_none:
@@ -114,8 +123,13 @@ def integer(*, ge: int | None = None, allow_none: bool = False, also: tuple[int,
     def check(value: Any) -> Any:
         if value is None and allow_none:
             return None
-        v = int(value.strip()) if isinstance(value, str) and _INT_RE.fullmatch(value.strip()) else value
-        if isinstance(v, int) and not isinstance(v, bool) and (v in also or ge is None or v >= ge):
+        v = value
+        if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
+            try:
+                v = int(value.strip())
+            except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+                pass
+        if isinstance(v, int) and not isinstance(v, bool) and (v in also or _in_range(v, ge, None, le, None)):
             return v
         raise Bad(f"expected {what}, got {show(value)}")
 
@@ -321,6 +335,27 @@ def fsdp(value: Any) -> Any:
                 "the frozen base and the LoRA weights sharded across processes) or false"
             )
     raise Bad(f"expected true, false, 'full_shard' or 'full_shard auto_wrap', got {show(value)}")
+
+
+def report_to(value: Any) -> Any:
+    """Hugging Face's forms: "none", one name, a list of names, or "all" (the installed ones); a list out."""
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) and v.strip() for v in value)):
+        raise Bad(f"expected 'none', 'all', a dashboard name or a list of them, got {show(value)}")
+    names = list(dict.fromkeys(v.strip().lower() for v in value))
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:  # as TrainingArguments: every integration whose library is installed
+        return [n for n in BACKENDS if not missing(n)]
+    if "none" in names or "all" in names:
+        raise Bad(f"'none' and 'all' stand alone, got {show(value)}")
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise Bad(
+            f"{unknown[0]!r} is not a dashboard lorafit reports to; choose from {', '.join(BACKENDS)} (or none/all)"
+        )
+    return names
 
 
 DTYPE_ALIASES = {

@@ -16,7 +16,7 @@ from lorafit.config.base import field_checks
 from lorafit.config.checks import Bad, Problem, show
 from lorafit.config.sections import SECTIONS, DataConfig, RunConfig
 from lorafit.errors import ConfigError
-from lorafit.lora.files import write_text_atomic
+from lorafit.lora.files import not_regular, write_text_atomic
 
 # Example configs shipped with lorafit (phi3-mini-lora.yaml, phi3-mini-qlora.yaml, sample_finetune.yaml).
 SHIPPED_CONFIGS_DIR = Path(__file__).parents[1] / "resources" / "configs"
@@ -98,15 +98,24 @@ def _compose(text: str) -> tuple[Any, Any]:
     anything is built."""
     loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
+        try:
+            node = loader.get_single_node()
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise YamlTooLarge("the document nests deeper than Python's stack; write it flatter") from None
         expanded_size(node)
-        return node, (loader.construct_document(node) if node is not None else None)
+        try:
+            return node, (loader.construct_document(node) if node is not None else None)
+        except ValueError as e:  # e.g. an integer of more digits than Python converts (4,300)
+            raise yaml.YAMLError(f"a value Python cannot read: {str(e)[:200]}") from None
     finally:
         loader.dispose()
 
 
 def _read_config_file(path: Path) -> tuple[Any, dict[str, int], list[Problem]]:
     """(data, {key: line}, duplicate-key problems) of a YAML or JSON config file."""
+    problem = not_regular(path)
+    if problem:
+        raise ConfigError(f"{path}: {problem}. Fix: pass a .yaml or .json config file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -122,6 +131,9 @@ def _read_config_file(path: Path) -> tuple[Any, dict[str, int], list[Problem]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        except (ValueError, RecursionError) as e:  # a 5000-digit integer; nesting deeper than Python's stack
+            what = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+            raise ConfigError(f"{path}: unreadable JSON: {what}. Fix: correct the config file") from None
         try:  # JSON is (nearly) YAML: compose it for line numbers and duplicate keys, best effort
             node, _ = _compose(text)
         except yaml.YAMLError:
@@ -186,7 +198,7 @@ def _apply_override(
     rank: int = 0,
 ) -> None:
     """Apply one --set section.key[.subkey]=value (value read as YAML) to `merged`."""
-    where = f"--set {item}"
+    where = f"--set {item if not isinstance(item, str) or len(item) <= 200 else item[:100] + '...'}"
     if not isinstance(item, str) or "=" not in item:
         problems.append(("", "expected section.key=value, e.g. training_config.learning_rate=1e-4", where))
         return
@@ -342,18 +354,20 @@ def load_config(
 _SAVE_HEADER = "# lorafit run config, resolved (defaults < config file < command line < --set)\n"
 
 
+def config_text(cfg: RunConfig, path: str | os.PathLike[str]) -> str:
+    """What save_config writes to `path`: YAML, or JSON when the name ends in .json."""
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"save_config needs a RunConfig, got {show(cfg)}")
+    data = cfg.to_dict()
+    if os.fspath(path).lower().endswith(".json"):
+        return json.dumps(data, indent=2) + "\n"
+    return _SAVE_HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
     """Write the resolved config to `path` atomically (a temporary file, then os.replace): YAML, or JSON
     when the name ends in .json. Missing parent directories are created."""
-    if not isinstance(cfg, RunConfig):
-        raise TypeError(f"save_config needs a RunConfig, got {show(cfg)}")
+    text = config_text(cfg, path)
     file = Path(os.path.expanduser(os.fspath(path)))
-    data = cfg.to_dict()
-    if file.suffix.lower() == ".json":
-        text = json.dumps(data, indent=2) + "\n"
-    else:
-        text = _SAVE_HEADER + yaml.safe_dump(
-            data, sort_keys=False, default_flow_style=False, allow_unicode=True
-        )
     file.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(file, text)

@@ -21,9 +21,7 @@ IGNORED_TRAINING_KEYS: dict[str, str] = {
     "log_level_replica": "lorafit does not change transformers' logging level; only rank 0 logs",
     "logging_first_step": "lorafit logs every logging_steps optimizer steps",
     # reporting and the Hub
-    "report_to": "lorafit does not use transformers.Trainer's reporting integrations",
-    "run_name": "it only names runs in transformers.Trainer's reporting integrations",
-    "logging_dir": "it only configures transformers.Trainer's TensorBoard integration",
+    "logging_dir": "transformers 5 removed it; lorafit's TensorBoard event files go to OUTPUT_DIR/runs",
     "disable_tqdm": "lorafit's progress display is not configured in training_config",
     "push_to_hub": "lorafit does not upload to the Hugging Face Hub",
     "hub_model_id": "lorafit does not upload to the Hugging Face Hub",

@@ -35,9 +35,10 @@ class ModelConfig(Section):
     # Dtype of the base weights: auto (the checkpoint's own dtype, like transformers' dtype="auto"),
     # bf16, fp16 or fp32. bfloat16/float16/float32 are accepted and stored as bf16/fp16/fp32.
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", aliases=DTYPE_ALIASES)
-    # Attention kernel: sdpa (torch's scaled_dot_product_attention; fast everywhere), eager, or
-    # flash_attention_2 (needs the flash-attn package and a recent NVIDIA GPU).
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = option("sdpa")
+    # Attention kernel: sdpa (torch's scaled_dot_product_attention; fast everywhere), eager,
+    # flash_attention_2 (needs the flash-attn package and a recent NVIDIA GPU) or flex_attention
+    # (torch's flex_attention, compiled: one call per layer for a packed batch; trains on CUDA only).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = option("sdpa")
     # auto picks cuda, then mps, then cpu.
     device: str = option("auto", check=checks.device)
     # Run model code downloaded from the Hub. Phi-3 is built into transformers and does not need it.
@@ -129,6 +130,15 @@ class TrainingConfig(Section):
     max_grad_norm: float = option(1.0, ge=0)
     # Log the training loss every this many optimizer steps.
     logging_steps: int = option(10, ge=1)
+    # Dashboards that get every metrics.jsonl line, Hugging Face's names: tensorboard, wandb, trackio, mlflow;
+    # one name or a list; all (every one whose library is installed, as transformers does); none. Each needs
+    # its library: pip install 'lorafit[tensorboard]' (etc.). Where each writes: lorafit/dashboards.py.
+    report_to: str | list[str] = option("none", check=checks.report_to)
+    # The run's name in wandb, trackio and mlflow; null = the output folder's name.
+    run_name: str | None = option(None)
+    # The project (wandb, trackio) or experiment (mlflow) the run goes to; null = WANDB_PROJECT or
+    # MLFLOW_EXPERIMENT_NAME when set, else "lorafit".
+    project: str | None = option(None)
     # When to evaluate: no, steps (every eval_every() steps) or epoch. Alias: evaluation_strategy.
     eval_strategy: Literal["no", "steps", "epoch"] = option("no", false_means="no")
     # Steps between evaluations when eval_strategy is steps; null = logging_steps.
@@ -138,15 +148,16 @@ class TrainingConfig(Section):
     save_steps: int = option(500, ge=1)
     # Keep at most this many checkpoints, deleting the oldest; null = keep all.
     save_total_limit: int | None = option(None, ge=1)
-    # Seeds LoRA initialization, data shuffling and dropout.
-    seed: int = option(42, ge=0)
+    # Seeds LoRA initialization, data shuffling and dropout. At most 2**64 - 1: torch.manual_seed takes 64 bits,
+    # numpy's generators (shuffling, eval_split) no negative seed.
+    seed: int = option(42, ge=0, le=2**64 - 1, why=" (2**64 - 1 is the largest seed torch.manual_seed takes)")
     # bf16 autocast for compute. null = auto: on where the device runs bf16 fast (see lorafit.precision.mixed_precision).
     bf16: bool | None = option(None)
     # fp16 autocast with loss scaling, for GPUs without bf16. Not together with bf16: true.
     fp16: bool = option(False)
     # Recompute activations in the backward pass: much less memory for long sequences, ~30% slower.
     # auto: on when one micro-batch's activations would need more than half the free memory of the device
-    # (estimated from the model's config: lorafit.estimate), off otherwise; the choice is printed.
+    # (estimated from the model's config: lorafit.memory), off otherwise; the choice is printed.
     gradient_checkpointing: bool | Literal["auto"] = option("auto", check=checks.true_false_or_auto)
     # Passed to torch.utils.checkpoint, e.g. {use_reentrant: false}; null = lorafit's choice.
     gradient_checkpointing_kwargs: dict[str, Any] | None = option(None, check=checks.mapping)
@@ -159,10 +170,18 @@ class TrainingConfig(Section):
     # A step whose loss or gradient norm is NaN/Inf stops the run (the last checkpoint stays good). With N > 0,
     # up to N such steps are skipped instead (no optimizer step; each one logged in metrics.jsonl).
     skip_nonfinite_batches: int = option(0, ge=0)
+    # Give the memory a step frees back to the system (glibc on Linux: blocks of 1 MiB and more are mapped and
+    # unmapped, lorafit.allocator), instead of malloc keeping it: lower private memory and peak RSS for a
+    # few percent more CPU time (page faults); the README's "Memory" section has both figures.
+    return_freed_memory: bool = option(True)
     # Shard the model across the processes of a torchrun launch with FSDP2 (each decoder layer, then the
     # rest), for base models that do not fit on one device; the LoRA weights train sharded too. One process
     # trains unsharded. Hugging Face's forms work: "full_shard" / "full_shard auto_wrap" = true, "" = false.
     fsdp: bool = option(False, check=checks.fsdp)
+    # After training, check the saved adapter on a few held-out prompts (lorafit.adapter_check): replies
+    # that never stop or are empty or repeat, merged == unmerged logits, the reloaded adapter's eval loss.
+    # The report goes to results.json's "checks"; false skips it (`lorafit check-adapter` runs it later).
+    post_check: bool = option(True)
 
     def _cross_checks(self) -> list[tuple[str, str]]:
         if self.bf16 and self.fp16:
@@ -182,6 +201,18 @@ class TrainingConfig(Section):
         if self.warmup_steps > 0:
             return self.warmup_steps
         return max(0, math.ceil(total_steps * self.warmup_ratio - 1e-9))
+
+    def step_counts(self, batches_per_epoch: int) -> tuple[int, int]:
+        """(optimizer steps per epoch, steps of the run) for `batches_per_epoch` micro-batches per epoch
+        and rank: max_steps when set, else num_train_epochs epochs (a fraction rounded up)."""
+        per_epoch = math.ceil(batches_per_epoch / self.gradient_accumulation_steps)
+        if self.max_steps <= 0 and not math.isfinite(self.num_train_epochs * per_epoch):
+            raise ConfigError(
+                f"training_config.num_train_epochs: {self.num_train_epochs:g} epochs of {per_epoch} steps is more "
+                "steps than can be counted. Fix: fewer epochs, or a number of steps with max_steps"
+            )
+        total = self.max_steps if self.max_steps > 0 else math.ceil(self.num_train_epochs * per_epoch)
+        return per_epoch, total
 
     def eval_every(self) -> int | None:
         """Optimizer steps between evaluations when eval_strategy is steps (eval_steps, or logging_steps

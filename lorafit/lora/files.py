@@ -7,7 +7,8 @@ name is created fresh (`O_CREAT | O_EXCL | O_NOFOLLOW`): a link planted under th
 never written through. On any error the temporary file is removed and the old target is untouched.
 
 This module is the lowest layer (standard library only), so the LoRA library and the pipeline
-share it.
+share it. It also holds the one reading rule they share: `not_regular`, a file that would be read
+without end (a FIFO, a device such as /dev/zero, or a link to one) is named, never opened.
 """
 
 from __future__ import annotations
@@ -15,10 +16,34 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["fsync_dir", "replace_atomic", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "fsync_dir",
+    "not_regular",
+    "replace_atomic",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
+
+def not_regular(path: str | os.PathLike[str]) -> str | None:
+    """Why an existing `path` must not be read, or None for a regular file (or one that is missing:
+    the caller's own message says so): "is a FIFO (named pipe), not a regular file, ..." -- a FIFO
+    blocks, a device such as /dev/zero is read without end."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: what would be read
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(
+        mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"  # fmt: skip
+    linked = f" (it links to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    return f"is {what}{linked}, not a regular file, and would be read without end"
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

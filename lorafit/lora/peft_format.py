@@ -47,7 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lorafit.lora.files import write_bytes_atomic, write_json_atomic
+from lorafit.lora.files import not_regular, write_bytes_atomic, write_json_atomic
 from lorafit.lora.layers import Embedding, Linear, MergedLinear, WrappedLinear
 from lorafit.lora.state import LoraError, LoRALayer, lora_modules
 
@@ -366,10 +366,16 @@ def read_adapter(path: str | Path) -> AdapterFiles:
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not path.is_dir():
         raise LoraError(f"{path}: no such adapter folder. Fix: pass the folder holding {CONFIG_NAME}.")
+    for f in (cfg_path, w_path):
+        if problem := not_regular(f):
+            raise LoraError(f"{f}: {problem}. Fix: copy the adapter folder again.")
     if not w_path.is_file():
         other = " (a pickled adapter_model.bin is never loaded; re-save it with PEFT's safetensors)" if (
             path / "adapter_model.bin").exists() else ""  # fmt: skip
-        raise LoraError(f"{path}: missing {WEIGHTS_NAME}{other}")
+        raise LoraError(
+            f"{path}: missing {WEIGHTS_NAME}{other}. Fix: copy the whole adapter folder again, or pass the folder "
+            f"that holds {WEIGHTS_NAME} and {CONFIG_NAME}."
+        )
     try:
         config = json.loads(cfg_path.read_text())
     except FileNotFoundError:
