@@ -89,7 +89,7 @@ def test_model_flag_help_says_it_defaults_to_the_adapters_base():
         text = " ".join(r.stdout.split())
         assert r.returncode == 0, cmd
         assert (
-            "--model MODEL base model: hub id or local folder (default: the base model recorded in the adapter"
+            "--model MODEL base model: hub id, local folder or .gguf file (default: the base model recorded in the adapter"
             in (text)
         ), cmd
 
