@@ -318,6 +318,7 @@ def plan(
         quantization=m.quantization, double_quant=m.bnb_4bit_use_double_quant, batch=batch, seq=seq,
         max_seq_length=t.max_seq_length, checkpointing=bool(checkpointing), attn_implementation=m.attn_implementation,
         lora_dropout=peft.lora_dropout, processes=processes, fsdp=t.fsdp, runtime=runtime,
+        keeps_freed=not t.return_freed_memory,
     )  # fmt: skip
     targets = sum(row_targets[-batch:])
     mem = memory.estimate(model, hf_config, setup, targets=targets)

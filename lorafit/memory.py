@@ -50,10 +50,12 @@ from lorafit.loss import CHUNK_BYTES, fast_head_ok
 AUTO_LIMIT = 0.5  # checkpointing goes on when activations would need more than this share of free memory
 CUDA_CONTEXT = 500 * 2**20  # a CUDA context with torch's kernels loaded, typically 300-600 MiB
 # A CPU process that trains holds more than before its model loaded, besides its live tensors: the thread
-# pools and their malloc arenas, oneDNN's kernel caches, and the freed blocks glibc's malloc keeps for
-# reuse (a share of what a step allocates and frees). Fitted to two of bench/estimate.py's measured runs
-# (small-bf16-ckpt and medium-bf16, the smallest and the largest step); the other configs there test it
-# (BENCHMARKS.md, "How accurate is `lorafit estimate`").
+# pools and their malloc arenas, oneDNN's kernel caches, and, when glibc's malloc keeps the blocks a step
+# frees for reuse (training_config.return_freed_memory: false), a share of what a step allocates and frees.
+# CPU_ALLOCATOR_KEEPS was fitted with glibc keeping freed blocks (small-bf16-ckpt and medium-bf16 of
+# bench/estimate.py); with return_freed_memory on (the default) those blocks go back to the system and only
+# CPU_TRAINING_OVERHEAD remains, which the rerun with it on bears out (BENCHMARKS.md, "How accurate is
+# `lorafit estimate`").
 CPU_TRAINING_OVERHEAD = 240 * 2**20
 CPU_ALLOCATOR_KEEPS = 0.2  # of a step's transient tensors: activations, the head's or backward's working set
 BLOCK_4BIT = 64  # bitsandbytes' 4-bit block size (quantize_4bit's default)
@@ -139,6 +141,9 @@ class Setup:
     processes: int = 1
     fsdp: bool = False
     runtime: int = 0  # bytes the process holds before the model loads (CPU) or the CUDA context (GPU)
+    keeps_freed: bool = (
+        False  # glibc keeps the blocks a step frees (training_config.return_freed_memory false)
+    )
 
     @property
     def tokens(self) -> int:
@@ -265,7 +270,8 @@ def estimate(model: nn.Module, config, s: Setup, *, targets: int | None = None) 
         optimizer, trainable = optimizer // s.processes, trainable // s.processes
     transient = activations + max(head, backward)
     step = base + trainable + gradients + optimizer + gathered + transient
-    overhead = CPU_TRAINING_OVERHEAD + int(CPU_ALLOCATOR_KEEPS * transient) if s.device == "cpu" else 0
+    kept = int(CPU_ALLOCATOR_KEEPS * transient) if s.keeps_freed else 0
+    overhead = CPU_TRAINING_OVERHEAD + kept if s.device == "cpu" else 0
     runtime = s.runtime
     load_extra = 0
     if s.device == "cpu":  # the checkpoint's pages are mapped while loading; a held dtype other than the

@@ -42,7 +42,7 @@ from lorafit.demo import demo_data_dir
 from lorafit.errors import LorafitError
 
 TIMING_METRICS = {"tokens_per_sec"}
-RUN_SPECIFIC_RESULTS = {"runtime_sec", "tokens_per_sec", "resumed_from", "output_dir", "checks"}
+RUN_SPECIFIC_RESULTS = {"runtime_sec", "tokens_per_sec", "resumed_from", "output_dir", "checks", "memory"}
 STEPS = 12
 
 
