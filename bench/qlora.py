@@ -327,7 +327,7 @@ def render(results: dict) -> str:
         "- Private memory (RssAnon, sampled every 50 ms by bench.memory's sampler) is what the run cannot give "
         "back under pressure; a bf16 base's weights stay file-mapped and are not in it, a 4-bit base's packed "
         "weights are. malloc free: the bytes glibc held free at the training peak (lorafit returns what a step "
-        "frees by default, `training_config.return_freed_memory`; before that, ~1 GB of a 4-bit run's private "
+        "frees with `training_config.return_freed_memory: true`; otherwise ~1 GB of a 4-bit run's private "
         "memory was such free space: the dequantized weights of every forward and backward, freed at once). "
         "Phase by phase and per tensor: `python -m bench.memory --quantization nf4 --model-dtype bf16 "
         "--checkpoint-dtype bf16 --size medium [--tensors]`.",

@@ -6,7 +6,7 @@ worker trains, saves the adapter (PEFT format) to `out`, and writes `result`. Op
 "quantization" ("none" or "nf4": the base's linear layers in 4 bits, lorafit's model.quantization
 or, for the PEFT loop, transformers' BitsAndBytesConfig + PEFT's prepare_model_for_kbit_training),
 "model_dtype" (lorafit's model.dtype, default auto), "return_freed_memory" (lorafit's training_config
-key, default true). Result:
+key, default false). Result:
 
     step_end     perf_counter time at the end of every optimizer step
     step_resume  perf_counter time the step after it started (see pacing)
@@ -118,7 +118,7 @@ def run_lorafit(spec: dict, pacer: Pacer) -> dict:
             "seed": spec["seed"],
             "bf16": None,  # auto: lorafit picks bf16 only where the device runs it fast
             "output_dir": str(out),
-            "return_freed_memory": spec.get("return_freed_memory", True),
+            "return_freed_memory": spec.get("return_freed_memory", False),
         },
         peft_config={
             "r": spec["r"],

@@ -53,7 +53,7 @@ CUDA_CONTEXT = 500 * 2**20  # a CUDA context with torch's kernels loaded, typica
 # pools and their malloc arenas, oneDNN's kernel caches, and, when glibc's malloc keeps the blocks a step
 # frees for reuse (training_config.return_freed_memory: false), a share of what a step allocates and frees.
 # CPU_ALLOCATOR_KEEPS was fitted with glibc keeping freed blocks (small-bf16-ckpt and medium-bf16 of
-# bench/estimate.py); with return_freed_memory on (the default) those blocks go back to the system and only
+# bench/estimate.py); with return_freed_memory on those blocks go back to the system and only
 # CPU_TRAINING_OVERHEAD remains, which the rerun with it on bears out (BENCHMARKS.md, "How accurate is
 # `lorafit estimate`").
 CPU_TRAINING_OVERHEAD = 240 * 2**20

@@ -173,7 +173,7 @@ class TrainingConfig(Section):
     # Give the memory a step frees back to the system (glibc on Linux: blocks of 1 MiB and more are mapped and
     # unmapped, lorafit.allocator), instead of malloc keeping it: lower private memory and peak RSS for a
     # few percent more CPU time (page faults); the README's "Memory" section has both figures.
-    return_freed_memory: bool = option(True)
+    return_freed_memory: bool = option(False)
     # Shard the model across the processes of a torchrun launch with FSDP2 (each decoder layer, then the
     # rest), for base models that do not fit on one device; the LoRA weights train sharded too. One process
     # trains unsharded. Hugging Face's forms work: "full_shard" / "full_shard auto_wrap" = true, "" = false.
