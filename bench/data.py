@@ -113,13 +113,16 @@ def write_dataset(
     seed: int = 0,
     max_tokens: int = MAX_TOKENS,
     min_tokens: int = MIN_TOKENS,
+    row: int | None = None,
 ) -> dict:
     """train.jsonl (n_train conversations) and eval.jsonl (n_eval, a different seed) in `out`, each
-    conversation of `min_tokens` to `max_tokens` tokens (roughly uniform), in 1-4 turns."""
+    conversation of `min_tokens` to `max_tokens` tokens (roughly uniform), in 1-4 turns. With `row`,
+    ``mean_context`` counts a conversation longer than a row as cut to it (as training sees it)."""
     train = make_conversations(n_train, seed, max_tokens, min_tokens)
     evals = make_conversations(n_eval, seed + 10_000, max_tokens, min_tokens)
     lengths = np.array([n_tokens(c["messages"]) for c in train], dtype=np.int64)
     targets = sum(n_targets(c["messages"]) for c in train)
+    seen = lengths if row is None else np.minimum(lengths, row)
     return {
         "train": str(write_jsonl(out / "train.jsonl", train)),
         "eval": str(write_jsonl(out / "eval.jsonl", evals)),
@@ -132,7 +135,7 @@ def write_dataset(
         # fraction of tokens that are loss targets (assistant content + its <|end|>)
         "target_fraction": targets / int(lengths.sum()),
         # mean number of keys a token attends to (causal, within its own conversation)
-        "mean_context": float((lengths * (lengths + 1) // 2).sum() / lengths.sum()),
+        "mean_context": float((seen * (seen + 1) // 2).sum() / seen.sum()),
     }
 
 

@@ -50,9 +50,18 @@ def flops_per_token(
     }
 
 
+def padded_width(batch: int, min_len: float, max_len: float) -> float:
+    """Expected longest of `batch` conversation lengths drawn uniformly from [min_len, max_len]: the
+    width a batch of unpacked conversations is padded to."""
+    return min_len + (max_len - min_len) * batch / (batch + 1)
+
+
 def executed_per_token(size: str, r: int, target_fraction: float, mean_context: float, seq: int, batch: int,
-                       tool: str, vocab: int = 32064) -> dict:  # fmt: skip
-    """FLOPs per token each tool's code path EXECUTES (an estimate from its code, not a measurement).
+                       tool: str, vocab: int = 32064, *, packing: bool = True, mean_len: float | None = None,
+                       min_len: float | None = None, max_len: float | None = None,
+                       lorafit_pads: bool = True) -> dict:  # fmt: skip
+    """FLOPs per (non-padding) token each tool's code path EXECUTES (an estimate from its code, not a
+    measurement).
 
     Differences from `flops_per_token`:
     - attention: SDPA with an explicit (block-diagonal) mask computes every score of the row, so a
@@ -61,14 +70,26 @@ def executed_per_token(size: str, r: int, target_fraction: float, mean_context: 
       (`lorafit.attention`) runs the causal kernel per conversation: the required causal work.
     - head: lorafit only at target positions (4HV*f); the PEFT loop at every position (4HV); TRL's
       fused head on CPU at every position, and its backward recomputes the logits (6HV).
+    - unpacked (`packing=False`): every row is padded to the batch's longest conversation (W, see
+      `padded_width`), and the peers' layers and head run on the padding too, a factor W / mean_len
+      per real token; so does lorafit's unless `lorafit_pads` is false (padding-free batches).
     """
     d = dims(size, vocab)
     h, layers = d["hidden_size"], d["num_hidden_layers"]
     base = flops_per_token(size, r, target_fraction, mean_context, vocab)
-    if tool == "lorafit":
-        attn = base["attention"]
+    pad = 1.0
+    if packing:
+        row = seq * batch if tool == "trl" else seq
     else:
-        attn = 12 * layers * h * (seq * batch if tool == "trl" else seq)
-    head = {"lorafit": 4 * h * vocab * target_fraction, "peft": 4 * h * vocab, "trl": 6 * h * vocab}[tool]
-    total = base["linear"] + base["lora"] + attn + head
-    return {"linear": base["linear"], "lora": base["lora"], "attention": attn, "head": head, "total": total}
+        row = padded_width(batch, min_len, max_len)
+        if tool != "lorafit" or lorafit_pads:
+            pad = row / mean_len
+    attn = base["attention"] if tool == "lorafit" else 12 * layers * h * row * pad
+    head = {
+        "lorafit": 4 * h * vocab * target_fraction,
+        "peft": 4 * h * vocab * pad,
+        "trl": 6 * h * vocab * pad,
+    }[tool]
+    lin, lora = base["linear"] * pad, base["lora"] * pad
+    total = lin + lora + attn + head
+    return {"linear": lin, "lora": lora, "attention": attn, "head": head, "total": total}

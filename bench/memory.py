@@ -350,7 +350,7 @@ def render(results: list[dict]) -> str:
         what = (f"{res['tool']}: {Path(spec['model']).name}, {spec.get('workload', 'mixed')} workload, batch "
                 f"{spec['batch']} x {spec['seq']}, packing {spec.get('packing', True)}, quantization "
                 f"{spec.get('quantization', 'none')}, {spec['steps']} steps"
-                + ("" if spec.get("return_freed_memory", True) or res["tool"] != "lorafit" else ", return_freed_memory off")
+                + (", return_freed_memory on" if spec.get("return_freed_memory") and res["tool"] == "lorafit" else "")
                 + (f", {' '.join(f'{k}={v}' for k, v in res['env'].items())}" if res.get("env") else ""))  # fmt: skip
         lines += [f"### {what}", "", "| phase | seconds | CPU s | VmRSS MiB | RssAnon MiB | RssFile MiB | malloc free MiB | live tensors MiB |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -396,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="dtype the model is written in (bench.run: fp32; bench.qlora: bf16)")  # fmt: skip
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="the peers' precision")
     ap.add_argument("--tensors", action="store_true", help="live tensor bytes via torch.profiler (slower)")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="lorafit with training_config.return_freed_memory=false (malloc keeps what a step frees)")  # fmt: skip
+    ap.add_argument("--return-freed-memory", action="store_true",
+                    help="lorafit with training_config.return_freed_memory=true (default false, as lorafit's: malloc "
+                         "keeps what a step frees)")  # fmt: skip
     ap.add_argument("--env", action="append", default=[], help="VAR=VALUE for the training process")
     ap.add_argument("--tag", default="", help="added to the result file names (runs with other --env)")
     ap.add_argument("--workdir", default="/tmp/lorafit-bench-memory")
@@ -434,14 +435,14 @@ def main(argv: list[str] | None = None) -> int:
         name = (
             f"memory-{tool}-{a.size}-{a.workload}-{a.quantization}"
             + ("-tensors" if a.tensors else "")
-            + ("-kept" if a.keep_freed_memory else "")
+            + ("-returned" if a.return_freed_memory else "")
             + (f"-{a.tag}" if a.tag else "")
         )
         spec = {"tool": tool, "model": str(model), "train": str(data / "train.jsonl"), "batch": batch, "seq": 512,
                 "lr": 1e-3, "r": 16, "alpha": 32, "seed": 42, "vocab": VOCAB, "steps": a.steps,
                 "precision": a.precision, "packing": packing, "quantization": a.quantization,
                 "model_dtype": a.model_dtype, "workload": a.workload, "tensors": a.tensors,
-                "return_freed_memory": not a.keep_freed_memory,
+                "return_freed_memory": a.return_freed_memory,
                 "out": str(work / name), "result": str(work / f"{name}.json")}  # fmt: skip
         spec_path = work / f"{name}.spec.json"
         spec_path.write_text(json.dumps(spec))

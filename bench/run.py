@@ -1,6 +1,7 @@
 """lorafit vs TRL SFTTrainer + PEFT vs a plain PEFT loop, on the same work, measured side by side.
 
-    python -m bench.run --all                 both configs, scaling runs, profile; writes BENCHMARKS.md
+    python -m bench.run --all                 tiny and small on the mixed workload, small on long and
+                                              short chats, scaling runs, profile, memory; writes BENCHMARKS.md
     python -m bench.run --config small        one config (writes WORKDIR/BENCHMARKS.md)
     python -m bench.run --quick               smoke test of the harness (< 2 min)
 
@@ -71,6 +72,26 @@ class Plan:
     workload: str = "mixed"
     min_tokens: int = 30
     packing: bool = True
+    # --all: the small config again on these workloads, each side by side like the main one
+    extra_workloads: tuple = ()
+    memory_workloads: tuple = ("mixed",)  # bench.memory --tensors runs of every tool (small), with profile
+
+
+def section(size: str, workload: str) -> str:
+    """The results key and report section of one config on one workload: "small", "small-long"."""
+    return size if workload == "mixed" else f"{size}-{workload}"
+
+
+def workload_plan(plan: Plan, workload: str) -> dict:
+    """Rows per batch, packing and conversation lengths of `workload` (the plan's own for its workload)."""
+    if workload == plan.workload:
+        return {"batch": plan.batch, "packing": plan.packing, "min_tokens": plan.min_tokens,
+                "max_tokens": plan.max_tokens}  # fmt: skip
+    return dict(WORKLOADS[workload])
+
+
+def data_key(plan: Plan, workload: str) -> str:
+    return "data" if workload == plan.workload else f"data_{workload}"
 
 
 # ----------------------------------------------------------------------------- processes
@@ -342,36 +363,44 @@ def prepare_inputs(plan: Plan, work: Path) -> dict:
     from lorafit.tiny import write_tiny_model
 
     inputs: dict = {"models": {}}
-    say(f"writing the synthetic dataset ({plan.n_train} train / {plan.n_eval} eval conversations)")
-    name = "data" if plan.workload == "mixed" else f"data_{plan.workload}"
-    inputs["data"] = write_dataset(
-        work / name, plan.n_train, plan.n_eval, max_tokens=plan.max_tokens, min_tokens=plan.min_tokens
-    )
+    for workload in dict.fromkeys((plan.workload, *plan.extra_workloads)):
+        w = workload_plan(plan, workload)
+        say(f"writing the synthetic dataset of the {workload} workload ({plan.n_train} train / {plan.n_eval} eval "
+            f"conversations of {w['min_tokens']}-{w['max_tokens']} tokens)")  # fmt: skip
+        inputs[data_key(plan, workload)] = write_dataset(
+            work / ("data" if workload == "mixed" else f"data_{workload}"), plan.n_train, plan.n_eval,
+            max_tokens=w["max_tokens"], min_tokens=w["min_tokens"], row=plan.seq,
+        )  # fmt: skip
     for size in sorted(set(plan.configs) | ({"small"} if plan.scaling or plan.profile else set())):
         inputs["models"][size] = str(write_tiny_model(work / "models" / size, size=size, vocab_size=VOCAB))
     if plan.scaling:
         short = min(plan.seq_lengths) - 6
-        inputs["data_short"] = write_dataset(work / "data_short", plan.n_train, 8, max_tokens=short)
+        inputs["data_scaling"] = write_dataset(work / "data_scaling", plan.n_train, 8, max_tokens=short)
         n = plan.n_train * plan.data_multiplier
         say(f"writing the {plan.data_multiplier}x dataset ({n} conversations)")
         inputs["data_big"] = write_dataset(work / "data_big", n, 8, max_tokens=plan.max_tokens)
     return inputs
 
 
-def base_spec(plan: Plan, model: str, train: str) -> dict:
-    return {"model": model, "train": train, "batch": plan.batch, "seq": plan.seq, "lr": plan.lr, "r": plan.r,
-            "alpha": plan.alpha, "seed": plan.seed, "vocab": VOCAB, "packing": plan.packing}  # fmt: skip
+def base_spec(plan: Plan, model: str, train: str, workload: str | None = None) -> dict:
+    w = workload_plan(plan, workload or plan.workload)
+    return {"model": model, "train": train, "batch": w["batch"], "seq": plan.seq, "lr": plan.lr, "r": plan.r,
+            "alpha": plan.alpha, "seed": plan.seed, "vocab": VOCAB, "packing": w["packing"]}  # fmt: skip
 
 
-def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str) -> dict:
+def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str, workload: str) -> dict:
+    """The three tools side by side on one config and workload; then the TRL precision probe and the
+    common evaluator."""
     from bench.flops import flops_per_token
 
-    cwork = work / (size if plan.workload == "mixed" else f"{size}_{plan.workload}")
+    name = section(size, workload)
+    data = inputs[data_key(plan, workload)]
+    cwork = work / name
     total = plan.warmup + plan.steps[size]
-    spec0 = base_spec(plan, inputs["models"][size], inputs["data"]["train"])
+    spec0 = base_spec(plan, inputs["models"][size], data["train"], workload)
     runs: dict[str, list[dict]] = {t: [] for t in TOOLS}
     for rnd in range(plan.rounds):
-        say(f"{size}: round {rnd + 1}/{plan.rounds}: {', '.join(LABELS[t] for t in TOOLS)} side by side, "
+        say(f"{name}: round {rnd + 1}/{plan.rounds}: {', '.join(LABELS[t] for t in TOOLS)} side by side, "
             f"{plan.warmup} warm-up step(s) together, then {plan.steps[size]} timed steps in turn")  # fmt: skip
         jobs = {
             f"r{rnd}_{tool}": dict(
@@ -382,7 +411,8 @@ def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str) 
         res = run_paced(jobs, cwork, warmup=plan.warmup, steps=plan.steps[size])
         for tool in TOOLS:
             runs[tool].append(res[f"r{rnd}_{tool}"])
-    out: dict = {"steps_per_run": total, "warmup": plan.warmup, "tools": {}}
+    out: dict = {"size": size, "workload": workload, "data_key": data_key(plan, workload), "batch": spec0["batch"],
+                 "packing": spec0["packing"], "steps_per_run": total, "warmup": plan.warmup, "tools": {}}  # fmt: skip
     for tool in TOOLS:
         out["tools"][tool] = summarize(runs[tool], plan.warmup)
         out["tools"][tool]["losses_round1"] = runs[tool][0]["losses"]
@@ -390,7 +420,7 @@ def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str) 
         other = "bf16" if precision == "fp32" else "fp32"
         ref = min(out["tools"]["trl"]["step_secs"])  # its least disturbed step
         cap = 2.5 * ref  # for warm-up + 1 step: "not finished" means slower than the reference
-        say(f"{size}: TRL precision probe, {other} (stopped after {cap:.0f} s of training)")
+        say(f"{name}: TRL precision probe, {other} (stopped after {cap:.0f} s of training)")
         spec = dict(
             spec0, tool="trl", steps=plan.warmup + 1, precision=other, out=str(cwork / f"probe_{other}")
         )
@@ -404,7 +434,7 @@ def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str) 
             res = run_module("bench.workers", spec, cwork, f"probe_trl_{other}", cap_after_start=cap)
         except RuntimeError as e:  # a failed probe is reported, not fatal
             res = {"failed": str(e).splitlines()[0]}
-            say(f"{size}: the probe failed: {res['failed']}")
+            say(f"{name}: the probe failed: {res['failed']}")
         if res.get("failed"):
             probe.update(failed=res["failed"])
         elif res.get("capped"):
@@ -413,14 +443,14 @@ def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str) 
         else:
             probe.update(capped=False, step_sec=step_times(res)[-1], peak_rss_mb=res["peak_rss_mb"])
         out["trl_precision_probe"] = probe
-    say(f"{size}: evaluating every adapter with the same evaluator")
+    say(f"{name}: evaluating every adapter with the same evaluator")
     adapters = {"base model": None} | {t: str(cwork / f"r0_{t}") for t in TOOLS}
     ev = run_module(
-        "bench.evaluate", {"model": inputs["models"][size], "eval": inputs["data"]["eval"], "adapters": adapters},
+        "bench.evaluate", {"model": inputs["models"][size], "eval": data["eval"], "adapters": adapters},
         cwork, "evaluate",
     )  # fmt: skip
     out["eval"] = {k: v for k, v in ev.items() if isinstance(v, dict) and "eval_loss" in v}
-    d = inputs["data"]
+    d = data
     out["flops"] = flops_per_token(size, plan.r, d["target_fraction"], d["mean_context"])
     return out
 
@@ -438,7 +468,7 @@ def run_scaling(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
         "interleaved")  # fmt: skip
     jobs = {}
     for seq in plan.seq_lengths:
-        jobs[f"seq{seq}"] = dict(base_spec(plan, model, inputs["data_short"]["train"]), tool="lorafit", steps=total,
+        jobs[f"seq{seq}"] = dict(base_spec(plan, model, inputs["data_scaling"]["train"]), tool="lorafit", steps=total,
                                  seq=seq, batch=max(1, budget // seq), precision=precision, out=str(swork / f"seq{seq}"))  # fmt: skip
     res = run_paced(jobs, swork, warmup=plan.warmup, steps=plan.scaling_steps)
     for seq in plan.seq_lengths:
@@ -459,15 +489,20 @@ def run_scaling(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
 
 
 def run_memory(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
-    """Each tool alone on small under bench.memory --tensors: live tensor bytes and the RSS timeline."""
-    out = {}
-    for tool in TOOLS:
-        say(f"memory: {LABELS[tool]} on small under torch.profiler (profile_memory)")
-        spec = dict(base_spec(plan, inputs["models"]["small"], inputs["data"]["train"]), tool=tool, tensors=True,
-                    steps=plan.warmup + 2, precision=precision, out=str(work / "memory" / tool))  # fmt: skip
-        res = run_module("bench.memory", spec, work / "memory", f"memory_{tool}")
-        res["tensors"].pop("timeline", None)
-        out[tool] = res
+    """Each tool alone on small under bench.memory --tensors, per workload of `plan.memory_workloads`: live
+    tensor bytes and the RSS timeline. {section: {tool: result}}."""
+    out: dict = {}
+    for workload in plan.memory_workloads:
+        name = section("small", workload)
+        data = inputs[data_key(plan, workload)]
+        out[name] = {}
+        for tool in TOOLS:
+            say(f"memory: {LABELS[tool]} on {name} under torch.profiler (profile_memory)")
+            spec = dict(base_spec(plan, inputs["models"]["small"], data["train"], workload), tool=tool, tensors=True,
+                        steps=plan.warmup + 2, precision=precision, out=str(work / "memory" / name / tool))  # fmt: skip
+            res = run_module("bench.memory", spec, work / "memory", f"memory_{name}_{tool}")
+            res["tensors"].pop("timeline", None)
+            out[name][tool] = res
     return out
 
 
@@ -484,7 +519,8 @@ def run_profile(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--all", action="store_true", help="tiny and small, scaling runs and profile")
+    g.add_argument("--all", action="store_true",
+                   help="tiny and small (mixed), small on long and short chats, scaling, profile, memory")  # fmt: skip
     g.add_argument("--config", choices=["tiny", "small"], action="append", help="one config (repeatable)")
     g.add_argument("--quick", action="store_true", help="smoke test: tiny, short rows, one round")
     ap.add_argument("--steps", type=int, help="timed steps per run (after the warm-up), for every config")
@@ -504,7 +540,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         plan = Plan(configs=["tiny"], seq=128, batch=2, warmup=1, steps={"tiny": 2}, rounds=1, n_train=300,
                     n_eval=8, max_tokens=120, bf16_probe=False)  # fmt: skip
     elif args.all:
-        plan = Plan(configs=["tiny", "small"], scaling=True, profile=True)
+        plan = Plan(configs=["tiny", "small"], scaling=True, profile=True, extra_workloads=("long", "short"),
+                    memory_workloads=("mixed", "long"))  # fmt: skip
     else:
         plan = Plan(configs=list(dict.fromkeys(args.config)))
     if args.steps is not None:
@@ -518,9 +555,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     if args.no_probe:
         plan.bf16_probe = False
     if args.workload != "mixed":
+        if args.all:
+            ap.error("--all runs every workload; --workload is for --config")
         w = WORKLOADS[args.workload]
         plan.workload, plan.batch, plan.packing = args.workload, w["batch"], w["packing"]
         plan.min_tokens, plan.max_tokens = w["min_tokens"], w["max_tokens"]
+        plan.memory_workloads = (args.workload,)
     return args, plan
 
 
@@ -550,7 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     results["data"] = {k: v for k, v in inputs.items() if k.startswith("data")}
     results["configs"] = {}
     for size in plan.configs:
-        results["configs"][size] = run_config(plan, size, inputs, work, precision)
+        results["configs"][section(size, plan.workload)] = run_config(
+            plan, size, inputs, work, precision, plan.workload
+        )
+    for workload in plan.extra_workloads:
+        results["configs"][section("small", workload)] = run_config(
+            plan, "small", inputs, work, precision, workload
+        )
     if plan.scaling:
         results["scaling"] = run_scaling(plan, inputs, work, precision)
     if plan.profile:

@@ -249,6 +249,15 @@ def segment_kwargs(model, batch: dict) -> dict:
     }
 
 
+def attends_per_segment(model) -> bool:
+    """Whether the model's attention never computes scores across the conversations of a row
+    (``lorafit_sdpa``, ``lorafit_flex``, flash-attention), so conversations can share a row at no cost
+    in attention work: then an unpacked batch goes in as one row without padding (`lorafit.packing.one_row`).
+    With eager or plain sdpa attention a longer row costs quadratically more, so they keep padded rows."""
+    impl = str(getattr(model.config, "_attn_implementation", None) or "")
+    return impl in (PACKED_SDPA, PACKED_FLEX) or "flash" in impl
+
+
 def needs_one_row(model) -> bool:
     """Whether the model's attention separates packed conversations only within a batch of one row.
 

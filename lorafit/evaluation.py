@@ -10,9 +10,10 @@ import math
 
 import torch
 
+from lorafit.attention import attends_per_segment
 from lorafit.distributed import all_sum
 from lorafit.loss import loss_sum
-from lorafit.packing import collate, pack, single_rows, to_device
+from lorafit.packing import collate, one_row, pack, single_rows, to_device
 from lorafit.precision import autocast, compute_dtype
 from lorafit.tokens import TokenizedData
 
@@ -51,6 +52,7 @@ def eval_loss(
     was_training = model.training
     model.eval()
     every = rows_for(data, max_seq_length, packing)
+    padding_free = not packing and attends_per_segment(model)  # as training does (lorafit.packing.one_row)
     rows = every
     if dist is not None and dist.enabled:
         starts = range(dist.rank * batch_size, len(every), batch_size * dist.world_size)
@@ -67,7 +69,7 @@ def eval_loss(
         for k in range(rounds):
             padding = k >= len(batches)
             picked = every[:batch_size] if padding else batches[k]
-            batch = collate(data, picked, pad_id)
+            batch = collate(data, one_row(picked) if padding_free else picked, pad_id)
             n = batch.pop("num_targets")
             if (n == 0 or padding) and module is None:
                 continue

@@ -7,7 +7,9 @@ Data flow (after `lorafit.tokens.tokenize`)::
     batch --collate()--> {"input_ids", "position_ids", "labels", "num_targets", "target_index", "segments"}
 
 A *row* is one line of the (B, T) batch. Packed mode puts several short examples in one row, so a
-batch holds few padding tokens; padded mode puts one example per row. Both are fed the same way:
+batch holds few padding tokens; padded mode puts one example per row (and, when the attention keeps
+segments apart, a micro-batch's examples end to end in one row with no padding: `one_row`). All are
+fed the same way:
 ``model(input_ids=..., position_ids=..., use_cache=False)`` with NO attention_mask, and the loss is
 ``cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100, reduction="sum") / num_targets``
 (labels are already shifted).
@@ -82,6 +84,19 @@ def pack(data: TokenizedData, max_seq_length: int) -> list[list[int]]:
 def single_rows(data: TokenizedData) -> list[list[int]]:
     """Padded mode: one example per row, in dataset order."""
     return [[i] for i in range(len(data))]
+
+
+def one_row(rows: Sequence[Sequence[int]]) -> list[list[int]]:
+    """An unpacked micro-batch's rows laid end to end as ONE row, so nothing is padded::
+
+        rows  [a] [b] [c]          padded (3, 4):  a0 a1 a2 a3 | b0 b1 p p | c0 c1 c2 p
+        one_row -> [[a, b, c]]     (1, 10):        a0 a1 a2 a3 b0 b1 c0 c1 c2
+
+    `collate` restarts the position_ids at every conversation and gives each its own segment, so a
+    conversation computes exactly what it would in its own padded row (packing without reordering),
+    and no layer runs on padding. Only for attention that keeps segments apart
+    (`lorafit.attention.attends_per_segment`)."""
+    return [[i for row in rows for i in row]]
 
 
 def collate(

@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 
 from lorafit import distributed, lora
 from lorafit.adapter_check import check_trained, format_report, skipped
+from lorafit.attention import attends_per_segment
 from lorafit.checkpoint import (
     TrainState,
     clean_output_dir,
@@ -88,7 +89,7 @@ from lorafit.lora.files import write_json_atomic
 from lorafit.metrics import METRICS_FILE, MetricsLog, read_metrics
 from lorafit.model import trainable_summary
 from lorafit.optim import make_optimizer, make_scheduler
-from lorafit.packing import Batches, collate, to_device
+from lorafit.packing import Batches, collate, one_row, to_device
 from lorafit.precision import autocast, compute_dtype
 
 log = logging.getLogger("lorafit")
@@ -173,6 +174,7 @@ class Loop:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None  # fp16 only
+    padding_free: bool = False  # unpacked rows go in end to end as one row (lorafit.packing.one_row)
     epoch: dict[int, list] = field(default_factory=dict)  # the current epoch's batches
 
     def step_batches(self, step: int) -> list:
@@ -183,6 +185,10 @@ class Loop:
             self.epoch[epoch] = self.batches.epoch_batches(epoch)
         accum = self.t.gradient_accumulation_steps
         return self.epoch[epoch][j * accum : (j + 1) * accum]
+
+    def collate(self, data, rows: list, pad_id: int) -> dict:
+        """One micro-batch's tensors; unpacked rows as one row without padding where that is exact."""
+        return collate(data, one_row(rows) if self.padding_free else rows, pad_id)
 
     def end_of_epoch(self, step: int) -> bool:
         return step % self.steps_per_epoch == 0
@@ -222,6 +228,7 @@ def setup_loop(job: Job) -> Loop:
         loss_module=loss_module, loss_scale=loss_scale, params=[p for p in job.model.parameters() if p.requires_grad],
         optimizer=optimizer, scheduler=make_scheduler(optimizer, t, total_steps),
         scaler=torch.amp.GradScaler(job.device.type) if job.precision == "fp16" else None,
+        padding_free=not t.packing and attends_per_segment(job.model),
     )  # fmt: skip
 
 
@@ -307,7 +314,7 @@ def train_step(job: Job, loop: Loop, step: int) -> StepResult:
     """
     data, d, scaler = job.train_data, job.dist, loop.scaler
     batches = loop.step_batches(step)
-    micro = [collate(data, b, job.tokenizer.pad_token_id) for b in batches]
+    micro = [loop.collate(data, b, job.tokenizer.pad_token_id) for b in batches]
     local_targets = sum(b.pop("num_targets") for b in micro)
     local_tokens = sum(int(data.lengths[i]) for b in batches for row in b for i in row)
     # the step's loss is the mean over the targets of ALL ranks' micro-batches

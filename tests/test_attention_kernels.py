@@ -10,10 +10,17 @@ import torch.nn.functional as F
 from conftest import lora_grads
 from torch.profiler import profile
 
-from lorafit.attention import PACKED_SDPA, flat_batch, needs_one_row, packed_sdpa, use_packed_sdpa
+from lorafit.attention import (
+    PACKED_SDPA,
+    attends_per_segment,
+    flat_batch,
+    needs_one_row,
+    packed_sdpa,
+    use_packed_sdpa,
+)
 from lorafit.data import Conversation
 from lorafit.loss import loss_sum
-from lorafit.packing import collate
+from lorafit.packing import collate, one_row
 from lorafit.tiny import build_model
 from lorafit.tokens import tokenize
 
@@ -124,6 +131,37 @@ def test_one_row_batch_trains_exactly_like_the_packed_batch(tok, batch):
     assert one["segments"] == [[n for row in batch["segments"] for n in row]]
     assert_same_training(lora_grads(tok, batch, "sdpa"), lora_grads(tok, one, "sdpa"))
     assert_same_training(lora_grads(tok, batch, PACKED_SDPA), lora_grads(tok, one, PACKED_SDPA))
+
+
+def test_unpadded_one_row_trains_exactly_like_padded_rows(tok):
+    """packing: false with attention per segment: the micro-batch's conversations go in end to end as
+    one row with no padding (`one_row`), and give the padded rows' loss and LoRA gradients."""
+    convs = [Conversation(chat(f"q{i} " * (i + 1), f"answer {i} " * (4 * i + 1)), f"t:{i}") for i in range(4)]
+    data, _ = tokenize(tok, convs, max_seq_length=256, end_of_turn=EOT)
+    rows = [[0], [1], [2], [3]]
+    padded, flat = (
+        collate(data, rows, pad_id=tok.pad_token_id),
+        collate(data, one_row(rows), pad_id=tok.pad_token_id),
+    )
+    assert flat["input_ids"].shape == (1, int(sum(data.lengths)))
+    assert flat["input_ids"].numel() < padded["input_ids"].numel()  # the padding is gone
+    assert flat["segments"] == [[int(n) for n in data.lengths]]
+    assert flat["num_targets"] == padded["num_targets"]
+    for attn in ("sdpa", PACKED_SDPA):
+        assert_same_training(lora_grads(tok, padded, attn), lora_grads(tok, flat, attn))
+
+
+def test_only_attention_per_segment_takes_unpadded_rows():
+    class Cfg:
+        _attn_implementation = None
+
+    class M:
+        config = Cfg()
+
+    for name, one in [("flash_attention_2", True), (PACKED_SDPA, True), ("lorafit_flex", True), ("sdpa", False),
+                      ("eager", False), ("flex_attention", False)]:  # fmt: skip
+        M.config._attn_implementation = name
+        assert attends_per_segment(M) is one, name
 
 
 def test_only_flash_attention_needs_one_row():

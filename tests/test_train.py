@@ -269,3 +269,35 @@ def test_gradient_checkpointing_auto_turns_on_only_when_activations_would_not_fi
     monkeypatch.setattr(memory, "free_bytes", lambda device: 60 * 2**30)
     on, why = memory.needs_checkpointing(config, 4 * 2048, torch.bfloat16, torch.device("cpu"))
     assert on and why.startswith("on (auto: activations ~38.0 GiB per micro-batch of 8,192 tokens")
+
+
+def test_unpacked_training_feeds_each_micro_batch_as_one_unpadded_row(tiny_model, tmp_path, monkeypatch):
+    """packing: false on lorafit_sdpa: every micro-batch reaches collate as one row of its conversations
+    (no padding computed), eval too; the loss is the same as from the padded rows (tests/
+    test_attention_kernels.py pins that)."""
+    from conftest import write_jsonl
+
+    import lorafit
+    import lorafit.evaluation
+    import lorafit.train
+
+    seen = []
+
+    def spy(real):
+        def collate_(data, rows, pad_id, pad_to=None):
+            seen.append(len(rows))
+            return real(data, rows, pad_id, pad_to)
+
+        return collate_
+
+    monkeypatch.setattr(lorafit.train, "collate", spy(lorafit.train.collate))
+    monkeypatch.setattr(lorafit.evaluation, "collate", spy(lorafit.evaluation.collate))
+    records = [{"messages": c.messages} for c in convs(12)]
+    data = write_jsonl(tmp_path / "d.jsonl", *records)
+    res = lorafit.finetune(
+        model=str(tiny_model), train_data=data, eval_data=data, output_dir=tmp_path / "out", progress=False,
+        training_config={"max_steps": 2, "per_device_train_batch_size": 4, "packing": False, "max_seq_length": 64,
+                         "save_strategy": "no", "post_check": False},
+    )  # fmt: skip
+    assert seen and set(seen) == {1}, seen  # 4 conversations per micro-batch, always in one row
+    assert 0 < res["eval_loss"] < 20 and res["train_loss"] < 20  # finite numbers from both paths
