@@ -41,6 +41,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorafit.errors import ConfigError
@@ -118,6 +119,128 @@ def keep_packed_layout(model: nn.Module) -> None:
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
+
+
+class DequantBuffers:
+    """One buffer per (shape, dtype, device) that 4-bit weights are dequantized into for their matmul.
+
+    bitsandbytes' CPU path dequantizes a 4-bit weight into a NEW full-size tensor before every matmul,
+    forward and backward, and frees it right after. The sizes differ by projection (qkv, o, gate_up,
+    down), so glibc's heap, which keeps what is freed, ends up holding holes of every size between the
+    activations kept for backward: on the bench's medium model about as many bytes as the whole model in
+    bf16 (BENCHMARKS-qlora.md), QLoRA's saving gone. Layers run one at a time, so one buffer per shape
+    serves every layer of that shape: a few weights' worth of memory, allocated once.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def dequantize(self, packed: torch.Tensor, state, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) weight of 4-bit `packed` with bitsandbytes' `state`, in `dtype` (default
+        ``state.dtype``), written into this shape's buffer (valid until the next call for the same shape)."""
+        dtype = dtype or state.dtype
+        key = (tuple(state.shape), dtype, packed.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(key[0], dtype=dtype, device=packed.device)
+        if not _dequantize_4bit_into(packed, state, buf):
+            if dtype != state.dtype:
+                state = copy.copy(state)
+                state.dtype = dtype
+            buf.copy_(_bnb().functional.dequantize_4bit(packed.view(-1, 1), state))
+        return buf
+
+
+def _dequantize_4bit_into(packed: torch.Tensor, state, out: torch.Tensor) -> bool:
+    """Write the dequantized 4-bit weight into `out` with bitsandbytes' own CPU kernel, the one its
+    ``dequantize_4bit`` op calls (which has no ``out=`` variant on the CPU); False, and nothing written,
+    where that op would not use the kernel (odd widths, blocks of 2048+ on AVX512, a build without it)."""
+    import ctypes
+
+    bnb = _bnb()
+    try:
+        from bitsandbytes.cextension import lib
+    except ImportError:
+        return False
+    kind = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(out.dtype)
+    fn = getattr(lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{kind}", None)
+    shape = tuple(state.shape)
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    if fn is None or out.device.type != "cpu" or shape[-1] % 2 or (avx512 and state.blocksize >= 2048):
+        return False
+    absmax = state.absmax
+    if state.nested:  # the block scales are themselves 8-bit: dequantize them as bitsandbytes does
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.float()
+    n, m = shape[-1], math.prod(shape[:-1])
+    codes = packed.view(torch.uint8).reshape(m, n // 2)
+    ptr = bnb.functional.get_ptr
+    fn(ptr(codes), ptr(absmax), ptr(out), ctypes.c_longlong(state.blocksize), ctypes.c_longlong(m),
+       ctypes.c_longlong(n))  # fmt: skip
+    return True
+
+
+class _Linear4bitInto(torch.autograd.Function):
+    """y = x @ W.T + b with W dequantized into a `DequantBuffers` buffer, in forward and again in backward
+    (as bitsandbytes' MatMul4Bit: nothing but the packed weight is kept for backward)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, bias, state, buffers: DequantBuffers):
+        ctx.packed, ctx.state, ctx.buffers = packed, state, buffers
+        # as bitsandbytes: forward dequantizes straight to x's dtype, backward to the state's, then casts
+        return F.linear(x, buffers.dequantize(packed, state, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad @ ctx.buffers.dequantize(ctx.packed, ctx.state).to(grad.dtype)
+        if ctx.needs_input_grad[2]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, None, gb, None, None
+
+
+def linear4bit_forward(buffers: DequantBuffers):
+    """A ``WrappedLinear.base_forward`` for bitsandbytes ``Linear4bit`` on the CPU: its own forward (input
+    cast to the compute dtype, output back to the input's dtype) with the weight dequantized into
+    `buffers`. Other devices (CUDA has fused 4-bit kernels and a caching allocator) and layers whose
+    weights bitsandbytes repacked for inference take the layer's own forward."""
+
+    def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        state = getattr(layer.weight, "quant_state", None)
+        if x.device.type != "cpu" or state is None or getattr(state, "packing_format_for_cpu", False):
+            return layer(x)
+        dtype = x.dtype
+        if layer.compute_dtype is not None:
+            x = x.to(layer.compute_dtype)
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        return _Linear4bitInto.apply(x, layer.weight.data, bias, state, buffers).to(dtype)
+
+    return forward
+
+
+def dequantize_into_buffers(model: nn.Module) -> DequantBuffers | None:
+    """Make every LoRA-wrapped 4-bit layer of `model` dequantize into shared buffers (`DequantBuffers`,
+    `linear4bit_forward`); returns them, or None when there is no such layer. The same numbers as
+    bitsandbytes' own forward and backward (tested bit for bit), without a fresh weight-sized tensor per
+    matmul."""
+    bnb_linear4 = _bnb().nn.Linear4bit if is_quantized(model) else None
+    layers = [
+        m for m in model.modules()
+        if bnb_linear4 is not None and isinstance(getattr(m, "base_layer", None), bnb_linear4)
+        and hasattr(m, "base_forward")
+    ]  # fmt: skip
+    if not layers:
+        return None
+    buffers = DequantBuffers()
+    forward = linear4bit_forward(buffers)
+    for m in layers:
+        m.base_forward = forward
+    return buffers
 
 
 @torch.no_grad()

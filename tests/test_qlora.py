@@ -134,6 +134,65 @@ def test_lora_gets_gradients_on_fp4_and_int8(tiny_model, method):
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # B = 0 at start: A's grad is 0
 
 
+@needs_bnb
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-checkpoint", "fp32-checkpoint"])
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_4bit_layers_dequantized_into_buffers_compute_bitsandbytes_numbers(tiny_model, method, dtype):
+    """lorafit's 4-bit forward (the weight dequantized into a reused buffer, quant.DequantBuffers) gives
+    bitsandbytes' own outputs and gradients bit for bit, under autocast and without, in training and
+    eval; one buffer per weight shape serves every layer."""
+    from lorafit.model import apply_lora
+
+    def run(buffered: bool, autocast: bool, grad: bool):
+        model = _load(tiny_model, method, dtype=dtype_name(dtype))
+        torch.manual_seed(0)
+        apply_lora(model, PeftConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))  # LoRA in the logits too
+        wrapped = [m for m in model.modules() if isinstance(m, lora.WrappedLinear)]
+        if not buffered:
+            for m in wrapped:
+                m.base_forward = None
+        else:
+            assert wrapped and all(m.base_forward is not None for m in wrapped)
+        ids = torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(grad):
+            out = model(input_ids=ids, labels=ids)
+        if not grad:
+            return out.logits, {}
+        out.loss.backward()
+        return out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    for autocast, grad in [(True, True), (False, True), (True, False)]:
+        (l0, g0), (l1, g1) = run(False, autocast, grad), run(True, autocast, grad)
+        assert torch.equal(l0, l1), (autocast, grad)
+        assert g0.keys() == g1.keys() and (g0 or not grad)
+        for n in g0:
+            assert torch.equal(g0[n], g1[n]), n
+
+
+@needs_bnb
+def test_dequant_buffers_hold_one_weight_per_shape(tiny_model):
+    from lorafit.model import apply_lora
+
+    model = _load(tiny_model, "nf4")
+    apply_lora(model, PeftConfig(r=4, target_modules="all-linear"))
+    wrapped = [m for m in model.modules() if isinstance(m, lora.WrappedLinear)]
+    buffers = wrapped[0].base_forward.__closure__[0].cell_contents
+    assert isinstance(buffers, quant.DequantBuffers) and buffers.nbytes == 0
+    ids = torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    shapes = {(m.out_features, m.in_features) for m in wrapped}
+    assert len(wrapped) > len(shapes)  # several layers share a buffer
+    # per shape, a buffer in the compute dtype (bf16: forward) and one in the quantized weights' dtype
+    # (backward; the same buffer when that is bf16 too)
+    state = wrapped[0].base_layer.weight.quant_state
+    per_weight = 2 + (0 if state.dtype == torch.bfloat16 else state.dtype.itemsize)
+    assert buffers.nbytes == sum(per_weight * o * i for o, i in shapes)
+
+
 def _parity_data(path):
     rows = [
         {"messages": [{"role": "user", "content": f"{n}: even or odd?"},

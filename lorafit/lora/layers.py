@@ -329,7 +329,13 @@ class WrappedLinear(nn.Module, LoRALayer):
     LoRA factors default to fp32 when the base weight is not a float tensor.
     :meth:`merge` needs a float base weight: a quantized weight cannot absorb ΔW, so dequantize the
     base layer first (put a float ``nn.Linear`` holding the dequantized weight in its place).
+
+    ``base_forward``: None (the base layer's own forward), or a function ``(base_layer, x) -> y`` that
+    computes the same thing another way (lorafit.quant uses it to dequantize 4-bit weights into a
+    reused buffer instead of a fresh tensor per matmul). Not saved; set it after construction.
     """
+
+    base_forward = None
 
     _weight_key = "base_layer.weight"
 
@@ -394,7 +400,8 @@ class WrappedLinear(nn.Module, LoRALayer):
         return _b_block(self.lora_B, self.split_sizes, self.enable_lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+        base = self.base_forward
+        result = self.base_layer(x) if base is None else base(self.base_layer, x)
         if not self._active or self.merged:
             return result
         h = F.linear(self._lora_input(x), self.lora_A)  # (..., r*k)
