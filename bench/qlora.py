@@ -111,6 +111,7 @@ def worker(spec: dict) -> dict:
             "learning_rate": LR, "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 1,
             "save_strategy": "no", "eval_strategy": "no", "per_device_eval_batch_size": BATCH,
             "seed": 0, "bf16": True, "gradient_checkpointing": spec["gradient_checkpointing"],
+            "post_check": False,  # the replies after training are not part of the comparison
         },
         peft_config={"r": R, "lora_alpha": 2 * R, "target_modules": "all-linear"},
         overrides=[f"model.quantization={q}", "model.dtype=bf16", "model.device=cpu"],
@@ -226,6 +227,37 @@ def phi3_mini_estimate(bytes_per_quantized_weight: float) -> dict:
         "ratio": nf4 / bf16,
         "bytes_per_quantized_weight": bytes_per_quantized_weight,
     }
+
+
+def phi3_mini_peak_estimate(work: Path, train: str, gradient_checkpointing: bool) -> dict:
+    """`lorafit estimate`'s peak for Phi-3-mini-4k's shapes (config.json only, nothing downloaded) with
+    this benchmark's training settings, on the bf16 base and on the 4-bit one: its per-layer figures
+    (activations per token and layer, the loss head, quantized bytes per weight) are the ones measured
+    and checked against real runs in BENCHMARKS.md ("How accurate is `lorafit estimate`")."""
+    from transformers import Phi3Config
+
+    import lorafit
+    from lorafit.tiny import build_tokenizer
+
+    folder = work / "phi3-mini-shapes"
+    if not (folder / "config.json").is_file():
+        Phi3Config(**PHI3_MINI, num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=False,
+                   torch_dtype="bfloat16").save_pretrained(folder)  # fmt: skip
+        build_tokenizer().save_pretrained(folder)
+    out = {"gradient_checkpointing": gradient_checkpointing}
+    for base in ("bf16", "nf4"):
+        plan = lorafit.estimate(
+            model=str(folder), train_data=train,
+            training_config={"per_device_train_batch_size": BATCH, "max_seq_length": SEQ, "bf16": True,
+                             "gradient_checkpointing": gradient_checkpointing},
+            peft_config={"r": R, "lora_alpha": 2 * R, "target_modules": "all-linear"},
+            overrides=[f"model.quantization={'none' if base == 'bf16' else base}", "model.dtype=bf16",
+                       "model.device=cpu"],
+        ).to_dict()  # fmt: skip
+        out[base] = {"peak_bytes": plan["peak_memory_bytes"], "tensor_peak_bytes": plan["tensor_peak_bytes"]}
+    out["ratio"] = out["nf4"]["peak_bytes"] / out["bf16"]["peak_bytes"]
+    out["tensor_ratio"] = out["nf4"]["tensor_peak_bytes"] / out["bf16"]["tensor_peak_bytes"]
+    return out
 
 
 def _mib(b: float) -> str:
@@ -428,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if measured:
         results["phi3_mini"] = phi3_mini_estimate(max(measured)[1])
+    results["phi3_mini_peak"] = [
+        phi3_mini_peak_estimate(work, data["train"], ckpt)
+        for ckpt in dict.fromkeys((a.gradient_checkpointing, True))
+    ]
     (work / "results.json").write_text(json.dumps(results, indent=2))
     report_path.write_text(render(results) + "\n")
     say(f"wrote {report_path} (raw numbers: {work / 'results.json'})")

@@ -237,7 +237,8 @@ def render(results: dict) -> str:
         f"are not timed. {plan['rounds']} round(s) of this.")  # fmt: skip
     add("- **lorafit**: `lorafit.finetune(...)` with packing, assistant-only loss (the reply and its `<|end|>`), "
         "`logging_steps=1` (per-step token counts from its `metrics.jsonl`), no eval or checkpoints during "
-        "training, precision chosen by lorafit itself.")  # fmt: skip
+        "training, no post-training check (`post_check: false`: its greedy replies are not training), precision "
+        "chosen by lorafit itself.")  # fmt: skip
     add(f"- **TRL**: `SFTTrainer` + `peft.LoraConfig`, `SFTConfig(packing=True, packing_strategy='bfd', "
         f"assistant_only_loss=True, max_length={plan['seq']}, activation_checkpointing=False, "
         f"bf16={results['precision'] == 'bf16'}, report_to='none', logging only at the end, "

@@ -119,6 +119,7 @@ def run_lorafit(spec: dict, pacer: Pacer) -> dict:
             "bf16": None,  # auto: lorafit picks bf16 only where the device runs it fast
             "output_dir": str(out),
             "return_freed_memory": spec.get("return_freed_memory", False),
+            "post_check": False,  # greedy replies after training: not part of the training compared here
         },
         peft_config={
             "r": spec["r"],
