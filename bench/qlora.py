@@ -117,6 +117,7 @@ def worker(spec: dict) -> dict:
         overrides=[f"model.quantization={q}", "model.dtype=bf16", "model.device=cpu"],
     )  # fmt: skip
     job = prepare(cfg, overwrite=True)
+    checkpointing = bool(getattr(job.model, "is_gradient_checkpointing", False))
     sampler.mark("train")
     loaded = {"rss_after_load_mb": current_rss_mb(), "peak_rss_after_load_mb": peak_rss_mb()}
     weights = weight_bytes(job.model)
@@ -143,6 +144,8 @@ def worker(spec: dict) -> dict:
     rates = sorted(r["tokens_per_sec"] for r in recs if "loss" in r and r["step"] > 1)
     return {
         "base": spec["base"],
+        "label": spec.get("label", spec["base"]),
+        "checkpointing": checkpointing,
         "size": spec["size"],
         "steps": res["steps"],
         "tokens": res["tokens"],
@@ -187,7 +190,7 @@ def write_model(size: str, out: Path) -> Path:
 
 
 def run_worker(spec: dict, work: Path, reuse: bool = False) -> dict:
-    path = work / f"spec-{spec['size']}-{spec['base']}-{spec['round']}.json"
+    path = work / f"spec-{Path(spec['out']).name}.json"
     result = path.with_suffix(".result.json")
     if reuse and result.is_file() and path.is_file() and json.loads(path.read_text()) == spec:
         say("  (reusing the result of an earlier run of this exact spec)")
@@ -254,9 +257,12 @@ def phi3_mini_peak_estimate(work: Path, train: str, gradient_checkpointing: bool
             overrides=[f"model.quantization={'none' if base == 'bf16' else base}", "model.dtype=bf16",
                        "model.device=cpu"],
         ).to_dict()  # fmt: skip
-        out[base] = {"peak_bytes": plan["peak_memory_bytes"], "tensor_peak_bytes": plan["tensor_peak_bytes"]}
-    out["ratio"] = out["nf4"]["peak_bytes"] / out["bf16"]["peak_bytes"]
-    out["tensor_ratio"] = out["nf4"]["tensor_peak_bytes"] / out["bf16"]["tensor_peak_bytes"]
+        m = plan["memory"]
+        out[base] = {"peak_bytes": plan["peak_memory_bytes"], "tensor_peak_bytes": plan["tensor_peak_bytes"],
+                     "train_peak_bytes": m["tensor_peak"] + m["overhead"] + m["runtime"],
+                     "load_peak_bytes": m["load_peak"], "checkpointing": plan["gradient_checkpointing"]}  # fmt: skip
+    for key in ("peak_bytes", "tensor_peak_bytes", "train_peak_bytes"):
+        out[key.replace("bytes", "ratio")] = out["nf4"][key] / out["bf16"][key]
     return out
 
 
@@ -279,6 +285,56 @@ def _private(rs: list[dict], bf: list[dict]) -> str:
     return f"{load:,.0f} / {train:,.0f} ({train / ref:.2f}x) ({free:,.0f})"
 
 
+def render_targets(results: dict) -> list[str]:
+    """The issue's targets: on medium (else the largest config run), nf4 with lorafit's defaults against bf16
+    with lorafit's defaults, and the Phi-3-mini-shaped estimate."""
+    size = "medium" if "medium" in results["configs"] else list(results["configs"])[-1]
+    by: dict = {}
+    for r in results["configs"][size]:
+        by.setdefault(r.get("label", r["base"]), []).append(r)
+    bf = by["bf16"]
+    mark = {True: "met", False: "**not met**"}
+    lines = [f"## Targets ({size})", "", "| target | goal | measured | verdict |", "|---|---|---|---|"]
+    for label, rs in by.items():
+        if label == "bf16":
+            continue
+        ckpt = "on" if rs[0].get("checkpointing") else "off"
+        label = label if "checkpointing" in label else f"{label} (checkpointing {ckpt})"
+        rss = _mean([r["peak_rss_mb"] for r in rs]) / _mean([r["peak_rss_mb"] for r in bf])
+        lines.append(f"| {label}: peak VmRSS vs bf16 | <= 0.6x | {rss:.2f}x | {mark[rss <= 0.6]} |")
+        if all("memory" in r for r in rs + bf):
+            priv = _mean([r["memory"]["train"]["RssAnon"] for r in rs])
+            ref = _mean([r["memory"]["train"]["RssAnon"] for r in bf])
+            lines.append(f"| {label}: peak private memory vs bf16 | below | {priv:,.0f} vs "
+                         f"{ref:,.0f} MiB ({priv / ref:.2f}x) | {mark[priv < ref]} |")  # fmt: skip
+    est = {e["gradient_checkpointing"]: e for e in results.get("phi3_mini_peak", [])}
+    if True in est and False in est:  # lorafit's defaults where the activations fit: nf4 on, bf16 off
+        r = est[True]["nf4"]["train_peak_bytes"] / est[False]["bf16"]["train_peak_bytes"]
+        lines.append(f"| Phi-3-mini-shaped estimate, each base with lorafit's default (nf4: checkpointing on, bf16: "
+                     f"off): training peak nf4 vs bf16 | <= 0.35x | {r:.2f}x | {mark[r <= 0.35]} |")  # fmt: skip
+    for e in results.get("phi3_mini_peak", []):
+        ck = "on" if e["gradient_checkpointing"] else "off"
+        lines.append(f"| Phi-3-mini-shaped estimate, checkpointing {ck}: training peak nf4 vs bf16 | <= 0.35x | "
+                     f"{e['train_peak_ratio']:.2f}x (tensors {e['tensor_peak_ratio']:.2f}x) | "
+                     f"{mark[e['train_peak_ratio'] <= 0.35]} |")  # fmt: skip
+    lines.append("")
+    if results.get("phi3_mini_peak"):
+        lines += ["Phi-3-mini-shaped estimates (`lorafit estimate` on Phi-3-mini-4k's config.json, this benchmark's "
+                  "batch and data; GiB): training peak = tensors at the step's peak + the process's training "
+                  "overhead + runtime; loading peak: a 4-bit load reads the bf16 checkpoint through a file mapping, "
+                  "whose pages count in VmRSS while loading but are page cache the kernel can take back (private "
+                  "memory while loading stays near the 4-bit model's size, see `peak private MiB: load` above).", "",
+                  "| checkpointing | base | training peak | tensors | loading peak |", "|---|---|---|---|---|"]  # fmt: skip
+        for e in results["phi3_mini_peak"]:
+            for base in ("bf16", "nf4"):
+                x = e[base]
+                lines.append(f"| {'on' if e['gradient_checkpointing'] else 'off'} | {base} | "
+                             f"{x['train_peak_bytes'] / 2**30:.2f} | {x['tensor_peak_bytes'] / 2**30:.2f} | "
+                             f"{x['load_peak_bytes'] / 2**30:.2f} |")  # fmt: skip
+        lines.append("")
+    return lines
+
+
 def render(results: dict) -> str:
     """BENCHMARKS-qlora.md: the command, one table per config, the Phi-3-mini estimate, notes."""
     m, st = results["machine"], results["settings"]
@@ -290,8 +346,9 @@ def render(results: dict) -> str:
         f"load average at start {m['load_avg_start']:.1f}.",
         "",
         f"Same work for both bases: lorafit, LoRA r={st['r']} on all linear layers, batch {st['batch']} x "
-        f"{st['seq']} tokens (packed), lr {st['lr']} constant, bf16 autocast, gradient checkpointing "
-        f"{'on' if st['gradient_checkpointing'] else 'off'}; {results['data']['n_train']} synthetic "
+        f"{st['seq']} tokens (packed), lr {st['lr']} constant, bf16 autocast, `gradient_checkpointing: "
+        f"{st['gradient_checkpointing']}` (the column says what each run did; `auto`, lorafit's default, is on "
+        f"for a 4-bit base); {results['data']['n_train']} synthetic "
         f"conversations (bench/data.py), eval loss on {results['data']['n_eval']} held-out ones. Base "
         f"weights: every tensor of the state_dict but LoRA factors (4-bit: packed weights + scales; "
         f"embeddings, lm_head, norms stay bf16). Each run is its own process (peak RSS = getrusage).",
@@ -300,16 +357,17 @@ def render(results: dict) -> str:
     for size, runs in results["configs"].items():
         by = {}
         for r in runs:
-            by.setdefault(r["base"], []).append(r)
+            by.setdefault(r.get("label", r["base"]), []).append(r)
         ref = by["bf16"][0]
         steps, tokens = ref["steps"], ref["tokens"]
         lines += [
             f"## {size} ({steps} steps, {tokens:,} training tokens per run; eval on "
             f"{min(EVAL_CONVERSATIONS[size], results['data']['n_eval'])} conversations)",
             "",
-            "| base | base weights MiB | vs bf16 | quantized layers MiB (vs bf16) | RSS after load MB | peak RSS MB | "
-            "peak private MiB: load / train (malloc free) | tokens/s (median step) | eval loss before -> after | after vs bf16 |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| base | checkpointing | base weights MiB | vs bf16 | quantized layers MiB (vs bf16) | RSS after load MB | "
+            "peak RSS MB | peak private MiB: load / train (malloc free) | tokens/s (median step) | eval loss before -> "
+            "after | after vs bf16 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         bf = by["bf16"]
         bf_w = _mean([r["weight_bytes"]["total"] for r in bf])
@@ -324,7 +382,7 @@ def render(results: dict) -> str:
             )
             loss = _mean([r["eval_loss"] for r in rs])
             lines.append(
-                f"| {base} | {_mib(w)} | {w / bf_w:.3f}x | {ql} | {_mean([r['rss_after_load_mb'] for r in rs]):,.0f} | "
+                f"| {base} | {'on' if rs[0].get('checkpointing') else 'off'} | {_mib(w)} | {w / bf_w:.3f}x | {ql} | {_mean([r['rss_after_load_mb'] for r in rs]):,.0f} | "
                 f"{_mean([r['peak_rss_mb'] for r in rs]):,.0f} ({_mean([r['peak_rss_mb'] for r in rs]) / _mean([r['peak_rss_mb'] for r in bf]):.2f}x) | "
                 f"{_private(rs, bf)} | {_mean([r['tokens_per_sec'] for r in rs]):,.0f} "
                 f"({_mean([r['tokens_per_sec_median_step'] for r in rs]):,.0f}) | "
@@ -343,6 +401,7 @@ def render(results: dict) -> str:
             f"{e['bf16_bytes'] / 2**30:.2f} GiB in bf16, **{e['ratio']:.3f}x**.",
             "",
         ]
+    lines += render_targets(results)
     lines += [
         "## Reading the numbers",
         "",
@@ -382,7 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: per config)")
     p.add_argument("--rounds", type=int, default=1, help="repeat bf16/nf4 pairs (alternating)")
     p.add_argument("--method", default="nf4", choices=["nf4", "fp4", "int8"])
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--gradient-checkpointing",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="training_config.gradient_checkpointing of every run (default auto: lorafit's default, on for "
+        "a 4-bit base; with auto the 4-bit base also runs with it off, as the bf16 base does)",
+    )
     p.add_argument("--workdir", default="/tmp/lorafit-bench-qlora")
     p.add_argument("--report", default=None, help="default: BENCHMARKS-qlora.md at the repository root")
     p.add_argument("--reuse", action="store_true", help="reuse results of earlier runs with the same spec")
@@ -440,11 +505,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         runs = []
         for rnd in range(a.rounds):
-            for base in ("bf16", a.method):
-                say(f"{size}: round {rnd + 1}/{a.rounds}, {base} base, {steps} steps")
-                spec = dict(size=size, base=base, round=rnd, model=str(model), train=data["train"], eval=evals,
-                            out=str(work / "runs" / f"{size}-{base}-{rnd}"), steps=steps,
-                            gradient_checkpointing=a.gradient_checkpointing)  # fmt: skip
+            ckpt = {"auto": "auto", "on": True, "off": False}[a.gradient_checkpointing]
+            plans = [("bf16", ckpt, "bf16"), (a.method, ckpt, a.method)]
+            if ckpt == "auto":  # the 4-bit base under the bf16 run's setting too (auto: off where it fits)
+                plans.append((a.method, False, f"{a.method}, checkpointing off"))
+            for base, gc, label in plans:
+                say(f"{size}: round {rnd + 1}/{a.rounds}, {label} base, {steps} steps")
+                tag = base if gc == ckpt else f"{base}-gc{int(gc)}"
+                spec = dict(size=size, base=base, label=label, round=rnd, model=str(model), train=data["train"],
+                            eval=evals, out=str(work / "runs" / f"{size}-{tag}-{rnd}"), steps=steps,
+                            gradient_checkpointing=gc)  # fmt: skip
                 r = run_worker(spec, work, a.reuse)
                 say(
                     f"  weights {r['weight_bytes']['total'] / 2**20:.1f} MiB, peak RSS {r['peak_rss_mb']:.0f} MB, "
@@ -460,10 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if measured:
         results["phi3_mini"] = phi3_mini_estimate(max(measured)[1])
-    results["phi3_mini_peak"] = [
-        phi3_mini_peak_estimate(work, data["train"], ckpt)
-        for ckpt in dict.fromkeys((a.gradient_checkpointing, True))
-    ]
+    results["phi3_mini_peak"] = [phi3_mini_peak_estimate(work, data["train"], ckpt) for ckpt in (False, True)]
     (work / "results.json").write_text(json.dumps(results, indent=2))
     report_path.write_text(render(results) + "\n")
     say(f"wrote {report_path} (raw numbers: {work / 'results.json'})")

@@ -200,7 +200,7 @@ def prepare(
     if checkpointing == "auto":
         tokens = t.per_device_train_batch_size * t.max_seq_length
         checkpointing, why = memory.needs_checkpointing(
-            model.config, tokens, compute_dtype(precision, model), device
+            model.config, tokens, compute_dtype(precision, model), device, quantized=m.quantization != "none"
         )
     if checkpointing:
         kwargs = t.gradient_checkpointing_kwargs or {"use_reentrant": False}
@@ -310,7 +310,9 @@ def plan(
         if device.type == "cpu" and free_now is not None:
             free_now += memory.process_rss() or 0
     if checkpointing == "auto":
-        checkpointing, why = memory.needs_checkpointing(hf_config, batch * seq, cdtype, device, free=free_now)
+        checkpointing, why = memory.needs_checkpointing(
+            hf_config, batch * seq, cdtype, device, free=free_now, quantized=m.quantization != "none"
+        )
     if runtime is None:
         runtime = (memory.process_rss() or 0) if device.type == "cpu" else memory.CUDA_CONTEXT
     setup = memory.Setup(

@@ -105,10 +105,22 @@ def process_rss() -> int | None:
 
 
 def needs_checkpointing(
-    config, tokens: int, compute_dtype: torch.dtype, device: torch.device, free: int | None = None
+    config,
+    tokens: int,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    free: int | None = None,
+    quantized: bool = False,
 ) -> tuple[bool, str]:
-    """(on?, the reason in one line) for gradient_checkpointing: auto, for micro-batches of `tokens` tokens."""
+    """(on?, the reason in one line) for gradient_checkpointing: auto, for micro-batches of `tokens` tokens.
+
+    On for a quantized base whatever the free memory: QLoRA is chosen to save memory, and without
+    checkpointing the activations, not the weights, set its peak (BENCHMARKS-qlora.md), so the 4-bit base
+    would save little; PEFT's ``prepare_model_for_kbit_training`` turns it on for the same reason."""
     need = activation_bytes(config, tokens, compute_dtype)
+    if quantized:
+        return True, (f"on (auto: a quantized base, memory first; activations ~{need / GIB:.1f} GiB per "
+                      f"micro-batch of {tokens:,} tokens without it)")  # fmt: skip
     free = free_bytes(device) if free is None else free
     if free is None:
         return False, f"off (auto: activations ~{need / GIB:.1f} GiB per micro-batch; free memory unknown)"

@@ -150,7 +150,9 @@ def test_4bit_layers_dequantized_into_buffers_compute_bitsandbytes_numbers(tiny_
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
-                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))  # LoRA in the logits too
+                    p.normal_(
+                        0, 0.1, generator=torch.Generator().manual_seed(len(n))
+                    )  # LoRA in the logits too
         wrapped = [m for m in model.modules() if isinstance(m, lora.WrappedLinear)]
         if not buffered:
             for m in wrapped:

@@ -269,6 +269,11 @@ def test_gradient_checkpointing_auto_turns_on_only_when_activations_would_not_fi
     monkeypatch.setattr(memory, "free_bytes", lambda device: 60 * 2**30)
     on, why = memory.needs_checkpointing(config, 4 * 2048, torch.bfloat16, torch.device("cpu"))
     assert on and why.startswith("on (auto: activations ~38.0 GiB per micro-batch of 8,192 tokens")
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 200 * 2**30)  # room enough, but a 4-bit base
+    on, why = memory.needs_checkpointing(
+        config, 4 * 2048, torch.bfloat16, torch.device("cpu"), quantized=True
+    )
+    assert on and why.startswith("on (auto: a quantized base, memory first")
 
 
 def test_unpacked_training_feeds_each_micro_batch_as_one_unpadded_row(tiny_model, tmp_path, monkeypatch):
