@@ -523,6 +523,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
                    help="tiny and small (mixed), small on long and short chats, scaling, profile, memory")  # fmt: skip
     g.add_argument("--config", choices=["tiny", "small"], action="append", help="one config (repeatable)")
     g.add_argument("--quick", action="store_true", help="smoke test: tiny, short rows, one round")
+    g.add_argument("--render", action="store_true", help="only rewrite the report from WORKDIR/results.json")
     ap.add_argument("--steps", type=int, help="timed steps per run (after the warm-up), for every config")
     ap.add_argument("--warmup", type=int, help="warm-up steps per run (not timed); default 1")
     ap.add_argument(
@@ -539,7 +540,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     if args.quick:
         plan = Plan(configs=["tiny"], seq=128, batch=2, warmup=1, steps={"tiny": 2}, rounds=1, n_train=300,
                     n_eval=8, max_tokens=120, bf16_probe=False)  # fmt: skip
-    elif args.all:
+    elif args.all or args.render:
         plan = Plan(configs=["tiny", "small"], scaling=True, profile=True, extra_workloads=("long", "short"),
                     memory_workloads=("mixed", "long"))  # fmt: skip
     else:
@@ -567,6 +568,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
 def main(argv: list[str] | None = None) -> int:
 
     args, plan = parse(argv)
+    if args.render:
+        results = json.loads((Path(args.workdir) / "results.json").read_text())
+        report = Path(args.report) if args.report else ROOT / "BENCHMARKS.md"
+        report.write_text(render(results))
+        say(f"wrote {report} from {Path(args.workdir) / 'results.json'}")
+        return 0
     command = "python -m bench.run " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
