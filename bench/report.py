@@ -138,7 +138,10 @@ def target_rows(results: dict, size: str) -> list[list[str]]:
         paired = best = ""
         if key in ("tps_vs_trl", "tps_vs_peft"):
             paired, best = x(r[key + "_paired"]), x(r[key + "_best"])
-        out.append([label, goal, shown, paired, best, "met" if ok else "**not met**"])
+        verdict = "met" if ok else "**not met**"
+        if kind == "abs" and v < -bound:
+            verdict += " (lorafit's is lower)"
+        out.append([label, goal, shown, paired, best, verdict])
     return out
 
 
@@ -333,6 +336,8 @@ def render(results: dict) -> str:
         add(render_scaling(results))
     if "profile" in results:
         add(render_profile(results))
+    for name in results.get("profiles", {}):
+        add(render_profile(results, name))
     if "memory" in results:
         add(render_memory(results))
     add(render_findings(results))
@@ -440,9 +445,9 @@ def render_scaling(results: dict) -> str:
     return "\n".join(L)
 
 
-def render_profile(results: dict) -> str:
-    p = results["profile"]
-    L = ["## Where lorafit's step goes (small config, torch.profiler)", ""]
+def render_profile(results: dict, name: str = "small") -> str:
+    p = results["profile"] if name == "small" else results["profiles"][name]
+    L = [f"## Where lorafit's step goes ({name}, torch.profiler)", ""]
     L.append(f"`lorafit.finetune` (unchanged) run under `torch.profiler` with input shapes; {p['steps']} steps after "
              f"the warm-up, {p['wall_ms_per_step']:,.0f} ms per step while profiling (profiler overhead "
              f"included). Outermost aten ops by category (`bench/profile.py`):")  # fmt: skip

@@ -506,11 +506,13 @@ def run_memory(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
     return out
 
 
-def run_profile(plan: Plan, inputs: dict, work: Path, precision: str) -> dict:
-    say("profiling lorafit's step on small (torch.profiler)")
-    spec = dict(base_spec(plan, inputs["models"]["small"], inputs["data"]["train"]), tool="lorafit",
-                precision=precision, out=str(work / "profile" / "out"), warmup=plan.warmup, profile_steps=2)  # fmt: skip
-    return run_module("bench.profile", spec, work / "profile", "profile")
+def run_profile(plan: Plan, inputs: dict, work: Path, precision: str, workload: str = "mixed") -> dict:
+    name = section("small", workload)
+    say(f"profiling lorafit's step on {name} (torch.profiler)")
+    spec = dict(base_spec(plan, inputs["models"]["small"], inputs[data_key(plan, workload)]["train"], workload),
+                tool="lorafit", precision=precision, out=str(work / f"profile-{name}" / "out"), warmup=plan.warmup,
+                profile_steps=2)  # fmt: skip
+    return run_module("bench.profile", spec, work / f"profile-{name}", "profile")
 
 
 # ----------------------------------------------------------------------------- main
@@ -608,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         results["scaling"] = run_scaling(plan, inputs, work, precision)
     if plan.profile:
         results["profile"] = run_profile(plan, inputs, work, precision)
+        if "short" in plan.extra_workloads:  # per-step fixed costs: Python, optimizer, logging, collation
+            results["profiles"] = {"small-short": run_profile(plan, inputs, work, precision, "short")}
         results["memory"] = run_memory(plan, inputs, work, precision)
     if not args.quick:
         results["matmul"].append(_machine(work, "end")["matmul"])

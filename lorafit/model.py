@@ -435,7 +435,7 @@ def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
     # a head tied to the input embedding stays: the embedding lookup is not autocast
     elsewhere = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(False)}
     saved = 0
-    blocks: set[int] = set()  # the memory blocks the cast weights were views of
+    cast: set[int] = set()  # the parameters now held in `dtype`
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -448,29 +448,30 @@ def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
                 and id(p) not in elsewhere
             ):
                 saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
-                blocks.add(p.untyped_storage().data_ptr())
+                cast.add(id(p))
                 p.data = p.data.to(dtype)
-    _own_memory(model, blocks)
+    _own_memory(model, cast)
     return saved
 
 
 @torch.no_grad()
-def _own_memory(model: nn.Module, blocks: set[int]) -> None:
-    """Copy every parameter and buffer that is still a view of one of `blocks` into memory of its own.
+def _own_memory(model: nn.Module, cast: set[int]) -> None:
+    """Copy every frozen CPU parameter and buffer that was not just cast (`cast`: their ids) into memory of
+    its own, so nothing keeps the checkpoint's memory alive.
 
-    transformers loads a checkpoint's tensors as views of one block per file (read into memory, or
-    mapped). Once the linear weights are held in another dtype, the embeddings, norms and head would
-    keep that whole block alive -- the fp32 linear weights included: 226 MB of dead weights on the
-    benchmark's small model (measured with bench/memory.py). With their own copies, the block is freed.
+    transformers loads a checkpoint's tensors as views of the file: of one block read into memory, or
+    (transformers 5, safetensors) each a storage of its own inside the file's memory mapping. Once the
+    linear weights are held in another dtype, the embeddings and norms are all that still use it, and
+    they keep it whole: on the benchmark's small fp32 model the 404 MB mapping stayed resident through
+    training (bench/memory.py: the live tensors at the peak, /proc/self/maps). With their own copies
+    (the embeddings and norms: a few % of the model) the block or mapping is released.
     """
-    if not blocks:
+    if not cast:
         return
     for m in model.modules():
         for name, t in list(m._parameters.items()) + list(m._buffers.items()):
-            if t is None or t.untyped_storage().data_ptr() not in blocks:
+            if t is None or id(t) in cast or t.requires_grad or t.device.type != "cpu":
                 continue
-            if t.untyped_storage().nbytes() <= t.numel() * t.element_size():
-                continue  # the block is this tensor alone
             if name in m._parameters:
                 t.data = t.data.clone()
             else:

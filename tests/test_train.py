@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,6 +231,31 @@ def test_casting_the_linears_frees_the_checkpoint_block_they_shared(tok):
     hold_frozen_linears_in(model, torch.bfloat16)
     ptr = block.untyped_storage().data_ptr()
     assert all(p.untyped_storage().data_ptr() != ptr for p in model.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.float(), before[n].to(p.dtype).float()), n
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
+def test_casting_the_linears_releases_the_mapped_checkpoint_file(tiny_model):
+    """transformers 5 maps a safetensors checkpoint and gives each tensor a storage inside the mapping;
+    after the linears are cast to bf16, the embeddings and norms get copies, and the file is unmapped."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.model import hold_frozen_linears_in
+
+    def mapped() -> bool:
+        return str(tiny_model / "model.safetensors") in Path("/proc/self/maps").read_text()
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    if not mapped():
+        pytest.skip("this transformers/safetensors read the checkpoint into memory instead of mapping it")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    hold_frozen_linears_in(model, torch.bfloat16)
+    gc.collect()
+    assert not mapped()
     for n, p in model.named_parameters():
         assert torch.equal(p.float(), before[n].to(p.dtype).float()), n
 
