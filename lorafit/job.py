@@ -194,6 +194,7 @@ def prepare(
         adapted = continue_lora(model, run.peft_config, m.adapter)
     else:
         adapted = apply_lora(model, run.peft_config)
+    quant.dequantize_into_buffers(model)  # 4-bit layers: no fresh weight-sized tensor per matmul
     if loaded_here and precision in ("bf16", "fp16"):
         hold_frozen_linears_in(model, compute_dtype(precision, model))
     checkpointing, why = t.gradient_checkpointing, "on" if t.gradient_checkpointing else "off"

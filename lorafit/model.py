@@ -408,8 +408,6 @@ def apply_lora(model, peft: PeftConfig) -> list[str]:
         )
     except lora.LoraError as e:
         raise ConfigError(f"peft_config.target_modules: {e}") from e
-    if wrap:
-        quant.dequantize_into_buffers(model)  # no fresh bf16 weight per 4-bit matmul (see DequantBuffers)
     train_only_lora(model, peft)
     return names
 

@@ -154,11 +154,9 @@ def test_4bit_layers_dequantized_into_buffers_compute_bitsandbytes_numbers(tiny_
                         0, 0.1, generator=torch.Generator().manual_seed(len(n))
                     )  # LoRA in the logits too
         wrapped = [m for m in model.modules() if isinstance(m, lora.WrappedLinear)]
-        if not buffered:
-            for m in wrapped:
-                m.base_forward = None
-        else:
-            assert wrapped and all(m.base_forward is not None for m in wrapped)
+        if buffered:
+            assert isinstance(quant.dequantize_into_buffers(model), quant.DequantBuffers)
+        assert wrapped and all((m.base_forward is not None) == buffered for m in wrapped)
         ids = torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(0))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(grad):
             out = model(input_ids=ids, labels=ids)
@@ -182,8 +180,8 @@ def test_dequant_buffers_hold_one_weight_per_shape(tiny_model):
     model = _load(tiny_model, "nf4")
     apply_lora(model, PeftConfig(r=4, target_modules="all-linear"))
     wrapped = [m for m in model.modules() if isinstance(m, lora.WrappedLinear)]
-    buffers = wrapped[0].base_forward.__closure__[0].cell_contents
-    assert isinstance(buffers, quant.DequantBuffers) and buffers.nbytes == 0
+    buffers = quant.dequantize_into_buffers(model)
+    assert buffers.nbytes == 0
     ids = torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
     shapes = {(m.out_features, m.in_features) for m in wrapped}
@@ -228,6 +226,23 @@ def trained(tiny_model, tmp_path_factory):
     before = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
     res = run(job, progress=False)
     return job, before, res, out
+
+
+@needs_bnb
+def test_training_on_a_4bit_base_dequantizes_into_buffers_with_checkpointing_on_by_default(
+    trained, tiny_model, tmp_path
+):
+    import lorafit
+
+    job = trained[0]
+    wrapped = [m for m in job.model.modules() if isinstance(m, lora.WrappedLinear)]
+    assert wrapped and all(m.base_forward is not None for m in wrapped)
+    plan = lorafit.estimate(
+        model=str(tiny_model), train_data=_parity_data(tmp_path / "train.jsonl"),
+        training_config={"max_seq_length": 64}, overrides=["model.quantization=nf4", "model.device=cpu"],
+    ).to_dict()  # fmt: skip
+    assert plan["gradient_checkpointing"] is True  # auto, the default: on for a quantized base
+    assert plan["checkpointing_reason"].startswith("on (auto: a quantized base")
 
 
 @needs_bnb
