@@ -46,7 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "HeapFree")
+from bench.report import PHASES, STATUS_KEYS, phase_summary
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -64,9 +64,6 @@ def heap_free() -> int:
         return int(libc.mallinfo2().fordblks)
     except (OSError, AttributeError):
         return 0
-
-
-PHASES = ["start", "tokenize", "load", "setup", "first step", "steady", "save"]
 
 
 # ----------------------------------------------------------------------------- inside the training process
@@ -323,24 +320,6 @@ def tensor_timeline(trace_path: Path, vocab: int = 0, top: int = 12) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-def phase_summary(res: dict) -> dict[str, dict[str, float]]:
-    """Per phase: the largest VmRSS / RssAnon / RssFile sampled (MiB) and its duration."""
-    marks = res["marks"]
-    out: dict[str, dict[str, float]] = {}
-    for k, (t, name) in enumerate(marks):
-        if name == "end":
-            continue
-        t_end = marks[k + 1][0] if k + 1 < len(marks) else float("inf")
-        inside = [s for s in res["samples"] if t <= s[0] <= t_end]
-        ph = out.setdefault(name, {"sec": 0.0, "cpu": 0.0, **dict.fromkeys(STATUS_KEYS, 0.0)})
-        ph["sec"] += max(0.0, min(t_end, res["samples"][-1][0]) - t)
-        if "cpu" in res and k + 1 < len(res["cpu"]):
-            ph["cpu"] += res["cpu"][k + 1] - res["cpu"][k]
-        for i, key in enumerate(STATUS_KEYS, start=1):
-            ph[key] = max([ph[key]] + [s[i] / 2**20 for s in inside])
-    return out
 
 
 def render(results: list[dict]) -> str:

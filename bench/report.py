@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import statistics
 
+# bench.memory's samples of /proc/self/status (+ malloc's free bytes) and the phases it cuts a run into
+STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "HeapFree")
+PHASES = ["start", "tokenize", "load", "setup", "first step", "steady", "save"]
 TOOLS = ["lorafit", "peft", "trl"]  # the tools bench.run runs side by side, in this order
 LABELS = {"lorafit": "lorafit", "peft": "plain PEFT loop", "trl": "TRL SFTTrainer + PEFT"}
 
@@ -359,8 +362,6 @@ def describe_workload(results: dict, name: str) -> str:
 
 def render_memory(results: dict) -> str:
     """Live tensor bytes beside the RSS figures, per tool and phase (bench/memory.py runs, small config)."""
-    from bench.memory import PHASES, phase_summary
-
     L = ["## Where the memory goes (small config, `bench/memory.py`)", ""]
     L.append("Each tool once more, alone, under torch.profiler with `profile_memory=True` (every allocation and "
              "free of torch's CPU allocator), and /proc/self/status sampled every 50 ms. Peak live tensor bytes is "
@@ -638,3 +639,21 @@ def render_findings(results: dict) -> str:
     L.append(mem)
     L.append("")
     return "\n".join(L)
+
+
+def phase_summary(res: dict) -> dict[str, dict[str, float]]:
+    """Per phase: the largest VmRSS / RssAnon / RssFile sampled (MiB) and its duration."""
+    marks = res["marks"]
+    out: dict[str, dict[str, float]] = {}
+    for k, (t, name) in enumerate(marks):
+        if name == "end":
+            continue
+        t_end = marks[k + 1][0] if k + 1 < len(marks) else float("inf")
+        inside = [s for s in res["samples"] if t <= s[0] <= t_end]
+        ph = out.setdefault(name, {"sec": 0.0, "cpu": 0.0, **dict.fromkeys(STATUS_KEYS, 0.0)})
+        ph["sec"] += max(0.0, min(t_end, res["samples"][-1][0]) - t)
+        if "cpu" in res and k + 1 < len(res["cpu"]):
+            ph["cpu"] += res["cpu"][k + 1] - res["cpu"][k]
+        for i, key in enumerate(STATUS_KEYS, start=1):
+            ph[key] = max([ph[key]] + [s[i] / 2**20 for s in inside])
+    return out
