@@ -145,3 +145,53 @@ def test_memory_replay_finds_the_live_peak_and_what_was_alive(tmp_path):
         ("first step: aten::mm [[4, 8], [8, 2]]", 1000, 1),
         ("first step: bw aten::mul [[4, 8]]", 500, 1),
     ]
+
+
+def test_each_workload_is_judged_by_its_own_targets():
+    """bench.report marks the issue's targets per workload: long chats by speed, RSS, live tensors and eval
+    loss against TRL; short chats by speed only; a lower eval loss than TRL's beyond 2% is named."""
+    from bench.report import target_rows
+
+    def tool(tps, rss):
+        return {"tokens_per_sec": tps, "tokens_per_sec_best": tps, "tokens_per_sec_steps": [tps] * 3,
+                "peak_rss_mb": rss}  # fmt: skip
+
+    def config(workload, eval_lorafit):
+        return {"size": "small", "workload": workload, "flops": {"total": 1e8},
+                "tools": {"lorafit": tool(800, 2000), "peft": tool(600, 3000), "trl": tool(200, 4000)},
+                "eval": {"lorafit": {"eval_loss": eval_lorafit}, "peft": {"eval_loss": 6.0},
+                         "trl": {"eval_loss": 6.0}}}  # fmt: skip
+
+    results = {
+        "plan": {"workload": "mixed"}, "matmul": [{"fp32": 100.0, "bf16": 200.0}],
+        "configs": {"small-long": config("long", 5.8), "small-short": config("short", 6.0)},
+        "memory": {"small-long": {"lorafit": {"tensors": {"peak_bytes": 4}}, "trl": {"tensors": {"peak_bytes": 10}}}},
+    }  # fmt: skip
+    long = {r[0]: (r[2], r[-1]) for r in target_rows(results, "small-long")}
+    assert long == {
+        "tokens/s vs TRL": ("4.00x", "met"),
+        "peak RSS vs TRL": ("0.50x", "met"),
+        "peak live tensor bytes vs TRL": ("0.40x", "met"),
+        "eval loss vs TRL": ("-3.33%", "**not met** (lorafit's is lower)"),
+    }
+    assert [(r[0], r[1], r[-1]) for r in target_rows(results, "small-short")] == [
+        ("tokens/s vs TRL", ">= 1.5x", "met")
+    ]
+    del results["memory"]
+    assert {r[0]: r[2] for r in target_rows(results, "small-long")}[
+        "peak live tensor bytes vs TRL"
+    ] == "not measured"
+
+
+def test_unpacked_rows_cost_the_peers_their_padding():
+    from bench.flops import executed_per_token, padded_width
+
+    assert padded_width(8, 30, 70) == pytest.approx(30 + 40 * 8 / 9)
+    kw = dict(size="small", r=16, target_fraction=0.4, mean_context=27.0, seq=512, batch=8, packing=False,
+              mean_len=50.0, min_len=30, max_len=70)  # fmt: skip
+    padded, free = (
+        executed_per_token(tool="lorafit", **kw),
+        executed_per_token(tool="lorafit", lorafit_pads=False, **kw),
+    )
+    assert padded["linear"] / free["linear"] == pytest.approx(padded_width(8, 30, 70) / 50.0)
+    assert executed_per_token(tool="peft", **kw)["linear"] == padded["linear"]
