@@ -412,7 +412,7 @@ def run_config(plan: Plan, size: str, inputs: dict, work: Path, precision: str, 
         for tool in TOOLS:
             runs[tool].append(res[f"r{rnd}_{tool}"])
     out: dict = {"size": size, "workload": workload, "data_key": data_key(plan, workload), "batch": spec0["batch"],
-                 "packing": spec0["packing"], "steps_per_run": total, "warmup": plan.warmup, "tools": {}}  # fmt: skip
+                 "packing": spec0["packing"], "lorafit_pads": False, "steps_per_run": total, "warmup": plan.warmup, "tools": {}}  # fmt: skip
     for tool in TOOLS:
         out["tools"][tool] = summarize(runs[tool], plan.warmup)
         out["tools"][tool]["losses_round1"] = runs[tool][0]["losses"]
