@@ -410,16 +410,19 @@ def render(results: dict) -> str:
         "stay bf16, so the whole-model ratio falls with size: about 0.6x for small, 0.36x for medium, 0.30x "
         "for Phi-3-mini, where the linear layers are 95% of the weights.",
         "- RSS: the bf16 checkpoint is memory-mapped, so a bf16 base enters the RSS page by page as training "
-        "first reads it (its RSS after load is low, its peak RSS includes it); a 4-bit load reads every weight to "
-        "quantize it, and then holds the 4-bit copy, the bf16 embeddings/lm_head and bitsandbytes itself (~115 MB "
-        "for its import). Peak RSS is set in training by activations (batch 4 x 512 tokens, no gradient "
-        "checkpointing), the loss head and the optimizer, which are the same for both bases: here they are "
-        "several GB, so the saving in weights is a small part of the peak on these models.",
+        "first reads it (its RSS after load is low, its peak RSS includes it, as file pages); a 4-bit load reads "
+        "every weight to quantize it (the mapping's pages count while loading), then holds the 4-bit copy, the "
+        "bf16 embeddings/lm_head and bitsandbytes itself (~115 MB for its import) in private memory.",
+        "- What sets the peak: without checkpointing, the activations of a 4 x 512-token step (~4 GB on medium) "
+        "and the blocks malloc keeps after they are freed (the `malloc free` figure), the same for both bases; "
+        "the 4-bit weights save ~1.1 GB of the bf16 base's 1.8 GB but are private where the bf16 weights are file "
+        "pages. So `gradient_checkpointing: auto` is on for a 4-bit base (lorafit's default; PEFT's "
+        "`prepare_model_for_kbit_training` does the same): the nf4 row. The `nf4, checkpointing off` row is the "
+        "same 4-bit run under the bf16 run's setting. The 4-bit weights are dequantized into one reused buffer "
+        "per weight shape (`lorafit.quant.DequantBuffers`), not a fresh tensor per matmul.",
         "- Private memory (RssAnon, sampled every 50 ms by bench.memory's sampler) is what the run cannot give "
-        "back under pressure; a bf16 base's weights stay file-mapped and are not in it, a 4-bit base's packed "
-        "weights are. malloc free: the bytes glibc held free at the training peak (lorafit returns what a step "
-        "frees with `training_config.return_freed_memory: true`; otherwise ~1 GB of a 4-bit run's private "
-        "memory was such free space: the dequantized weights of every forward and backward, freed at once). "
+        "back under pressure. malloc free: the bytes glibc held free at the training peak "
+        '(`training_config.return_freed_memory: true` returns them, at a cost in speed: README, "Memory"). '
         "Phase by phase and per tensor: `python -m bench.memory --quantization nf4 --model-dtype bf16 "
         "--checkpoint-dtype bf16 --size medium [--tensors]`.",
         "- Speed on this CPU: bf16 matmuls are fast (AVX512-BF16), and bitsandbytes' CPU backend dequantizes "
