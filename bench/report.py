@@ -188,7 +188,8 @@ def render(results: dict) -> str:
     add("")
     add("Other benchmarks, each from its own command: several processes (`python -m bench.sharding`, "
         "[BENCHMARKS-sharding.md](BENCHMARKS-sharding.md)) and a 4-bit base (`python -m bench.qlora`, "
-        "[BENCHMARKS-qlora.md](BENCHMARKS-qlora.md)).")  # fmt: skip
+        "[BENCHMARKS-qlora.md](BENCHMARKS-qlora.md)), and the accuracy of `lorafit estimate` "
+        "(`python -m bench.estimate`, the last section below, added by hand from that command's output).")  # fmt: skip
     add("")
     add("## Machine")
     add("")
@@ -366,8 +367,10 @@ def render_memory(results: dict) -> str:
     L.append("Each tool once more, alone, under torch.profiler with `profile_memory=True` (every allocation and "
              "free of torch's CPU allocator), and /proc/self/status sampled every 50 ms. Peak live tensor bytes is "
              "what a GPU would have to hold; RSS is what the process held (the profiler's buffers add to it here: "
-             "the RSS columns of the tables above come from the runs without it). Weights mapped from the "
-             "checkpoint file are no allocations and are not in the live bytes. Phases: `start` (imports), "
+             "the RSS columns of the tables above come from the runs without it). The checkpoint file, mapped by "
+             "transformers, counts as one allocation made while loading (404 MiB `load: (outside any aten op)`) "
+             "for as long as a weight uses it; lorafit's training releases it once its linears are held in bf16 "
+             "(README, \"Memory\"). Phases: `start` (imports), "
              "`tokenize`, `load` (the model), `setup` (LoRA, optimizer), `first step`, `steady` (the other steps), "
              "`save`.")  # fmt: skip
     L.append("")
