@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from bench.report import PHASES, STATUS_KEYS, phase_summary
+from bench.run import WORKLOADS  # the conversations, rows per batch and packing of each
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -355,13 +356,6 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-WORKLOADS = {  # name: (min tokens, max tokens, batch, packing) per conversation; seq is 512 for all
-    "mixed": (30, 500, 4, True),
-    "long": (1000, 1400, 4, True),
-    "short": (30, 70, 8, False),
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -397,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     from lorafit.tiny import write_tiny_model
 
     work = Path(a.workdir)
-    lo, hi, batch, packing = WORKLOADS[a.workload]
+    w = WORKLOADS[a.workload]
+    lo, hi, batch, packing = w["min_tokens"], w["max_tokens"], w["batch"], w["packing"]
     data = work / f"data-{a.workload}"
     if not (data / "train.jsonl").is_file():
         write_dataset(data, 2000 if a.workload != "short" else 3000, 16, max_tokens=hi, min_tokens=lo)
