@@ -78,30 +78,28 @@ def layer_activation_bytes(config, tokens: int, compute_dtype: torch.dtype) -> i
     return tokens * (12 * hidden + 5 * intermediate) * _size(compute_dtype)
 
 
+def _proc_kib(path: str, key: str) -> int | None:
+    """The ``key:  N kB`` line of a /proc file (Linux) in bytes, or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Memory free for this process's tensors: the GPU's free memory, or the host's MemAvailable."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def process_rss() -> int | None:
     """This process's resident memory in bytes (Linux), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/self/status", "VmRSS")
 
 
 def needs_checkpointing(
