@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from bench.report import PHASES, STATUS_KEYS, phase_summary
-from bench.run import WORKLOADS  # the conversations, rows per batch and packing of each
+from bench.run import VOCAB, WORKLOADS, _env
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -387,7 +387,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.data import write_dataset
-    from bench.run import VOCAB, _env
     from lorafit.tiny import write_tiny_model
 
     work = Path(a.workdir)
